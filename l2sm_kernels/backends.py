@@ -1,0 +1,145 @@
+"""Backend registry: which backends exist, which can run here, and which one a call gets.
+
+- "eager":  plain torch (eager.py), any device and dtype. Always available.
+- "cpu":    the C++ kernels of csrc/ (cpu.py loads them), CPU tensors.
+- "triton": the fused Triton kernels, CUDA tensors; CPU tensors only under the Triton interpreter
+            (TRITON_INTERPRET=1 set before triton is imported), which is how CI tests them.
+- "auto":   triton for CUDA tensors, cpu for CPU tensors, eager where neither can serve; the
+            fallback is announced once per (device type, reason) with a warning, never per call.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from . import eager
+from .ops import OPS, define_python_backend
+from .options import FLOAT_DTYPES
+
+BACKENDS = ("eager", "cpu", "triton")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a backend module's load() with the reason it cannot run here."""
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    devices: tuple  # device types it serves here
+    reason: str  # why not (empty when available)
+
+
+# module that provides load() -> (forward op, backward op), per non-eager backend
+_MODULES = {"cpu": "l2sm_kernels.cpu", "triton": "l2sm_kernels.triton_l2_softmax"}
+_load_errors: dict[str, str] = {}
+_dtypes: dict[str, tuple] = {}  # input dtypes a loaded backend takes (module attribute DTYPES)
+_warned: set = set()
+
+
+def _ensure_eager():
+    if "eager" not in OPS:
+        OPS["eager"] = define_python_backend("eager", eager.forward, eager.backward)
+
+
+def _load(name: str) -> str:
+    """Load backend `name` once; return "" when its ops are registered, else the reason."""
+    if name == "eager":
+        _ensure_eager()
+        return ""
+    if name in OPS:
+        return ""
+    if name in _load_errors:
+        return _load_errors[name]
+    try:
+        mod = importlib.import_module(_MODULES[name])
+        OPS[name] = mod.load()
+        _dtypes[name] = tuple(getattr(mod, "DTYPES", FLOAT_DTYPES))
+        return ""
+    except (BackendUnavailable, ImportError, OSError, RuntimeError) as e:
+        _load_errors[name] = f"{type(e).__name__}: {e}"
+        return _load_errors[name]
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _devices(name: str) -> tuple:
+    if name == "eager":
+        return ("cpu", "cuda", "any")
+    if name == "cpu":
+        return ("cpu",)
+    return ("cpu",) if triton_interpreted() else ("cuda",)
+
+
+def available_backends() -> dict[str, BackendInfo]:
+    """For each backend: whether it can run here, on which device types, and if not, why not."""
+    out = {}
+    for name in BACKENDS:
+        reason = _load(name)
+        if not reason and name == "triton" and not triton_interpreted() and not torch.cuda.is_available():
+            reason = "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)"
+        out[name] = BackendInfo(not reason, _devices(name) if not reason else (), reason)
+    return out
+
+
+def _serves(name: str, device_type: str, dtypes) -> str:
+    """"" if backend `name` can take tensors of `dtypes` on `device_type`, else why not."""
+    reason = _load(name)
+    if reason:
+        return reason
+    if name == "eager":
+        return ""
+    if device_type not in _devices(name):
+        if name == "triton" and device_type == "cpu":
+            return "the triton backend takes CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
+        return f"the {name} backend does not take {device_type} tensors"
+    bad = sorted({str(d) for d in dtypes if d not in _dtypes[name]})
+    if bad:
+        return f"the {name} backend does not take {', '.join(bad)} inputs"
+    return ""
+
+
+def resolve(backend: str, device_type: str, dtypes=()) -> str:
+    """The backend a call runs on. An explicit backend that cannot serve raises ValueError;
+    "auto" falls back to eager, warning once per (device type, reason)."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend != "auto":
+        reason = _serves(backend, device_type, dtypes)
+        if reason:
+            raise ValueError(f"backend={backend!r} cannot run on {device_type} tensors here: {reason}")
+        return backend
+    preferred = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "eager"
+    reason = _serves(preferred, device_type, dtypes)
+    if not reason:
+        return preferred
+    key = (device_type, reason)
+    if key not in _warned and not torch.compiler.is_compiling():
+        _warned.add(key)
+        warnings.warn(
+            f"l2sm_kernels: backend 'auto' uses the eager fallback for {device_type} tensors "
+            f"because the {preferred} backend is unavailable ({reason}). The eager backend "
+            f"materializes the B x C logits. This warning is shown once.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "eager"
+
+
+def ops_for(name: str):
+    """(forward op, backward op) of a loaded backend."""
+    reason = _load(name)
+    if reason:
+        raise ValueError(f"backend {name!r} is unavailable: {reason}")
+    return OPS[name]
+
+
+# Load every backend at import, so that resolving a backend inside torch.compile only reads dicts.
+for _name in BACKENDS:
+    _load(_name)
