@@ -96,9 +96,10 @@ def _without_autocast(fn):
 
 @_without_autocast
 def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
-            label_smoothing, eps):
-    """-> (loss (B,), lse (B,)), both in the compute dtype. Ignored rows: loss 0; rows whose target
-    is out of range (and not ignore_index): loss NaN (the public API raises before getting here)."""
+            label_smoothing, eps, need_x, need_weight, need_bias, need_alpha):
+    """-> (loss (B,), lse (B,), aux (0,)), in the compute dtype. Ignored rows: loss 0; rows whose
+    target is out of range (and not ignore_index): loss NaN (the public API raises before getting
+    here). The backward recomputes everything from lse, so aux is empty."""
     s = label_smoothing
     L = _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index, eps)
     z = L["z"]
@@ -109,11 +110,11 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         loss = loss + s * (lse - z.mean(dim=1))
     loss = torch.where(L["valid"], loss, torch.zeros_like(loss))
     loss = torch.where(L["bad"], torch.full_like(loss, math.nan), loss)
-    return loss, lse
+    return loss, lse, lse.new_empty((0,))
 
 
 @_without_autocast
-def backward(grad_loss, x, weight, target, alpha, bias, lse, normalize_weight, margin_type, margin,
+def backward(grad_loss, x, weight, target, alpha, bias, lse, aux, normalize_weight, margin_type, margin,
              ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha):
     """-> (dx, dW, db, dalpha), each in its input's dtype; an empty tensor for each one not needed."""
     s = label_smoothing

@@ -130,7 +130,10 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     _check_targets(target, C, ignore_index)
 
     forward_op, _ = ops_for(name)
-    loss, _lse = forward_op(features, weight, target, alpha_t, bias, *opts.op_args())
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and features.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad, grad_on and alpha_t.requires_grad)
+    loss, _lse, _aux = forward_op(features, weight, target, alpha_t, bias, *opts.op_args(), *needs)
     if reduction == "none":
         return loss
     if reduction == "sum":

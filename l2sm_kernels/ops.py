@@ -1,8 +1,7 @@
 """The op boundary: one forward/backward pair of torch.library ops per backend, same schema for all.
 
-    l2sm::{backend}_forward(x, weight, target, alpha, bias?, <options>) -> (loss, lse)
-    l2sm::{backend}_backward(grad_loss, x, weight, target, alpha, bias?, lse, <options>,
-                             need_x, need_weight, need_bias, need_alpha)
+    l2sm::{backend}_forward(x, weight, target, alpha, bias?, <options>, <needs>) -> (loss, lse, aux)
+    l2sm::{backend}_backward(grad_loss, x, weight, target, alpha, bias?, lse, aux, <options>, <needs>)
         -> (grad_x, grad_weight, grad_bias, grad_alpha)
 
 Contract every implementation honours (DESIGN.md "The operation"):
@@ -11,9 +10,17 @@ Contract every implementation honours (DESIGN.md "The operation"):
 - loss (B,): per-row loss, 0 on rows whose target == ignore_index, NaN on rows whose target is
   outside [0, C) (never read out of bounds). lse (B,): logsumexp_j z_ij. Both in compute_dtype()
   (float64 if any of x, weight, bias is float64, else float32).
+- aux: backend-defined per-row statistics the backward wants besides lse (for example
+  O_i = sum_j p_ij W_hat_j, which gives dX without a second pass over the classes). Its shape and
+  dtype are a function of the inputs' metadata and <needs> (the backend's aux_meta); backends that
+  need nothing return an empty (0,) tensor of the compute dtype.
+- <needs> = need_x, need_weight, need_bias, need_alpha. In the forward they are hints: which
+  gradients the public API expects to be asked for (all False under no_grad), so the forward may
+  prepare aux for them. The backward's flags say which gradients to compute; it must honour them
+  even where the forward's hints were False (then aux may lack what it wants: recompute it). The
+  backward returns an empty (numel 0) tensor for each gradient not asked for, at no cost.
 - grad_loss (B,): the upstream gradient of each row's loss (reductions happen outside the op).
-  Returned gradients are in their input's dtype; a gradient whose need_* is False is an empty
-  (numel 0) tensor and costs nothing. Nothing is written into any input.
+  Returned gradients are in their input's dtype. Nothing is written into any input.
 - <options> = normalize_weight, margin_type ("none" | "cosface" | "arcface"), margin,
   ignore_index, label_smoothing, eps: see options.L2SMOptions.
 
@@ -31,15 +38,18 @@ from .options import compute_dtype
 NAMESPACE = "l2sm"
 
 _OPTS = "bool normalize_weight, str margin_type, float margin, int ignore_index, float label_smoothing, float eps"
+_NEEDS = "bool need_x, bool need_weight, bool need_bias, bool need_alpha"
 FORWARD_SCHEMA = (
-    f"(Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, {_OPTS}) -> (Tensor, Tensor)"
+    f"(Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, {_OPTS}, {_NEEDS}) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
-    f"(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor lse, {_OPTS}, "
-    "bool need_x, bool need_weight, bool need_bias, bool need_alpha) -> (Tensor, Tensor, Tensor, Tensor)"
+    f"(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor lse, "
+    f"Tensor aux, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-# Number of option arguments that follow the tensors in both schemas.
+# Number of option arguments, and of need flags, that follow the tensors in both schemas.
 N_OPTS = 6
+N_NEEDS = 4
 
 
 def forward_name(backend: str) -> str:
@@ -50,13 +60,22 @@ def backward_name(backend: str) -> str:
     return f"{NAMESPACE}::{backend}_backward"
 
 
-def _fake_forward(x, weight, target, alpha, bias, *opts):
-    dt = compute_dtype(x, weight, bias)
-    B = x.shape[0]
-    return x.new_empty((B,), dtype=dt), x.new_empty((B,), dtype=dt)
+def empty_aux(x, weight, target, alpha, bias, *opts_and_needs):
+    """The aux of backends that save nothing besides lse: an empty tensor of the compute dtype."""
+    return x.new_empty((0,), dtype=compute_dtype(x, weight, bias))
 
 
-def _fake_backward(grad_loss, x, weight, target, alpha, bias, lse, *rest):
+def _make_fake_forward(aux_meta):
+    def fake_forward(x, weight, target, alpha, bias, *rest):
+        dt = compute_dtype(x, weight, bias)
+        B = x.shape[0]
+        aux = aux_meta(x, weight, target, alpha, bias, *rest)
+        return x.new_empty((B,), dtype=dt), x.new_empty((B,), dtype=dt), aux
+
+    return fake_forward
+
+
+def _fake_backward(grad_loss, x, weight, target, alpha, bias, lse, aux, *rest):
     need_x, need_weight, need_bias, need_alpha = rest[N_OPTS:]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
@@ -69,23 +88,21 @@ def _fake_backward(grad_loss, x, weight, target, alpha, bias, lse, *rest):
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
         x, weight, target, alpha, bias = inputs[:5]
-        ctx.opts = tuple(inputs[5:])
-        loss, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(x, weight, target, alpha, bias, lse)
+        ctx.opts = tuple(inputs[5:5 + N_OPTS])
+        loss, lse, aux = output
+        ctx.mark_non_differentiable(lse, aux)
+        ctx.save_for_backward(x, weight, target, alpha, bias, lse, aux)
 
-    def backward(ctx, grad_loss, grad_lse):
-        x, weight, target, alpha, bias = ctx.saved_tensors[:5]
-        lse = ctx.saved_tensors[5]
+    def backward(ctx, grad_loss, grad_lse, grad_aux):
+        x, weight, target, alpha, bias, lse, aux = ctx.saved_tensors
         need = ctx.needs_input_grad
-        need_x, need_w, need_a = need[0], need[1], need[3]
-        need_b = bias is not None and need[4]
-        if grad_loss is None:  # only lse was used downstream: lse is not differentiable
-            return (None,) * (5 + N_OPTS)
-        gx, gw, gb, ga = backward_op(grad_loss, x, weight, target, alpha, bias, lse, *ctx.opts,
-                                     need_x, need_w, need_b, need_a)
-        return (gx if need_x else None, gw if need_w else None, None, ga if need_a else None,
-                gb if need_b else None) + (None,) * N_OPTS
+        needs = (need[0], need[1], bias is not None and need[4], need[3])
+        nones = (None,) * (5 + N_OPTS + N_NEEDS)
+        if grad_loss is None:  # only lse / aux were used downstream: they are not differentiable
+            return nones
+        gx, gw, gb, ga = backward_op(grad_loss, x, weight, target, alpha, bias, lse, aux, *ctx.opts, *needs)
+        return (gx if needs[0] else None, gw if needs[1] else None, None, ga if needs[3] else None,
+                gb if needs[2] else None) + (None,) * (N_OPTS + N_NEEDS)
 
     return setup_context, backward
 
@@ -101,23 +118,24 @@ def _no_double_backward_setup(ctx, inputs, output):
     pass
 
 
-def register_backend_ops(backend: str, forward_op, backward_op) -> None:
+def register_backend_ops(backend: str, forward_op, backward_op, aux_meta=empty_aux) -> None:
     """Attach the shared fake (meta) kernels and autograd formula to one backend's op pair.
     forward_op / backward_op: the op objects (a CustomOpDef, or torch.ops.l2sm.<name>.default for
-    ops defined in C++)."""
-    torch.library.register_fake(forward_op)(_fake_forward)
+    ops defined in C++). aux_meta(forward's arguments) -> an empty tensor shaped like the aux the
+    backend's forward returns."""
+    torch.library.register_fake(forward_op)(_make_fake_forward(aux_meta))
     torch.library.register_fake(backward_op)(_fake_backward)
     setup_context, backward = _make_autograd(backward_op)
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
     torch.library.register_autograd(backward_op, _no_double_backward, setup_context=_no_double_backward_setup)
 
 
-def define_python_backend(backend: str, forward_impl: Callable, backward_impl: Callable):
+def define_python_backend(backend: str, forward_impl: Callable, backward_impl: Callable, aux_meta=empty_aux):
     """Define l2sm::{backend}_forward / _backward as Python custom ops with the shared schemas,
     implemented by forward_impl / backward_impl, and register fake + autograd. Returns the pair."""
     fwd = torch.library.custom_op(forward_name(backend), forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
     bwd = torch.library.custom_op(backward_name(backend), backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
-    register_backend_ops(backend, fwd, bwd)
+    register_backend_ops(backend, fwd, bwd, aux_meta)
     return fwd, bwd
 
 

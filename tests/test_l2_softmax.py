@@ -186,7 +186,7 @@ def test_op_gives_nan_for_out_of_range_target(backend, device):
     t[1] = 7_000_000
     alpha = torch.tensor(16.0, device=device)
     opts = (False, "none", 0.0, -100, 0.0, 1e-12)
-    loss, lse = fwd(case.x, case.weight, t, alpha, None, *opts)
+    loss, lse, aux = fwd(case.x, case.weight, t, alpha, None, *opts, False, False, False, False)
     assert torch.isnan(loss[1])
     ref = L.l2_softmax_loss_ref(case.x, case.weight, case.target, reduction="none")
     keep = torch.tensor([0, 2, 3])
@@ -395,16 +395,16 @@ def test_reduction_none_random_grad_and_scaled_loss(backend, device):
 # what needs no gradient (18), retain_graph / double backward (19), inputs untouched (20),
 # determinism (21)
 # ---------------------------------------------------------------------------------------------
-class _RecordBackwardFlags(TorchDispatchMode):
-    """Records the need_x, need_weight, need_bias, need_alpha flags of each backward-op call."""
+class _RecordNeeds(TorchDispatchMode):
+    """Records the need_x, need_weight, need_bias, need_alpha flags of each l2sm op call."""
 
     def __init__(self):
         super().__init__()
         self.flags = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.name().startswith("l2sm::") and func.name().split("::")[1].endswith("_backward"):
-            self.flags.append(tuple(args[-4:]))
+        if func.name().startswith("l2sm::"):
+            self.flags.append((func.name().split("_")[-1], tuple(args[-4:])))
         return func(*args, **(kwargs or {}))
 
 
@@ -413,18 +413,19 @@ def test_frozen_inputs_and_no_grad(backend, device):
     case = make_case(6, 8, 11, device=device, seed=17, bias=True)
     x0, w0, b0 = case.x.detach(), case.weight.detach(), case.bias.detach()
     ref, _ = run_reference(case, True)
-    with torch.no_grad():
+    with torch.no_grad(), _RecordNeeds() as rec:
         out = L.l2_softmax_loss(case.x, case.weight, case.target, bias=case.bias, backend=backend)
     assert out.grad_fn is None and max_err(out, ref) < 1e-5
+    assert rec.flags == [("forward", (False, False, False, False))]
     for need, (x, w, b) in {
         (True, False, False, False): (x0.clone().requires_grad_(), w0, b0),   # W and b frozen
         (False, True, False, False): (x0, w0.clone().requires_grad_(), None),  # x frozen, no bias
         (False, False, True, False): (x0, w0, b0.clone().requires_grad_()),    # only the bias trains
     }.items():
-        out = L.l2_softmax_loss(x, w, case.target, bias=b, backend=backend)
-        with _RecordBackwardFlags() as rec:
+        with _RecordNeeds() as rec:
+            out = L.l2_softmax_loss(x, w, case.target, bias=b, backend=backend)
             out.backward()
-        assert rec.flags == [need]
+        assert rec.flags == [("forward", need), ("backward", need)]
         ref_case = make_case(6, 8, 11, device=device, seed=17, bias=b is not None)
         _, rg = run_reference(ref_case, True)
         for t, k in ((x, "x"), (w, "weight"), (b, "bias")):
@@ -438,9 +439,10 @@ def test_backward_op_skips_unneeded_gradients(backend, device):
     fwd, bwd = ops_for(backend)
     alpha = torch.tensor(16.0, device=device)
     opts = (False, "none", 0.0, -100, 0.0, 1e-12)
-    loss, lse = fwd(case.x, case.weight, case.target, alpha, None, *opts)
-    gx, gw, gb, ga = bwd(torch.ones_like(loss), case.x, case.weight, case.target, alpha, None, lse, *opts,
-                         True, False, False, False)
+    needs = (True, False, False, False)
+    loss, lse, aux = fwd(case.x, case.weight, case.target, alpha, None, *opts, *needs)
+    gx, gw, gb, ga = bwd(torch.ones_like(loss), case.x, case.weight, case.target, alpha, None, lse, aux, *opts,
+                         *needs)
     assert gx.shape == case.x.shape and gw.numel() == 0 and gb.numel() == 0 and ga.numel() == 0
 
 
@@ -487,13 +489,13 @@ def test_opcheck(backend, device):
     case.target[0] = -100
     fwd, bwd = ops_for(backend)
     opts = (True, "arcface", 0.4, -100, 0.1, 1e-12)
-    torch.library.opcheck(fwd, (case.x, case.weight, case.target, case.alpha, case.bias, *opts))
-    with torch.no_grad():
-        loss, lse = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts)
-    args = (torch.randn_like(loss), case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(),
-            case.bias.detach(), lse, *opts)
-    torch.library.opcheck(bwd, args + (True, True, True, True))
-    torch.library.opcheck(bwd, args + (False, True, False, True))
+    for needs in [(True, True, True, True), (False, True, False, True), (False, False, False, False)]:
+        torch.library.opcheck(fwd, (case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs))
+        with torch.no_grad():
+            loss, lse, aux = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs)
+        args = (torch.randn_like(loss), case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(),
+                case.bias.detach(), lse, aux, *opts, *needs)
+        torch.library.opcheck(bwd, args)
 
 
 # ---------------------------------------------------------------------------------------------
