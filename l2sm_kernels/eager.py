@@ -73,6 +73,9 @@ def _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
     valid, bad, col = _targets(target, weight.shape[0], ignore_index)
     c_t = cos.gather(1, col[:, None]).squeeze(1)
     f_t, slope_t = margin_value_and_slope(c_t, margin_type, margin)
+    # rows without a (valid) target have no margin: their lse is over the plain logits
+    has_t = valid & ~bad
+    f_t, slope_t = torch.where(has_t, f_t, c_t), torch.where(has_t, slope_t, torch.ones_like(slope_t))
     g = cos.scatter(1, col[:, None], f_t[:, None])  # g: c with f(c) on the target column
     a = alpha.to(dt)
     z = a * g
@@ -114,22 +117,24 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
 
 
 @_without_autocast
-def backward(grad_loss, x, weight, target, alpha, bias, lse, aux, normalize_weight, margin_type, margin,
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight, margin_type, margin,
              ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha):
     """-> (dx, dW, db, dalpha), each in its input's dtype; an empty tensor for each one not needed."""
     s = label_smoothing
     C = weight.shape[0]
     L = _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index, eps)
     dt, z, col = L["dt"], L["z"], L["col"]
-    # per-row upstream weight; ignored rows carry no gradient whatever grad_loss holds there,
-    # rows with an out-of-range target carry NaN (never a plausible gradient).
-    w = torch.where(L["valid"], grad_loss.to(dt), torch.zeros((), dtype=dt, device=z.device))
-    w = torch.where(L["bad"], torch.full_like(w, math.nan), w)
-    # dloss_i/dz_ij = p_ij - (1 - s) [j = y_i] - s / C
+    # per-row upstream weights: w_t of the target / smoothing terms (the loss's), w_p of p (loss and
+    # lse). Ignored rows: their loss is the constant 0, so w_t = 0; their lse still has a gradient.
+    # Rows with an out-of-range target carry NaN (never a plausible gradient).
+    zero = torch.zeros((), dtype=dt, device=z.device)
+    w_t = torch.where(L["valid"], grad_loss.to(dt), zero)
+    w_t = torch.where(L["bad"], torch.full_like(w_t, math.nan), w_t)
+    w_p = w_t + grad_lse.to(dt)
+    # dz_ij = w_p p_ij - w_t ((1 - s) [j = y_i] + s / C)
     p = torch.exp(z - lse.to(dt)[:, None])
-    dz = w[:, None] * (p - s / C)
-    dz = dz.scatter_add(1, col[:, None], (-(1 - s) * w)[:, None])
-
+    dz = w_p[:, None] * p - (w_t * (s / C))[:, None]
+    dz = dz.scatter_add(1, col[:, None], (-(1 - s) * w_t)[:, None])
 
     def empty(dtype):  # a fresh one each: outputs of a custom op must not alias each other
         return torch.empty(0, device=x.device, dtype=dtype)

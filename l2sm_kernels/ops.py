@@ -1,7 +1,7 @@
 """The op boundary: one forward/backward pair of torch.library ops per backend, same schema for all.
 
     l2sm::{backend}_forward(x, weight, target, alpha, bias?, <options>, <needs>) -> (loss, lse, aux)
-    l2sm::{backend}_backward(grad_loss, x, weight, target, alpha, bias?, lse, aux, <options>, <needs>)
+    l2sm::{backend}_backward(grad_loss, grad_lse, x, weight, target, alpha, bias?, lse, aux, <options>, <needs>)
         -> (grad_x, grad_weight, grad_bias, grad_alpha)
 
 Contract every implementation honours (DESIGN.md "The operation"):
@@ -19,7 +19,12 @@ Contract every implementation honours (DESIGN.md "The operation"):
   prepare aux for them. The backward's flags say which gradients to compute; it must honour them
   even where the forward's hints were False (then aux may lack what it wants: recompute it). The
   backward returns an empty (numel 0) tensor for each gradient not asked for, at no cost.
-- grad_loss (B,): the upstream gradient of each row's loss (reductions happen outside the op).
+- grad_loss (B,), grad_lse (B,): the upstream gradients of each row's loss and of its lse
+  (reductions happen outside the op). Both outputs are differentiable:
+      dz_ij = (grad_loss_i + grad_lse_i) p_ij - grad_loss_i ((1 - s) [j = y_i] + s / C),
+  with grad_loss_i taken as 0 on ignored rows (their loss is the constant 0; their lse is not).
+  A differentiable lse is what class-parallel training composes with (a rank's lse over its shard
+  enters the global logsumexp). The autograd formula passes zeros for an unused output.
   Returned gradients are in their input's dtype. Nothing is written into any input.
 - <options> = normalize_weight, margin_type ("none" | "cosface" | "arcface"), margin,
   ignore_index, label_smoothing, eps: see options.L2SMOptions.
@@ -44,7 +49,8 @@ FORWARD_SCHEMA = (
     "-> (Tensor, Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
-    f"(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor lse, "
+    f"(Tensor grad_loss, Tensor grad_lse, Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, "
+    "Tensor lse, "
     f"Tensor aux, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 # Number of option arguments, and of need flags, that follow the tensors in both schemas.
@@ -75,7 +81,7 @@ def _make_fake_forward(aux_meta):
     return fake_forward
 
 
-def _fake_backward(grad_loss, x, weight, target, alpha, bias, lse, aux, *rest):
+def _fake_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, *rest):
     need_x, need_weight, need_bias, need_alpha = rest[N_OPTS:]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
@@ -90,7 +96,7 @@ def _make_autograd(backward_op):
         x, weight, target, alpha, bias = inputs[:5]
         ctx.opts = tuple(inputs[5:5 + N_OPTS])
         loss, lse, aux = output
-        ctx.mark_non_differentiable(lse, aux)
+        ctx.mark_non_differentiable(aux)
         ctx.save_for_backward(x, weight, target, alpha, bias, lse, aux)
 
     def backward(ctx, grad_loss, grad_lse, grad_aux):
@@ -98,9 +104,12 @@ def _make_autograd(backward_op):
         need = ctx.needs_input_grad
         needs = (need[0], need[1], bias is not None and need[4], need[3])
         nones = (None,) * (5 + N_OPTS + N_NEEDS)
-        if grad_loss is None:  # only lse / aux were used downstream: they are not differentiable
+        if grad_loss is None and grad_lse is None:
             return nones
-        gx, gw, gb, ga = backward_op(grad_loss, x, weight, target, alpha, bias, lse, aux, *ctx.opts, *needs)
+        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+        gx, gw, gb, ga = backward_op(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, *ctx.opts,
+                                     *needs)
         return (gx if needs[0] else None, gw if needs[1] else None, None, ga if needs[3] else None,
                 gb if needs[2] else None) + (None,) * (N_OPTS + N_NEEDS)
 

@@ -433,6 +433,38 @@ def test_frozen_inputs_and_no_grad(backend, device):
                 assert max_err(t.grad, rg[k]) < 1e-5
 
 
+@pytest.mark.parametrize("use_loss", [False, True])
+def test_lse_is_differentiable(backend, device, use_loss):
+    """The op's lse output has the gradient of logsumexp_j z_ij (what class-parallel training composes
+    with), alone and together with the loss's, ignored rows included."""
+    dtype = torch.float64 if supports_fp64(backend) else torch.float32
+    case = make_case(7, 12, 23, dtype=dtype, device=device, seed=22, bias=True, alpha_grad=True, ignore_rows=2,
+                     normalize_weight=True, margin_type="arcface", margin=0.3, label_smoothing=0.1)
+    fwd, _ = ops_for(backend)
+    g = torch.Generator().manual_seed(5)
+    r_lse, r_loss = torch.randn(7, generator=g).to(device), torch.randn(7, generator=g).to(device)
+    opts = (True, "arcface", 0.3, -100, 0.1, 1e-12)
+    leaves = [case.x, case.weight, case.bias, case.alpha]
+    loss, lse, _ = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts, True, True, True, True)
+    out = (lse * r_lse).sum() + ((loss * r_loss).sum() if use_loss else 0)
+    grads = torch.autograd.grad(out, leaves)
+
+    def ref_fn(upcast):
+        c = make_case(7, 12, 23, dtype=dtype, device=device, seed=22, bias=True, alpha_grad=True, ignore_rows=2)
+        leaves_r = [t.detach().to(torch.float64 if upcast else dtype).requires_grad_() for t in leaves]
+        z = L.reference.l2_softmax_logits_ref(*leaves_r[:2], c.target, leaves_r[3], leaves_r[2],
+                                              normalize_weight=True, margin=0.3, margin_type="arcface")
+        out = (torch.logsumexp(z, 1) * r_lse.to(z)).sum()
+        if use_loss:
+            rows = torch.nn.functional.cross_entropy(z, c.target, reduction="none", label_smoothing=0.1)
+            out = out + (rows * r_loss.to(z)).sum()
+        return torch.autograd.grad(out, leaves_r)
+
+    ref, plain = ref_fn(True), ref_fn(False)
+    for name, a, r, p in zip(["x", "weight", "bias", "alpha"], grads, ref, plain):
+        assert_accurate(f"grad {name}", a, r, p, dtype)
+
+
 def test_backward_op_skips_unneeded_gradients(backend, device):
     """The backward op returns empty tensors for what is not needed (no work, no buffers)."""
     case = make_case(4, 8, 9, device=device, grad=False)
@@ -441,7 +473,7 @@ def test_backward_op_skips_unneeded_gradients(backend, device):
     opts = (False, "none", 0.0, -100, 0.0, 1e-12)
     needs = (True, False, False, False)
     loss, lse, aux = fwd(case.x, case.weight, case.target, alpha, None, *opts, *needs)
-    gx, gw, gb, ga = bwd(torch.ones_like(loss), case.x, case.weight, case.target, alpha, None, lse, aux, *opts,
+    gx, gw, gb, ga = bwd(torch.ones_like(loss), torch.zeros_like(lse), case.x, case.weight, case.target, alpha, None, lse, aux, *opts,
                          *needs)
     assert gx.shape == case.x.shape and gw.numel() == 0 and gb.numel() == 0 and ga.numel() == 0
 
@@ -493,7 +525,7 @@ def test_opcheck(backend, device):
         torch.library.opcheck(fwd, (case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs))
         with torch.no_grad():
             loss, lse, aux = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs)
-        args = (torch.randn_like(loss), case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(),
+        args = (torch.randn_like(loss), torch.randn_like(lse), case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(),
                 case.bias.detach(), lse, aux, *opts, *needs)
         torch.library.opcheck(bwd, args)
 
