@@ -207,13 +207,21 @@ def baseline_function(case: Case) -> Callable:
     return lambda x, W, y: l2_softmax_loss_ref(x, W, y, alpha, upcast=False, **kw)
 
 
+_compiled: dict = {}
+
+
 def loss_function(provider: str, case: Case) -> Callable:
     """(x, W, y) -> scalar loss, for every provider but the GEMM floor."""
     if provider == "plain":
         return baseline_function(case)
     if provider == "compile":
-        torch._dynamo.reset()  # one static-shape compilation per case; no recompile limit reached in a sweep
-        return torch.compile(baseline_function(case), dynamic=False)
+        # one static-shape compilation per case, shared by its forward and forward + backward runs;
+        # dynamo is reset for each new case, so that a sweep never reaches the recompile limit
+        if _compiled.get("case") != case:
+            _compiled.clear()
+            torch._dynamo.reset()
+            _compiled.update(case=case, fn=torch.compile(baseline_function(case), dynamic=False))
+        return _compiled["fn"]
     alpha, kw = case.alpha, _option_kwargs(case.options)
     return lambda x, W, y: l2_softmax_loss(x, W, y, alpha, backend=provider, **kw)
 
@@ -660,8 +668,10 @@ def plot(rows: list[dict], path: str) -> None:
                       label="gradients (x, W)")
         where = f"{op}, B={B}, D={D}, {dtype}" + (f", {options}" if options != "default" else "")
         dev = grp[0]["device_name"]
-        ax_t.set(title=f"time: {where}\n{dev}", xlabel="classes C", ylabel="median ms (band: p20-p80)")
-        ax_m.set(title=f"peak memory beyond inputs: {where}\n{dev}", xlabel="classes C",
+        ax_t.set_title(f"time\n{where}, {dev}", fontsize=10)
+        ax_t.set(xlabel="classes C", ylabel="median ms (band: p20-p80)")
+        ax_m.set_title(f"peak memory beyond the inputs\n{where}, {dev}", fontsize=10)
+        ax_m.set(xlabel="classes C",
                  ylabel="MiB (allocator peak; dotted: RSS high-water)" if device == "cpu" else "MiB (allocator peak)")
         for ax in (ax_t, ax_m):
             ax.set_xscale("log", base=2)
