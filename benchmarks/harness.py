@@ -149,8 +149,8 @@ class Inputs:
 
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
     g = torch.Generator(device=case.device).manual_seed(seed)
-    x = torch.randn(case.B, case.D, generator=g, device=case.device).to(case.dtype).requires_grad_()
-    W = (0.05 * torch.randn(case.C, case.D, generator=g, device=case.device)).to(case.dtype).requires_grad_()
+    x = torch.randn(case.B, case.D, generator=g, device=case.device, dtype=case.dtype).requires_grad_()
+    W = torch.randn(case.C, case.D, generator=g, device=case.device, dtype=case.dtype).mul_(0.05).requires_grad_()
     y = torch.randint(0, case.C, (case.B,), generator=g, device=case.device)
     return Inputs(x, W, y)
 
@@ -238,7 +238,7 @@ def make_step(provider: str, op: str, case: Case, inputs: Inputs) -> Callable[[]
             def floor_forward():
                 xh @ Wd.T
             return floor_forward
-        dz = torch.randn(case.B, case.C, device=case.device).to(case.dtype)
+        dz = torch.randn(case.B, case.C, device=case.device, dtype=case.dtype)
 
         def floor_three():
             # the three products, each result held to the end like the logits and gradients it stands for

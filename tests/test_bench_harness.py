@@ -45,6 +45,12 @@ def _rss_measurable() -> bool:
     return H._reset_rss_high_water() is not None
 
 
+def _rss_close(measured: int, expected: int) -> bool:
+    """The RSS high-water mark counts pages: the kernel's per-CPU RSS counters may lag by a few
+    hundred KiB, and transparent huge pages can round an allocation up by up to 2 MiB."""
+    return expected - MiB // 2 <= measured <= expected + 4 * MiB
+
+
 def test_cpu_meter_known_pattern():
     def pattern():
         a = torch.ones(8 * MiB, dtype=torch.uint8)
@@ -56,13 +62,13 @@ def test_cpu_meter_known_pattern():
     H.cpu_memory(pattern)  # first call: the profiler's own one-time set-up
     mem = H.cpu_memory(pattern)
     assert mem.peak == 12 * MiB
-    if _rss_measurable():  # pages touched: the high-water mark sees them, plus a little slack
-        assert 12 * MiB <= mem.rss_peak <= 14 * MiB, mem.rss_peak / MiB
+    if _rss_measurable():  # pages touched: the high-water mark sees them
+        assert _rss_close(mem.rss_peak, 12 * MiB), mem.rss_peak / MiB
     held = torch.ones(16 * MiB, dtype=torch.uint8)  # allocated before the call: not counted
     mem = H.cpu_memory(lambda: torch.ones(3 * MiB, dtype=torch.uint8))
     assert mem.peak == 3 * MiB
     if _rss_measurable():
-        assert 3 * MiB <= mem.rss_peak <= 5 * MiB, mem.rss_peak / MiB
+        assert _rss_close(mem.rss_peak, 3 * MiB), mem.rss_peak / MiB
     del held
 
 
@@ -86,7 +92,7 @@ def test_cpu_meter_threads_and_autograd():
     mem = H.cpu_memory(in_thread)
     assert mem.peak < 1 * MiB
     if _rss_measurable():
-        assert mem.rss_peak >= 6 * MiB
+        assert _rss_close(mem.rss_peak, 6 * MiB), mem.rss_peak / MiB
 
 
 @pytest.mark.parametrize("op", H.OPS)
