@@ -4,13 +4,20 @@ by name, and a one-shape sweep end to end writing CSV, JSON and PNG. The benchma
 with `python -m pytest benchmarks/`, not here."""
 import csv
 import json
+import pathlib
+import sys
 import threading
 
 import pytest
 import torch
 
-from benchmarks import harness as H
-from benchmarks import sweep
+try:
+    from benchmarks import harness as H
+    from benchmarks import sweep
+except ImportError:  # bare `pytest` (not `python -m pytest`) from elsewhere: benchmarks/ is not installed
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import harness as H
+    from benchmarks import sweep
 
 MiB = 2**20
 TINY = H.Case(B=8, C=64, D=16)
