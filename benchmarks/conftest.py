@@ -1,0 +1,51 @@
+"""pytest set-up of the benchmarks.
+
+Benchmark files are named benchmark_*.py (STYLE.md #1: one base name with the op's kernel and test
+files); this hook collects them when pytest is pointed at benchmarks/ (`python -m pytest benchmarks/`).
+The test command `python -m pytest tests` (and a bare `python -m pytest`, whose testpaths is tests/)
+never collects them. Unlike tests/conftest.py this does not set TRITON_INTERPRET: interpreted
+kernels are not benchmarked.
+
+After the pytest-benchmark tables, a summary lists each benchmark's peak memory beyond the inputs
+(gradients included, and without them) next to its median time, grouped as the tables are.
+"""
+import pytest
+
+from benchmarks import harness as H
+
+MiB = 2**20
+_RESULTS: list[dict] = []
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("benchmark_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+@pytest.fixture
+def record_result():
+    """Append one finished benchmark's summary (group, provider, median_ms, memory) for the report."""
+    return _RESULTS.append
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("peak memory beyond inputs (l2sm benchmarks)")
+    by_group: dict[str, list[dict]] = {}
+    for r in _RESULTS:
+        by_group.setdefault(r["group"], []).append(r)
+    for group, rows in by_group.items():
+        tr.write_line(f"{group}   [memory: {rows[0]['mem_method']}]")
+        base = {r["provider"]: r["median_ms"] for r in rows}
+        for r in rows:
+            rel = f"{r['median_ms'] / base['plain']:.2f}x plain" if "plain" in base else ""
+            rss = "" if r["peak_rss_bytes"] is None else f"  rss peak {r['peak_rss_bytes'] / MiB:.1f} MiB"
+            tr.write_line(
+                f"  {r['provider']:<11} median {r['median_ms']:10.2f} ms  {rel:>12}  {r['tflops']:.3f} TFLOP/s  "
+                f"peak {r['peak_mem_bytes'] / MiB:.1f} MiB  beyond grads {r['peak_beyond_grads_bytes'] / MiB:.1f} MiB  "
+                f"(grads {r['grad_bytes'] / MiB:.1f} MiB){rss}"
+            )

@@ -1,0 +1,196 @@
+"""Fast checks of the benchmark harness (benchmarks/harness.py, benchmarks/sweep.py): the tidy-row
+schema, the CPU peak-memory meter on known allocation patterns, the memory-fit check, backends joining
+by name, and a one-shape sweep end to end writing CSV, JSON and PNG. The benchmarks themselves run
+with `python -m pytest benchmarks/`, not here."""
+import csv
+import json
+import pathlib
+import sys
+import threading
+
+import pytest
+import torch
+
+try:
+    from benchmarks import harness as H
+    from benchmarks import sweep
+except ImportError:  # bare `pytest` (not `python -m pytest`) from elsewhere: benchmarks/ is not installed
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import harness as H
+    from benchmarks import sweep
+
+MiB = 2**20
+TINY = H.Case(B=8, C=64, D=16)
+
+
+def test_row_schema_and_ratios():
+    env = H.environment("cpu")
+    assert set(env) <= set(H.COLUMNS)
+    rows = [
+        H.make_row(TINY, "forward_backward", p, env, timing=H.Timing(ms, ms * 0.9, ms * 1.1, 3),
+                   memory=H.Memory(10 * MiB, 11 * MiB))
+        for p, ms in (("plain", 4.0), ("eager", 8.0), (H.FLOOR, 2.0))
+    ]
+    rows.append(H.make_row(TINY, "forward_backward", "cpu", env, status="skipped: would need 9.0 GiB", need=9 << 30))
+    H.add_ratios(rows)
+    for r in rows:
+        assert tuple(r) == H.COLUMNS
+    plain, eager, floor, skipped = rows
+    assert plain["status"] == "ok" and plain["ratio_eager"] == pytest.approx(0.5)
+    assert plain["ratio_floor"] == pytest.approx(2.0) and floor["ratio_floor"] == pytest.approx(1.0)
+    # TFLOP/s counts 6BCD for forward + backward, 2BCD for the forward
+    assert plain["tflops"] == pytest.approx(6 * 8 * 64 * 16 / 4e-3 / 1e12)
+    assert TINY.flops("forward") * 3 == TINY.flops("forward_backward")
+    assert plain["grad_bytes"] == (8 + 64) * 16 * 4
+    assert plain["peak_beyond_grads_bytes"] == 10 * MiB - plain["grad_bytes"]
+    assert plain["peak_rss_bytes"] == 11 * MiB
+    assert skipped["median_ms"] is None and skipped["ratio_eager"] is None and skipped["peak_mem_bytes"] is None
+    assert plain["torch"] == torch.__version__ and plain["device"] == "cpu" and plain["options"] == "default"
+
+
+def _rss_measurable() -> bool:
+    return H._reset_rss_high_water() is not None
+
+
+def _rss_close(measured: int, expected: int) -> bool:
+    """The RSS high-water mark counts pages: the kernel's per-CPU RSS counters may lag by a few
+    hundred KiB, and transparent huge pages can round an allocation up by up to 2 MiB."""
+    return expected - MiB // 2 <= measured <= expected + 4 * MiB
+
+
+def test_cpu_meter_known_pattern():
+    def pattern():
+        a = torch.ones(8 * MiB, dtype=torch.uint8)
+        b = torch.ones(4 * MiB, dtype=torch.uint8)  # 12 MiB held: the peak
+        del a
+        c = torch.ones(2 * MiB, dtype=torch.uint8)  # 6 MiB held
+        del b, c
+
+    H.cpu_memory(pattern)  # first call: the profiler's own one-time set-up
+    mem = H.cpu_memory(pattern)
+    assert mem.peak == 12 * MiB
+    if _rss_measurable():  # pages touched: the high-water mark sees them
+        assert _rss_close(mem.rss_peak, 12 * MiB), mem.rss_peak / MiB
+    held = torch.ones(16 * MiB, dtype=torch.uint8)  # allocated before the call: not counted
+    mem = H.cpu_memory(lambda: torch.ones(3 * MiB, dtype=torch.uint8))
+    assert mem.peak == 3 * MiB
+    if _rss_measurable():
+        assert _rss_close(mem.rss_peak, 3 * MiB), mem.rss_peak / MiB
+    del held
+
+
+def test_cpu_meter_threads_and_autograd():
+    # autograd's backward allocates x.grad: both meters see it (the profiler through autograd's
+    # thread-state hand-over)
+    x = torch.randn(1024, 1024, requires_grad=True)
+
+    def fwd_bwd():
+        (x * 2.0).sum().backward()
+
+    mem = H.cpu_memory(fwd_bwd)
+    assert mem.peak >= x.numel() * 4 and x.grad is not None
+    # a thread the profiler was not handed to (as OpenMP workers of at::parallel_for are not): its
+    # allocation is invisible to the allocator events, and the RSS high-water mark still sees it
+    def in_thread():
+        t = threading.Thread(target=lambda: torch.ones(6 * MiB, dtype=torch.uint8))
+        t.start()
+        t.join()
+
+    mem = H.cpu_memory(in_thread)
+    assert mem.peak < 1 * MiB
+    if _rss_measurable():
+        assert _rss_close(mem.rss_peak, 6 * MiB), mem.rss_peak / MiB
+
+
+@pytest.mark.parametrize("op", H.OPS)
+@pytest.mark.parametrize("provider", ["plain", "eager", H.FLOOR])
+def test_need_estimate_bounds_measured_peak(provider, op):
+    """The fit check's estimate is an upper bound of the measured peak (so it skips only what
+    would not fit), and within a small factor of it (so it does not skip what would)."""
+    case = H.Case(B=64, C=4096, D=128)
+    inputs = H.make_inputs(case)
+    step = H.make_step(provider, op, case, inputs)
+    step()
+    inputs.clear_grads()
+    peak = H.cpu_memory(step).peak
+    need = H.estimated_need_bytes(provider, op, case)
+    assert peak >= case.B * case.C * 4  # every one of them holds the B x C logits
+    assert peak <= need <= 3 * peak, (peak, need)
+
+
+def test_fit_check():
+    assert H.fit_status(1 * MiB, 10 << 30) == ""
+    st = H.fit_status(10 << 30, 4 << 30)
+    assert st.startswith("skipped: would need 10.0 GiB") and "4.0 GiB available" in st
+    avail = H.available_bytes("cpu")
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < avail <= total
+    # measure() turns a provider that would not fit into a row, without running it
+    inputs = H.make_inputs(TINY)
+    row = H.measure(TINY, "forward_backward", "plain", inputs, H.environment("cpu"), available=1024)
+    assert row["status"].startswith("skipped: would need") and row["median_ms"] is None
+    assert row["est_need_bytes"] == H.estimated_need_bytes("plain", "forward_backward", TINY)
+    assert inputs.x.grad is None  # it did not run
+
+
+def test_backends_join_by_name(monkeypatch):
+    real = H.available_backends()
+    fake = dict(real)
+    fake["newfast"] = type(real["eager"])(True, ("cpu",), "")
+    fake["gpuonly"] = type(real["eager"])(True, ("cuda",), "")
+    fake["broken"] = type(real["eager"])(False, (), "ImportError: not built")
+    monkeypatch.setattr(H, "available_backends", lambda: fake)
+    provs = H.providers_for("cpu")
+    assert provs[:3] == ["plain", "eager", "compile"] and provs[-1] == H.FLOOR
+    assert "newfast" in provs and "gpuonly" not in provs and "broken" not in provs
+    assert "newfast" in H.all_providers() and "broken" in H.all_providers()
+    assert H.unavailable_reason("broken", TINY) == "ImportError: not built"
+    assert "not cpu" in H.unavailable_reason("gpuonly", TINY)
+
+
+def test_tiny_sweep_end_to_end(tmp_path, capsys):
+    args = ["-C", "64", "-B", "8", "-D", "16", "--skip", "compile", "--warmup", "0", "--min-reps", "2",
+            "--min-time", "0", "--out", str(tmp_path), "--name", "tiny", "--no-progress"]
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    providers = [p for p in H.providers_for("cpu") if p != "compile"]
+    with open(tmp_path / "tiny.csv") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == H.COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(H.OPS) * len(providers)
+    assert {r["provider"] for r in rows} == set(providers)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert int(r["reps"]) >= 2 and int(r["peak_mem_bytes"]) > 0 and float(r["tflops"]) > 0
+        if r["provider"] == "eager":
+            assert float(r["ratio_eager"]) == pytest.approx(1.0)
+    assert len(json.loads((tmp_path / "tiny.json").read_text())) == len(rows)
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| C | provider | median ms (p20-p80) |" in out and "wrote png:" in out
+
+
+def test_sweep_reports_shapes_that_do_not_fit(tmp_path, capsys):
+    """With 8 KiB "available": at C=64 the inputs fit but the providers would not; at C=128 the
+    inputs alone would not. Both are rows with a status, nothing crashes."""
+    case = H.Case(B=8, C=64, D=16)
+    limit = 8192
+    assert H.fit_status(case.input_bytes(), limit) == ""
+    assert H.fit_status(H.Case(B=8, C=128, D=16).input_bytes(), limit)
+    args = ["-C", "64", "128", "-B", "8", "-D", "16", "--providers", "plain", H.FLOOR, "--ops", "forward_backward",
+            "--mem-limit-gib", str(limit / 2**30), "--out", str(tmp_path), "--format", "csv", "--no-progress",
+            "--min-time", "0"]
+    assert sweep.main(args) == 0
+    with open(tmp_path / "sweep_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["C"], r["status"]) for r in rows] == [
+        ("64", "skipped: would need 0.01 MiB, 0.01 MiB available"),
+        ("64", "skipped: would need 0.01 MiB, 0.01 MiB available"),
+        ("128", "skipped: inputs need 0.01 MiB, 0.01 MiB available"),
+        ("128", "skipped: inputs need 0.01 MiB, 0.01 MiB available"),
+    ]
+    out = capsys.readouterr().out
+    assert "skipped: would need" in out and "skipped: inputs need" in out
+    assert (tmp_path / "sweep_cpu.png").exists()  # the plot copes with no measured point
