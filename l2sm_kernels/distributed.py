@@ -27,17 +27,20 @@ How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of DES
 Communication per step (W never moves; f = bytes of the features' dtype, 4 or 8 for the statistics):
     forward:  all-gather B_g x D features (B_g D f bytes) + B_g int64 targets,
               all-reduce(MAX) of B_g values, all-reduce(SUM) of 3 or 4 B_g-vectors (+1 value);
-              gloo (CPU tensors) also all-gathers 3 ints per rank to validate the layout.
-    backward: reduce-scatter of the B_g x D feature gradients (B_g D f bytes; with gloo an
-              all-reduce of them, twice the volume); an all-reduce of one value for a learnable alpha.
-    This does not depend on C: for B_g = 8 x 128 = 1024, D = 512, bf16 it is about 1 MiB each way,
-    while the shard of W (C/P x D) and its gradient stay on their rank.
+              for CPU tensors also an all-gather of 3 ints per rank that validates the layout.
+    backward: reduce-scatter of the B_g x D feature gradients in the compute dtype (B_g D 4 bytes for
+              fp32 / fp16 / bf16 features: the sum over ranks is rounded to the features' dtype once;
+              with gloo an all-reduce of them by default); an all-reduce of one value for a
+              learnable alpha.
+    This does not depend on C: for B_g = 8 x 128 = 1024, D = 512, bf16 features it is 1 MiB gathered
+    and 2 MiB reduce-scattered, while the shard of W (C/P x D) and its gradient stay on their rank.
 
 Scaling with P ranks (C classes, B per rank, B_g = P B):
     memory per rank:  W shard and its gradient C/P x D; the fused op's workspace for a B_g x C/P
-                      problem (no B_g x C/P matrix with the fused backends); B_g x D gathered
-                      features and their gradient. Sampling at rate q copies the sampled rows:
-                      q C/P x D more (and their gradient).
+                      problem (no B_g x C/P matrix with the fused backends; the eager backend
+                      builds one); B_g x D gathered features and their gradient (a few B_g x D
+                      temporaries more with label smoothing). Sampling at rate q copies the
+                      sampled rows: q C/P x D more (and their gradient).
     compute per rank: the fused forward + backward on B_g x C/P x D: 8 B_g (C/P) D FLOPs, i.e.
                       constant in P at a fixed per-rank batch (B_g grows as C/P shrinks), and
                       about q times that with Partial FC sampling.
@@ -122,24 +125,33 @@ def _scatter_rows_sum(g: torch.Tensor, sizes: Sequence[int], rank: int, group) -
 
 
 class _GatherFeatures(torch.autograd.Function):
-    """(x_r, alpha) -> (X = all rows of every rank, alpha). Backward: X's gradient is summed over
-    the ranks and each rank keeps its rows (reduce-scatter); alpha's gradient is summed over ranks.
-    One node for both so that every rank runs the backward collectives in the same order."""
+    """(x_r, alpha) -> (X = all rows of every rank in x's dtype, for the op; the same in the compute
+    dtype cdt when that differs (else an empty tensor), for the torch-op terms; alpha).
+
+    Backward: the gradients of both copies are added in cdt, summed over the ranks and each rank
+    keeps its rows (reduce-scatter, in cdt: for fp16 / bf16 features the sum is rounded to their
+    dtype once, at the end); alpha's gradient is summed over the ranks. One node for all, so every
+    rank runs the backward collectives in the same order."""
 
     @staticmethod
-    def forward(ctx, x, alpha, sizes, rank, group):
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _gather_rows(x, sizes, group), alpha.clone()
+    def forward(ctx, x, alpha, sizes, rank, group, cdt):
+        ctx.sizes, ctx.rank, ctx.group, ctx.cdt, ctx.xdtype = sizes, rank, group, cdt, x.dtype
+        X = _gather_rows(x, sizes, group)
+        Xc = X.to(cdt) if X.dtype != cdt else X.new_empty((0,))
+        return X, Xc, alpha.clone()
 
     @staticmethod
-    def backward(ctx, grad_x, grad_alpha):
+    def backward(ctx, grad_x, grad_xc, grad_alpha):
         gx = ga = None
         if ctx.needs_input_grad[0]:
-            gx = _scatter_rows_sum(grad_x, ctx.sizes, ctx.rank, ctx.group)
+            g = grad_x.to(ctx.cdt)
+            if grad_xc.numel():
+                g = g + grad_xc
+            gx = _scatter_rows_sum(g, ctx.sizes, ctx.rank, ctx.group).to(ctx.xdtype)
         if ctx.needs_input_grad[1]:
             ga = grad_alpha.clone()
             dist.all_reduce(ga, group=ctx.group)
-        return gx, ga, None, None, None
+        return gx, ga, None, None, None, None
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -335,7 +347,8 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     target_g = _gather_rows(target.long(), sizes, group)
     if check:
         _check_targets(target_g, num_classes_all, ignore_index, sizes)
-    X, alpha_g = _GatherFeatures.apply(features, alpha_t, sizes, rank, group)
+    X, Xc, alpha_g = _GatherFeatures.apply(features, alpha_t, sizes, rank, group, cdt)
+    Xc = Xc if Xc.numel() else X  # the global features in the compute dtype
     valid = target_g != ignore_index
     local = target_g - class_start
     own = valid & (local >= 0) & (local < n)
@@ -361,7 +374,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
         # nothing to contribute; stay connected to every differentiable input (with exact zeros,
         # an empty slice sums to 0 even if X holds inf) so that this rank's backward runs the same
         # collectives as the others'
-        link = X[:0].sum() + alpha_g.reshape(1)[:0].sum() + W[:0].sum()
+        link = X[:0].sum() + Xc[:0].sum() + alpha_g.reshape(1)[:0].sum() + W[:0].sum()
         link = (link + b[:0].sum() if b is not None else link).to(cdt)
         lse_r = torch.full((X.shape[0],), -math.inf, dtype=cdt, device=device) + link
         loss_r = torch.zeros_like(lse_r) + link
@@ -377,7 +390,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     parts.append(torch.exp(lse_r - m))
     parts.append(z_t)
     if s > 0:
-        parts.append(_shard_logit_sum(X, W, b, local, own, alpha_g, opts, cdt) if k > 0
+        parts.append(_shard_logit_sum(Xc, W, b, local, own, alpha_g, opts, cdt) if k > 0
                      else torch.zeros_like(lse_r) + lse_r[:0].sum())
     parts.append(own.to(cdt))
     stats = torch.cat([torch.stack(parts).reshape(-1), torch.full((1,), float(k), dtype=cdt, device=device)])
@@ -568,7 +581,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             if "bias" not in state:
                 raise ValueError("state has no 'bias' but this module has one")
             if tuple(state["bias"].shape) != (self.num_classes,):
-                raise ValueError(f"state['bias'] must have shape ({self.num_classes},), got {tuple(state['bias'].shape)}")
+                raise ValueError(f"state['bias'] must have shape ({self.num_classes},), "
+                                 f"got {tuple(state['bias'].shape)}")
             self.bias.copy_(state["bias"][lo:hi])
         elif "bias" in state:
             raise ValueError("state has a 'bias' but this module has none (bias=False)")
