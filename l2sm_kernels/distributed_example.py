@@ -85,6 +85,7 @@ def main(argv=None):
               f"|difference| {abs(float(sharded) - float(ref)):.2e}")
         print(f"per step: all-gather {bg * D * nbytes / 1024:.1f} KiB of features, reduce-scatter as much of "
               f"their gradients; the weight shards ({head.num_local} x {D} on rank 0) never move")
+    dist.barrier()  # nobody tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
 

@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 
 import l2sm_kernels as L
 import l2sm_kernels.distributed as LD
-from l2sm_kernels.testing import ATOL_REL, assert_accurate, max_err
+from l2sm_kernels.distributed_testing import assert_accurate_rank_sum
+from l2sm_kernels.testing import assert_accurate
 
 from conftest import is_slow, supports_fp64
 
@@ -72,6 +73,7 @@ def _serve(rank, world, port, tasks, results):
             results.put((rank, None))
         except BaseException:  # noqa: BLE001 - everything goes back to the test
             results.put((rank, traceback.format_exc()))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -244,7 +246,8 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
         else:
             want, plain = rg[k], sg[k]
         if k == "x" and dtype in (torch.float16, torch.bfloat16):
-            _assert_half_x_grad(name, g, want, plain, x, sub_w, sub_b, sub_t, alpha, go, shards, (r0, r1), kw)
+            assert_accurate_rank_sum(f"grad x [{name}]", g, want, plain, x, sub_w, sub_t, alpha, sub_b, go, shards,
+                                     (r0, r1), kw)
         else:
             assert_accurate(f"grad {k} [{name}]", g, want, plain, dtype if k == "alpha" else leaves[k].dtype)
         if sampled is not None and k in ("weight", "bias"):
@@ -252,43 +255,6 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
             unsampled[sampled[(sampled >= c0) & (sampled < c1)] - c0] = False
             assert bool((g[unsampled] == 0).all()), f"grad {k}: unsampled rows must get exactly 0 [{name}]"
     return out
-
-
-def _assert_half_x_grad(name, g, want, plain, x, w, b, t, alpha, go, shards, rows, kw):
-    """The feature gradient of fp16 / bf16 features. The op boundary returns each rank's
-    contribution dX_r (B_g x D) in the features' dtype, i.e. rounded once (relative error <= u, the
-    unit roundoff) before the ranks' contributions are summed in fp32 and rounded once more. So the
-    relation gets, besides STYLE's 2 err(single-process op) + atol, exactly that rounding:
-    u * sum_r max |dX_r|, with dX_r the float64 reference's gradient through shard r's logits of
-    what the op differentiates there, lse_i - (1 - s) z_iy (the smoothing term is computed in fp32)."""
-    u = 2.0 ** -8 if g.dtype == torch.bfloat16 else 2.0 ** -11
-    x64 = x.detach().double().requires_grad_(True)
-    a = alpha.detach().double() if isinstance(alpha, torch.Tensor) else alpha
-    z = L.reference.l2_softmax_logits_ref(x64, w.double(), t, a, b.double() if b is not None else None,
-                                          normalize_weight=kw["normalize_weight"], margin=kw["margin"],
-                                          margin_type=kw["margin_type"])
-    valid = t != -100
-    col = torch.where(valid, t, 0)
-    s = kw["label_smoothing"]
-    bound, c0 = 0.0, 0
-    for n in shards:
-        mask = torch.zeros(z.shape[1], dtype=torch.bool)
-        mask[c0:c0 + n] = True
-        c0 += n
-        zr = torch.where(mask, z, z.detach())
-        per_row = torch.logsumexp(zr, dim=1) - (1 - s) * zr.gather(1, col[:, None]).squeeze(1)
-        per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-        red = kw["reduction"]
-        out = per_row.sum() / valid.sum() if red == "mean" else per_row.sum() if red == "sum" else per_row
-        (gr,) = torch.autograd.grad(out, x64, go.to(out), retain_graph=True)
-        bound += float(gr[rows[0]:rows[1]].abs().max()) if rows[1] > rows[0] else 0.0
-    finite = want[torch.isfinite(want)]
-    atol = ATOL_REL[g.dtype] * max(float(finite.abs().max()) if finite.numel() else 1.0, 1e-30)
-    err, base = max_err(g, want), max_err(plain, want)
-    assert err <= 2 * base + atol + u * bound, (
-        f"grad x [{name}]: error {err:.3e} against the float64 reference exceeds 2 x the single-process op's "
-        f"{base:.3e} + atol {atol:.3e} + the rounding of the ranks' contributions {u * bound:.3e}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
