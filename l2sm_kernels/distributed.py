@@ -80,8 +80,9 @@ __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes",
 _LOCAL_IGNORE = -1
 
 # How the feature gradients go back to their owners on gloo. "all_reduce" (then each rank takes its
-# rows) works on every torch version; "reduce_scatter" needs gloo's reduce_scatter (torch >= 2.13 has
-# it). NCCL and other backends always use reduce_scatter. The tests run both.
+# rows, twice the volume) works with every torch version; "reduce_scatter" needs gloo's reduce_scatter
+# (torch 2.13's gloo has it; older ones may not). NCCL and other backends always use reduce_scatter.
+# The tests run both.
 GLOO_FEATURE_GRAD = "all_reduce"
 
 

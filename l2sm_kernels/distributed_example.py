@@ -83,8 +83,10 @@ def main(argv=None):
         print(f"world {world}: classes per rank {head.shard_sizes}, global batch {bg}, D {D}")
         print(f"sharded loss {float(sharded):.6f}  single-process loss {float(ref):.6f}  "
               f"|difference| {abs(float(sharded) - float(ref)):.2e}")
-        print(f"per step: all-gather {bg * D * nbytes / 1024:.1f} KiB of features, reduce-scatter as much of "
-              f"their gradients; the weight shards ({head.num_local} x {D} on rank 0) never move")
+        gbytes = 8 if feats.dtype == torch.float64 else 4  # feature gradients are summed in fp32 (fp64)
+        print(f"per step: all-gather {bg * D * nbytes / 1024:.1f} KiB of features, reduce-scatter "
+              f"{bg * D * gbytes / 1024:.1f} KiB of their gradients; the weight shards "
+              f"({head.num_local} x {D} on rank 0) never move")
     dist.barrier()  # nobody tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
