@@ -1,0 +1,608 @@
+"""Class-parallel L2-softmax loss over torch.distributed, with optional Partial FC negative sampling.
+
+When one device cannot hold the class matrix (C = 100k .. 2M identities), each rank keeps a contiguous
+shard of its rows, W[class_start : class_start + n_r), and the ranks compute the loss of the whole
+global batch together (Megatron's vocab-parallel cross-entropy, InsightFace's Partial FC).
+
+How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of DESIGN.md):
+1. all-gather the features (B_g x D, in their dtype) and the targets (B_g int64).
+2. run this rank's backend forward op (ops.py boundary, the fused per-shard kernels: no B_g x C
+   matrix exists anywhere) on the global batch and its own shard, with the LOCAL target index
+   (target - class_start) on rows whose target lies in the shard and ignore (-1) elsewhere, and no
+   label smoothing. Its outputs are lse_r,i = logsumexp over the shard's classes (with the margin
+   on the target column where the shard owns it) and loss_r,i = lse_r,i - z_iy on owned rows, so
+   the target logit z_iy = lse_r,i - loss_r,i comes out of the op, differentiably.
+3. all-reduce(MAX) of lse_r (B_g), then one all-reduce(SUM) of the stacked B_g-vectors
+   exp(lse_r - max), the owned target logit, the shard's sum of logits (only with label smoothing:
+   sum_j z_ij = alpha (x_hat_i . sum_j W_hat_j + [f(c_iy) - c_iy]) + sum_j b_j, B_g x D torch ops),
+   the owner count (validates targets) and the number of classes (or sampled classes).
+   lse_i = max_i + log(sum), loss_i = lse_i - (1 - s) z_iy - (s / C) sum_j z_ij.
+4. backward: every rank holds the same global loss and computes the same upstream gradient of the
+   all-reduced statistics, so the SUM all-reduce's backward is the identity (no communication);
+   d lse_i / d lse_r,i = exp(lse_r,i - lse_i) is local; the rank's backward op (fed grad_loss and
+   grad_lse, see ops.py) gives dW and db of its shard locally and its contribution to dX for all
+   B_g rows; a reduce-scatter sums those contributions and hands each rank the rows it owns. A
+   learnable alpha's gradient (each rank holds a replica) is all-reduced.
+
+Communication per step (W never moves; f = bytes of the features' dtype, 4 or 8 for the statistics):
+    forward:  all-gather B_g x D features (B_g D f bytes) + B_g int64 targets,
+              all-reduce(MAX) of B_g values, all-reduce(SUM) of 3 or 4 B_g-vectors (+1 value);
+              for CPU tensors also an all-gather of 3 ints per rank that validates the layout.
+    backward: reduce-scatter of the B_g x D feature gradients in the compute dtype (B_g D 4 bytes for
+              fp32 / fp16 / bf16 features: the sum over ranks is rounded to the features' dtype once;
+              with gloo an all-reduce of them by default); an all-reduce of one value for a
+              learnable alpha.
+    This does not depend on C: for B_g = 8 x 128 = 1024, D = 512, bf16 features it is 1 MiB gathered
+    and 2 MiB reduce-scattered, while the shard of W (C/P x D) and its gradient stay on their rank.
+
+Scaling with P ranks (C classes, B per rank, B_g = P B):
+    memory per rank:  W shard and its gradient C/P x D; the fused op's workspace for a B_g x C/P
+                      problem (no B_g x C/P matrix with the fused backends; the eager backend
+                      builds one); B_g x D gathered features and their gradient (a few B_g x D
+                      temporaries more with label smoothing). Sampling at rate q copies the
+                      sampled rows: q C/P x D more (and their gradient).
+    compute per rank: the fused forward + backward on B_g x C/P x D: 8 B_g (C/P) D FLOPs, i.e.
+                      constant in P at a fixed per-rank batch (B_g grows as C/P shrinks), and
+                      about q times that with Partial FC sampling.
+    communication:    O(B_g D) per step, independent of C; it grows with P at a fixed per-rank batch.
+
+Requirements and conventions:
+- Every rank of `group` calls with the same options, alpha value, batch layout and requires_grad
+  pattern; the shards tile [0, C) (checked on CPU tensors; on CUDA a target that no shard or two
+  shards own triggers an asynchronous device assert, and the row's loss is NaN).
+- Batch sizes: equal on every rank (checked on CPU tensors), or pass batch_sizes (the same list on
+  every rank) for uneven ones; rows are padded to the largest for the collectives.
+- The result is the loss of the global batch, the same on every rank. reduction="none" returns the
+  B_g per-row losses in rank order (rank 0's rows first). The upstream gradient must be the same on
+  every rank (it is for any function of the global loss computed identically on every rank).
+- No host synchronization in the CUDA path, except in Partial FC sampling (the number of positive
+  classes decides the sample size, as in InsightFace's PartialFC whose torch.unique syncs too).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import BACKEND_CHOICES, ops_for, resolve
+from .loss import _alpha_tensor, _check_matrix
+from .options import REDUCTIONS, L2SMOptions, compute_dtype
+from .reference import target_margin
+
+__all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelL2SoftmaxLoss"]
+
+# The index the per-shard op sees on rows whose target is not in the shard: never a valid local index.
+_LOCAL_IGNORE = -1
+
+# How the feature gradients go back to their owners on gloo. "all_reduce" (then each rank takes its
+# rows, twice the volume) works with every torch version; "reduce_scatter" needs gloo's reduce_scatter
+# (torch 2.13's gloo has it; older ones may not). NCCL and other backends always use reduce_scatter.
+# The tests run both.
+GLOO_FEATURE_GRAD = "all_reduce"
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives (torch 2.13 renamed *_into_tensor / *_tensor to *_single; 2.11 has only the old names)
+# ---------------------------------------------------------------------------------------------
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _gather_rows(t: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """All-gather the first dimension of t (rank r holds sizes[r] rows) -> (sum(sizes), ...)."""
+    world, bmax = len(sizes), max(sizes)
+    if t.shape[0] != bmax:
+        t = torch.cat([t, t.new_zeros((bmax - t.shape[0],) + tuple(t.shape[1:]))])
+    out = t.new_empty((world * bmax,) + tuple(t.shape[1:]))
+    _all_gather_single(out, t.contiguous(), group=group)
+    if all(s == bmax for s in sizes):
+        return out
+    return torch.cat([out[r * bmax: r * bmax + s] for r, s in enumerate(sizes)])
+
+
+def _scatter_rows_sum(g: torch.Tensor, sizes: Sequence[int], rank: int, group) -> torch.Tensor:
+    """The adjoint of _gather_rows: sum over ranks of g (sum(sizes), ...), this rank's rows."""
+    world, bmax = len(sizes), max(sizes)
+    if not all(s == bmax for s in sizes):
+        padded = g.new_zeros((world * bmax,) + tuple(g.shape[1:]))
+        start = 0
+        for r, s in enumerate(sizes):
+            padded[r * bmax: r * bmax + s] = g[start: start + s]
+            start += s
+        g = padded
+    g = g.contiguous()
+    if dist.get_backend(group) == "gloo" and GLOO_FEATURE_GRAD != "reduce_scatter":
+        g = g.clone()
+        dist.all_reduce(g, group=group)
+        return g[rank * bmax: rank * bmax + sizes[rank]]
+    out = g.new_empty((bmax,) + tuple(g.shape[1:]))
+    _reduce_scatter_single(out, g, group=group)
+    return out[: sizes[rank]]
+
+
+class _GatherFeatures(torch.autograd.Function):
+    """(x_r, alpha) -> (X = all rows of every rank in x's dtype, for the op; the same in the compute
+    dtype cdt when that differs (else an empty tensor), for the torch-op terms; alpha).
+
+    Backward: the gradients of both copies are added in cdt, summed over the ranks and each rank
+    keeps its rows (reduce-scatter, in cdt: for fp16 / bf16 features the sum is rounded to their
+    dtype once, at the end); alpha's gradient is summed over the ranks. One node for all, so every
+    rank runs the backward collectives in the same order."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, sizes, rank, group, cdt):
+        ctx.sizes, ctx.rank, ctx.group, ctx.cdt, ctx.xdtype = sizes, rank, group, cdt, x.dtype
+        X = _gather_rows(x, sizes, group)
+        Xc = X.to(cdt) if X.dtype != cdt else X.new_empty((0,))
+        return X, Xc, alpha.clone()
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_xc, grad_alpha):
+        gx = ga = None
+        if ctx.needs_input_grad[0]:
+            g = grad_x.to(ctx.cdt)
+            if grad_xc.numel():
+                g = g + grad_xc
+            gx = _scatter_rows_sum(g, ctx.sizes, ctx.rank, ctx.group).to(ctx.xdtype)
+        if ctx.needs_input_grad[1]:
+            ga = grad_alpha.clone()
+            dist.all_reduce(ga, group=ctx.group)
+        return gx, ga, None, None, None, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all-reduce(SUM) whose backward is the identity: every rank differentiates the same function
+    of the sum, so each rank's upstream gradient already is d loss / d (its own summand)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# ---------------------------------------------------------------------------------------------
+# layout helpers
+# ---------------------------------------------------------------------------------------------
+def shard_sizes(num_classes: int, world_size: int) -> list[int]:
+    """The default split of num_classes over world_size ranks: contiguous, the first
+    num_classes % world_size ranks one class more (as InsightFace's PartialFC)."""
+    q, rem = divmod(num_classes, world_size)
+    return [q + (r < rem) for r in range(world_size)]
+
+
+def partial_fc_sample(target: torch.Tensor, class_start: int, num_local: int, sample_rate: float, *,
+                      ignore_index: int = -100, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Partial FC negative sampling of one shard (An et al., "Killing Two Birds with One Stone",
+    CVPR 2022; InsightFace's PartialFC_V2.sample): every class of [class_start, class_start +
+    num_local) that is a target of the global batch `target`, plus random others, in all
+    max(int(sample_rate * num_local), positives) classes. Returns their sorted LOCAL indices (int64).
+
+    The draw uses torch.rand(num_local, generator=generator) on target's device (this rank's RNG when
+    generator is None). Ranks need not agree on anything: each samples its own shard from the global
+    targets, which every rank holds. Reading the number of positives is a host synchronization.
+    """
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    local = target - class_start
+    own = (local >= 0) & (local < num_local) & (target != ignore_index)
+    # mark positives without a data-dependent shape: slot 0 collects the rows owned elsewhere
+    slots = torch.zeros(num_local + 1, dtype=torch.bool, device=target.device)
+    slots[torch.where(own, local + 1, 0)] = True
+    positive = slots[1:]
+    k = max(int(sample_rate * num_local), int(positive.sum()))
+    score = torch.rand(num_local, generator=generator, device=target.device)
+    score = torch.where(positive, torch.full_like(score, 2.0), score)  # rand < 1 < 2: positives first
+    return torch.topk(score, k, sorted=False).indices.sort().values
+
+
+def _check_layout(B: int, class_start: int, n: int, batch_sizes, world: int, group) -> int:
+    """CPU tensors only (no device sync to pay): the batch sizes agree and the shards tile [0, C).
+    Every rank sees the same gathered layout and raises the same error. Returns C."""
+    info = torch.tensor([B, class_start, n], dtype=torch.int64)
+    all_info = torch.empty(world * 3, dtype=torch.int64)
+    _all_gather_single(all_info, info, group=group)
+    rows = all_info.view(world, 3).tolist()
+    sizes = [r[0] for r in rows]
+    expected = list(batch_sizes) if batch_sizes is not None else [sizes[0]] * world
+    if sizes != expected:
+        what = "batch_sizes" if batch_sizes is not None else "equal batch sizes (pass batch_sizes for uneven ones)"
+        raise ValueError(f"features: the ranks' batch sizes are {sizes}, expected {what} = {expected}")
+    spans = sorted((start, start + cnt, r) for r, (_, start, cnt) in enumerate(rows) if cnt > 0)
+    pos = 0
+    for start, end, r in spans:
+        if start != pos:
+            raise ValueError(
+                f"class_start: the ranks' shards [class_start, class_start + n) must tile [0, num_classes) "
+                f"without gaps or overlaps; got {[(s, s + c) for _, s, c in rows]} (rank {r} starts at {start}, "
+                f"expected {pos})"
+            )
+        pos = end
+    if pos == 0:
+        raise ValueError("weight_shard: the ranks' shards hold no class at all")
+    return pos
+
+
+def _check_targets(target_g: torch.Tensor, num_classes: int, ignore_index: int, sizes) -> None:
+    """CPU: every target of the global batch is in [0, C) or ignore_index (the same error on every rank)."""
+    bad = (target_g != ignore_index) & ((target_g < 0) | (target_g >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        r, first = 0, 0
+        while i >= first + sizes[r]:
+            first += sizes[r]
+            r += 1
+        raise ValueError(
+            f"target[{i - first}] on rank {r} = {int(target_g[i])} is outside [0, {num_classes}) "
+            f"and is not ignore_index={ignore_index}"
+        )
+
+
+def _check_int(name: str, v, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------------
+def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, alpha=16.0, bias_shard=None, *,
+                                   group=None, normalize_weight=False, margin=0.0, margin_type="none",
+                                   reduction="mean", ignore_index=-100, label_smoothing=0.0, eps=1e-12,
+                                   backend="auto", batch_sizes=None, sample_rate=1.0, generator=None):
+    """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
+
+    Args:
+        features: (B, D) this rank's rows of the batch.
+        weight_shard: (n, D) rows [class_start, class_start + n) of the global class matrix (n may be 0).
+        target: (B,) int64 global class indices of this rank's rows, or ignore_index.
+        class_start: int, the first global class index of this rank's shard.
+        alpha: a number > 0, or a 0-d tensor (may require grad: its gradient is the full one, summed
+            over the ranks); the same value on every rank.
+        bias_shard: optional (n,) rows of the global bias.
+        batch_sizes: None (every rank has the same B), or the list of every rank's B (same on all ranks).
+        sample_rate: Partial FC: 1.0 uses every class; q < 1 uses the batch's target classes plus a
+            random share q of the shard's classes (see partial_fc_sample); unsampled rows of
+            weight_shard / bias_shard get a zero gradient, and the loss is the loss over the sampled
+            classes (label smoothing averages over them).
+        generator: the torch.Generator of the sampling (this rank's RNG when None).
+        Other options: as l2_softmax_loss.
+
+    Returns: the loss of the global batch, identical on every rank (reduction "mean" averages over the
+        non-ignored rows of all ranks; "none" gives the B_g rows in rank order). Gradients of
+        features, weight_shard, bias_shard and alpha equal the matching slices of the single-process
+        l2_softmax_loss on the concatenated batch and the full matrix.
+    """
+    return _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, group=group,
+                           normalize_weight=normalize_weight, margin=margin, margin_type=margin_type,
+                           reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           eps=eps, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
+                           generator=generator)[0]
+
+
+def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
+                    margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
+                    sample_rate, generator):
+    """-> (loss, sampled local indices or None)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("class_parallel_l2_softmax_loss needs torch.distributed initialized "
+                           "(torch.distributed.init_process_group)")
+    opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    _check_matrix("features", features, 2, "(batch, in_features)")
+    _check_matrix("weight_shard", weight_shard, 2, "(shard_classes, in_features)")
+    B, D = features.shape
+    n = weight_shard.shape[0]
+    if D == 0:
+        raise ValueError("features must have at least one feature dimension, got D = 0")
+    if weight_shard.shape[1] != D:
+        raise ValueError(f"weight_shard must have shape (shard_classes, {D}) to match features of shape "
+                         f"{tuple(features.shape)}, got {tuple(weight_shard.shape)}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be an int64 tensor of class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != B:
+        raise ValueError(f"target must have shape ({B},) to match features, got {tuple(target.shape)}")
+    if bias_shard is not None:
+        _check_matrix("bias_shard", bias_shard, 1, "(shard_classes,)")
+        if bias_shard.shape[0] != n:
+            raise ValueError(f"bias_shard must have shape ({n},) to match weight_shard, got {tuple(bias_shard.shape)}")
+    class_start = _check_int("class_start", class_start, 0)
+    device = features.device
+    for name, t in (("weight_shard", weight_shard), ("target", target), ("bias_shard", bias_shard)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but features are on {device}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if batch_sizes is not None:
+        batch_sizes = [_check_int("batch_sizes[i]", b, 0) for b in batch_sizes]
+        if len(batch_sizes) != world or batch_sizes[rank] != B:
+            raise ValueError(f"batch_sizes must list the {world} ranks' batch sizes with batch_sizes[{rank}] = {B} "
+                             f"(this rank's), got {batch_sizes}")
+    sizes = list(batch_sizes) if batch_sizes is not None else [B] * world
+    cdt = compute_dtype(features, weight_shard, bias_shard)
+    alpha_t = _alpha_tensor(alpha, device, cdt)
+    dtypes = {features.dtype, weight_shard.dtype} | ({bias_shard.dtype} if bias_shard is not None else set())
+    name = resolve(backend, device.type, dtypes)
+    forward_op, _ = ops_for(name)
+    s = opts.label_smoothing
+
+    # 1. gather the global batch (features differentiably, alpha through the same node)
+    check = device.type == "cpu" and not torch.compiler.is_compiling()
+    if check:
+        num_classes_all = _check_layout(B, class_start, n, batch_sizes, world, group)
+    target_g = _gather_rows(target.long(), sizes, group)
+    if check:
+        _check_targets(target_g, num_classes_all, ignore_index, sizes)
+    X, Xc, alpha_g = _GatherFeatures.apply(features, alpha_t, sizes, rank, group, cdt)
+    Xc = Xc if Xc.numel() else X  # the global features in the compute dtype
+    valid = target_g != ignore_index
+    local = target_g - class_start
+    own = valid & (local >= 0) & (local < n)
+    local = torch.where(own, local, torch.full_like(local, _LOCAL_IGNORE))
+
+    # 2. this shard's part of every row: Partial FC picks the rows of W first
+    W, b, sampled = weight_shard, bias_shard, None
+    if sample_rate < 1.0 and n > 0:
+        sampled = partial_fc_sample(target_g, class_start, n, float(sample_rate), ignore_index=ignore_index,
+                                    generator=generator)
+        W = weight_shard.index_select(0, sampled)  # backward: zeros on the unsampled rows
+        b = bias_shard.index_select(0, sampled) if bias_shard is not None else None
+        # every owned target is sampled, so searchsorted finds its exact position
+        local = torch.where(own, torch.searchsorted(sampled, local.clamp_min(0)), local)
+    k = W.shape[0]
+    grad_on = torch.is_grad_enabled()
+    if k > 0:
+        needs = (grad_on and X.requires_grad, grad_on and W.requires_grad,
+                 grad_on and b is not None and b.requires_grad, grad_on and alpha_g.requires_grad)
+        loss_r, lse_r, _aux = forward_op(X, W, local, alpha_g, b, opts.normalize_weight, opts.margin_type,
+                                         opts.margin, _LOCAL_IGNORE, 0.0, opts.eps, *needs)
+    else:
+        # nothing to contribute; stay connected to every differentiable input (with exact zeros,
+        # an empty slice sums to 0 even if X holds inf) so that this rank's backward runs the same
+        # collectives as the others'
+        link = X[:0].sum() + Xc[:0].sum() + alpha_g.reshape(1)[:0].sum() + W[:0].sum()
+        link = (link + b[:0].sum() if b is not None else link).to(cdt)
+        lse_r = torch.full((X.shape[0],), -math.inf, dtype=cdt, device=device) + link
+        loss_r = torch.zeros_like(lse_r) + link
+    # the target logit z_iy (margin applied) of the rows this shard owns: lse_r - loss_r there
+    zero = torch.zeros((), dtype=cdt, device=device)
+    z_t = torch.where(own, lse_r - loss_r, zero)
+
+    parts = []
+    with torch.no_grad():
+        m = lse_r.detach().clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # only if no rank has a class
+    parts.append(torch.exp(lse_r - m))
+    parts.append(z_t)
+    if s > 0:
+        parts.append(_shard_logit_sum(Xc, W, b, local, own, alpha_g, opts, cdt) if k > 0
+                     else torch.zeros_like(lse_r) + lse_r[:0].sum())
+    parts.append(own.to(cdt))
+    stats = torch.cat([torch.stack(parts).reshape(-1), torch.full((1,), float(k), dtype=cdt, device=device)])
+    total = _SumOverRanks.apply(stats, group)
+    Bg = X.shape[0]
+    rows = total[:-1].view(len(parts), Bg)
+    num_classes = total[-1]  # C, or the number of sampled classes with Partial FC
+    sumexp, z_target, owners = rows[0], rows[1], rows[-1]
+
+    # 3. the global loss of every row
+    lse = m + torch.log(sumexp)
+    loss = lse - (1 - s) * z_target
+    if s > 0:
+        loss = loss - (s / num_classes) * rows[2]
+    bad = valid & (owners != 1)  # a target no shard (or two shards) own: out of range, or a broken layout
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "l2sm_kernels: a target is owned by no shard or by several "
+                            "(outside [0, num_classes), or the shards do not tile the classes)")
+    loss = torch.where(valid, loss, zero)
+    loss = torch.where(bad, torch.full_like(loss, math.nan), loss)
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / valid.sum()
+    return out, sampled
+
+
+def _shard_logit_sum(X, W, b, local, own, alpha, opts, cdt):
+    """sum over this shard's (sampled) classes of z_ij, for every row (B_g,), differentiable:
+    alpha (x_hat_i . sum_j W_hat_j + [own] (f(c_iy) - c_iy)) + sum_j b_j. O(B_g D + n D) work; for
+    normalize_weight, sum_j W_hat_j = W^T (1 / max(|W_j|, eps)) without a normalized copy of W."""
+    with torch.autocast(device_type=X.device.type, enabled=False):
+        x_hat = F.normalize(X.to(cdt), dim=1, eps=opts.eps)
+        Wc = W.to(cdt)
+        col = local.clamp_min(0)
+        w_t = Wc.index_select(0, col)
+        if opts.normalize_weight:
+            inv = 1.0 / torch.linalg.vector_norm(Wc, dim=1).clamp_min(opts.eps)
+            w_sum = inv @ Wc
+            w_t = w_t * inv.index_select(0, col)[:, None]
+        else:
+            w_sum = Wc.sum(dim=0)
+        g = x_hat @ w_sum
+        if opts.margin_type != "none":
+            c_t = (x_hat * w_t).sum(dim=1)
+            delta = target_margin(c_t, opts.margin_type, opts.margin) - c_t
+            g = g + torch.where(own, delta, torch.zeros_like(delta))
+        out = alpha.to(cdt) * g
+        if b is not None:
+            out = out + b.to(cdt).sum()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+# ---------------------------------------------------------------------------------------------
+class ClassParallelL2SoftmaxLoss(nn.Module):
+    """L2-softmax loss whose class matrix is sharded over the ranks of `group`; this rank owns rows
+    [class_start, class_start + num_local) (shard_sizes: the split, default shard_sizes(num_classes,
+    world): contiguous, uneven when num_classes % world != 0, a rank may own 0 classes).
+
+    forward(features (B, in_features), target (B,) global class indices, batch_sizes=None) -> the
+    loss of the global batch (see class_parallel_l2_softmax_loss). With sample_rate < 1, Partial FC
+    sampling; `last_sampled` then holds the global indices of the classes this rank sampled last.
+
+    The state_dict holds this rank's shard (a per-rank checkpoint). full_state_dict() gathers the
+    full matrix with the keys of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process
+    L2SoftmaxLoss loads it; load_full_state_dict(state) takes this rank's rows of a full one (load
+    it with torch.load(..., mmap=True) so that no rank reads all of it into memory).
+    Initialization: weight uniform in +-1/sqrt(in_features) like L2SoftmaxLoss, drawn in blocks of
+    classes seeded from `seed` (from torch's default RNG when None) and the block index: the full
+    matrix does not depend on the number of ranks, and shards of equally seeded ranks differ.
+    """
+
+    INIT_BLOCK = 4096  # classes per independently seeded block of the initialization
+
+    def __init__(self, in_features: int, num_classes: int, group=None, alpha: float = 16.0,
+                 learn_alpha: bool = False, bias: bool = False, normalize_weight: bool = False,
+                 margin: float = 0.0, margin_type: str = "none", reduction: str = "mean",
+                 ignore_index: int = -100, label_smoothing: float = 0.0, sample_rate: float = 1.0,
+                 shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
+                 seed: int | None = None):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
+        in_features = _check_int("in_features", in_features, 1)
+        num_classes = _check_int("num_classes", num_classes, 1)
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
+            raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing)
+        self.group = group
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
+            [_check_int("shard_sizes[i]", v, 0) for v in shard_sizes]
+        if len(sizes) != self.world_size or sum(sizes) != num_classes:
+            raise ValueError(f"shard_sizes must give {self.world_size} sizes summing to num_classes={num_classes}, "
+                             f"got {list(shard_sizes)}")
+        self.shard_sizes = sizes
+        self.class_start = sum(sizes[: self.rank])
+        self.num_local = sizes[self.rank]
+        self.in_features, self.num_classes = in_features, num_classes
+        self.reduction, self.backend, self.sample_rate = reduction, backend, float(sample_rate)
+        self.last_sampled = None
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(self.num_local, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
+        alpha_t = torch.tensor(float(alpha), dtype=torch.float32, device=device)
+        if learn_alpha:
+            self.alpha = nn.Parameter(alpha_t)
+        else:
+            self.register_buffer("alpha", alpha_t)
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)))
+        bound = 1.0 / math.sqrt(self.in_features)
+        lo, hi, blk = self.class_start, self.class_start + self.num_local, self.INIT_BLOCK
+        pieces = []
+        for block in range(lo // blk, (hi + blk - 1) // blk):
+            g = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2 ** 63))
+            rows = torch.rand(blk, self.in_features, generator=g, dtype=torch.float64) * (2 * bound) - bound
+            a, e = max(lo, block * blk), min(hi, (block + 1) * blk)
+            pieces.append(rows[a - block * blk: e - block * blk])
+        if pieces:
+            self.weight.copy_(torch.cat(pieces))
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        o = self.options
+        loss, sampled = _class_parallel(
+            features, self.weight, target, self.class_start, self.alpha, self.bias, group=self.group,
+            normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
+            reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
+            backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator)
+        self.last_sampled = None if sampled is None else sampled + self.class_start
+        return loss
+
+    @torch.no_grad()
+    def full_state_dict(self, dst: int | None = None) -> dict | None:
+        """The full class matrix (and bias, alpha) as a state_dict of L2SoftmaxLoss. dst=None: on every
+        rank; dst=r: on rank r only (None elsewhere). A collective: every rank must call it."""
+        out = {"weight": self._gather_full(self.weight, dst)}
+        if self.bias is not None:
+            out["bias"] = self._gather_full(self.bias, dst)
+        out["alpha"] = self.alpha.detach().clone()
+        return out if dst is None or dst == self.rank else None
+
+    def _gather_full(self, t: torch.Tensor, dst):
+        sizes, nmax = self.shard_sizes, max(self.shard_sizes)
+        padded = t.new_zeros((nmax,) + tuple(t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        if dst is None:
+            buf = t.new_empty((self.world_size * nmax,) + tuple(t.shape[1:]))
+            _all_gather_single(buf, padded, group=self.group)
+            chunks = buf.split(nmax)
+        else:
+            chunks = [torch.empty_like(padded) for _ in sizes] if dst == self.rank else None
+            dist.gather(padded, chunks, dst=dist.get_global_rank(self.group, dst) if self.group is not None else dst,
+                        group=self.group)
+            if dst != self.rank:
+                return None
+        return torch.cat([c[:s] for c, s in zip(chunks, sizes)])
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict) -> None:
+        """Take this rank's rows of a full state_dict (of this module or of L2SoftmaxLoss). Not a
+        collective: each rank reads only its rows."""
+        w = state["weight"]
+        if tuple(w.shape) != (self.num_classes, self.in_features):
+            raise ValueError(f"state['weight'] must have shape ({self.num_classes}, {self.in_features}), "
+                             f"got {tuple(w.shape)}")
+        lo, hi = self.class_start, self.class_start + self.num_local
+        self.weight.copy_(w[lo:hi])
+        if self.bias is not None:
+            if "bias" not in state:
+                raise ValueError("state has no 'bias' but this module has one")
+            if tuple(state["bias"].shape) != (self.num_classes,):
+                raise ValueError(f"state['bias'] must have shape ({self.num_classes},), "
+                                 f"got {tuple(state['bias'].shape)}")
+            self.bias.copy_(state["bias"][lo:hi])
+        elif "bias" in state:
+            raise ValueError("state has a 'bias' but this module has none (bias=False)")
+        if "alpha" in state:
+            self.alpha.copy_(state["alpha"])
+
+    def extra_repr(self) -> str:
+        o = self.options
+        s = (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+             f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}, "
+             f"alpha={float(self.alpha.detach()):g}, learn_alpha={isinstance(self.alpha, nn.Parameter)}, "
+             f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}")
+        if o.margin_type != "none":
+            s += f", margin_type={o.margin_type!r}, margin={o.margin:g}"
+        if o.label_smoothing:
+            s += f", label_smoothing={o.label_smoothing:g}"
+        if self.sample_rate < 1:
+            s += f", sample_rate={self.sample_rate:g}"
+        return s + f", reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+_default_split = shard_sizes
