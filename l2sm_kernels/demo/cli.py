@@ -101,7 +101,9 @@ def run_digits(cfg: D.DemoConfig, seeds, device, out: Path | None, geometry_epoc
         from . import plots
 
         out.mkdir(parents=True, exist_ok=True)
-        result["figures"]["scores"] = str(plots.plot_scores(first_raw, first_metrics, out / "scores.png"))
+        title = (f"score distributions, seed {seeds[0]}: held-out digits {', '.join(map(str, holdouts[0]))}, "
+                 f"embedding dim {cfg.embed_dim}")
+        result["figures"]["scores"] = str(plots.plot_scores(first_raw, first_metrics, out / "scores.png", title))
         if n_geometry:
             cfg2 = D.DemoConfig(**{**cfg.__dict__, "embed_dim": 2, "epochs": geometry_epochs})
             split = D.load_split(seeds[0], cfg.holdout, cfg.test_fraction).to(device)
@@ -116,6 +118,7 @@ def run_digits(cfg: D.DemoConfig, seeds, device, out: Path | None, geometry_epoc
                     "unknown": D.embed(t.net, split.x_unknown).cpu().numpy(),
                     "weight": t.head.weight.detach().cpu().numpy(), "accuracy": float(acc),
                     "alpha": cfg2.resolved_alpha(split.num_known), "known_classes": split.known_classes,
+                    "unknown_classes": split.unknown_classes,
                 }
             result["figures"]["geometry"] = str(plots.plot_geometry(runs, out / "geometry.png"))
             result["geometry_accuracy"] = {loss: r["accuracy"] for loss, r in runs.items()}
@@ -127,11 +130,15 @@ def format_table(result: dict, cfg: D.DemoConfig) -> str:
     s, n = result["summary"], len(result["per_seed"]["softmax"]["accuracy"])
     head = (f"{'metric':42s}{'softmax':>16s}{'L2-softmax':>16s}{'L2 - softmax':>17s}{'L2 better':>11s}")
     lines = [head, "-" * len(head)]
+    def pm(mean, std, sign=""):  # no spread from a single seed
+        return f"{mean:{sign}.3f} ± {std:.3f}" if n > 1 else f"{mean:{sign}.3f}        "
+
     for m in D.METRICS:
         a, b, d = s["softmax"][m], s["l2-softmax"][m], s["diff"][m]
-        lines.append(f"{D.METRIC_NAMES[m]:42s}{a[0]:>9.3f} ± {a[1]:.3f}{b[0]:>9.3f} ± {b[1]:.3f}"
-                     f"{d[0]:>+10.3f} ± {d[1]:.3f}{f'{d[2]}/{d[3]}':>11s}")
-    lines.append(f"mean ± sample std over {n} seed(s); 'L2 - softmax' is the per-seed paired difference; "
+        lines.append(f"{D.METRIC_NAMES[m]:42s}{pm(*a):>16s}{pm(*b):>16s}{pm(d[0], d[1], '+'):>17s}"
+                     f"{f'{d[2]}/{d[3]}':>11s}")
+    spread = "mean ± sample std" if n > 1 else "one seed, no spread"
+    lines.append(f"{spread} over {n} seed(s); 'L2 - softmax' is the per-seed paired difference; "
                  f"'L2 better': seeds where it is > 0.")
     return "\n".join(lines)
 

@@ -198,7 +198,8 @@ class Trained:
     epoch_losses: list
 
 
-def train(loss: str, split: Split, cfg: DemoConfig, seed: int, on_epoch: Callable[[float], None] | None = None) -> Trained:
+def train(loss: str, split: Split, cfg: DemoConfig, seed: int,
+          on_epoch: Callable[[float], None] | None = None) -> Trained:
     """Train net + head from scratch. The seed fixes the initialization, the batch order and the
     augmentation, identically for both losses."""
     device = split.x_train.device

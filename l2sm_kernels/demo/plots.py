@@ -54,8 +54,8 @@ def plot_geometry(runs: dict, path: Path) -> Path:
             u = a * u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
             f = f * (1 + 0.04 * rng.standard_normal((len(f), 1)))
             u = u * (1 + 0.04 * rng.standard_normal((len(u), 1)))
-        ax.scatter(u[:, 0], u[:, 1], s=9, marker="x", c="0.45", lw=0.6, alpha=0.6, label="held-out classes",
-                   zorder=1)
+        ax.scatter(u[:, 0], u[:, 1], s=9, marker="x", c="0.45", lw=0.6, alpha=0.6, zorder=1,
+                   label="held-out digits " + ", ".join(map(str, r.get("unknown_classes", ()))))
         for k, digit in enumerate(r["known_classes"]):
             sel = np.asarray(r["labels"]) == k
             ax.scatter(f[sel, 0], f[sel, 1], s=7, color=cmap(k), label=f"digit {digit}", zorder=2)
@@ -73,17 +73,18 @@ def plot_geometry(runs: dict, path: Path) -> Path:
         ax.axhline(0, color="0.85", lw=0.5, zorder=0)
         ax.axvline(0, color="0.85", lw=0.5, zorder=0)
         ax.set_title(f"{title}\ntest accuracy {r['accuracy']:.3f}", fontsize=10)
-    axes[0].legend(fontsize=7, loc="upper left", markerscale=1.5, framealpha=0.85)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, markerscale=1.8, frameon=False)
     fig.suptitle("2-D features of 8x8 digits test images (colours: training classes; x: held-out classes; "
                  "lines: class-weight directions)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_scores(raw: dict, metrics: dict, path: Path) -> Path:
+def plot_scores(raw: dict, metrics: dict, path: Path, title: str = "") -> Path:
     """Score distributions of one seed: rows = losses, columns = verification cosine (same vs
     different class, held-out classes), anomaly score by class weights and by kNN (training-class
     test images vs held-out-class images)."""
@@ -110,6 +111,8 @@ def plot_scores(raw: dict, metrics: dict, path: Path) -> Path:
                          fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
