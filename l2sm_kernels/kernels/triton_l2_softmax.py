@@ -5,8 +5,9 @@ else W_j; c_ij = x_hat_i . W_hat_j; z_ij = alpha c_ij + b_j, with f(c_iy) instea
 column y = y_i; p = softmax_j(z); lse_i = logsumexp_j z_ij. The backward of every output is
     dz_ij = w_p p_ij - w_t ((1 - s) [j = y] + s / C),   w_t = grad_loss (0 on ignored rows), w_p = w_t + grad_lse.
 
-Design: four GEMM-equivalents (the 3-GEMM floor needs three; an exact method that stores no B x C values
-needs at least four, DESIGN.md "roofline"), no B x C buffer, no atomics, deterministic.
+Design: four GEMM-equivalents of matrix work (the 3-GEMM floor needs three; an exact method that stores
+no B x C values needs at least four, DESIGN.md "roofline"), a constant number of launches, no B x C
+buffer, no atomics, deterministic.
 
   forward   _fwd_split_kernel     grid (row blocks, class splits[, D chunks]). Walks its classes once:
             S = x W^T tile by tile, online logsumexp over the non-target columns, and, flash-attention style
@@ -21,21 +22,37 @@ needs at least four, DESIGN.md "roofline"), no B x C buffer, no atomics, determi
             merged non-target mass, exact in fp32), then the normalization backward. d alpha likewise:
               sum_j dz_ij g_ij = w_p PC_i - w_t (s/C) SC_i + dz_iy f(c_iy),
             PC_i = sum_{j != y} p_ij c_ij and SC_i = sum_{j != y} c_ij accumulated by the forward.
-            _bwd_dw_kernel        grid (class blocks[, D chunks]). Owns a block of classes and walks the
-            rows: recomputes S, forms dz (the target entry from the per-row value), accumulates
-            dW_hat += dz^T x_hat and db += sum_i dz, then the normalization backward of W in the epilogue
-            (w_hat . dw_hat = sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents, no atomics.
+            _bwd_dw_kernel        persistent, one program per multiprocessor, each owning class blocks in
+            turn: walks the rows, recomputes S, forms dz (the target entry from the per-row value),
+            accumulates dW_hat += dz^T x_hat and db += sum_i dz, then the normalization backward of W in
+            the epilogue (w_hat . dw_hat = sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
             When the forward ran without the dX / alpha hints (e.g. under no_grad, or the op called
             directly), the backward reruns the forward kernels to get O' / PC (the contract allows it).
 
-Workspace (besides outputs, aux and O(B + C + D) vectors): the forward's class-split partials,
-  n_splits x B x (4 + D) fp32 (4 + 0 without the dX hint), with
-  n_splits <= max(1, ceil(SPLIT_PROGRAMS / row_blocks)), SPLIT_PROGRAMS = 2 x multiprocessors,
-  so at most (2 SMs x BLOCK_B + B) x (4 + D) x 4 bytes whatever C is (H100, D = 512: about 33 MiB
-  + 2 KiB per row; B = 1024 gives 17 splits, 34 MiB). It is freed when the forward returns, before the
-  backward allocates dW, so it does not add to the training step's peak (which the B x D x 4-byte O' in aux
-  and the gradients set). Label smoothing adds one column-sum pass over W (D floats kept); normalize_weight
-  one norm pass over W in the forward (C floats, freed).
+Why this design and not a bounded dz workspace with cuBLAS GEMMs (both are 4 GEMM-equivalents): the
+memory target leaves little room at C = 131072 (peak extra <= 1.1 x the gradients: 12.9 MiB beyond the
+0.126 GiB of gradients), so dz chunks could hold at most ~4096 classes: 32+ chunks of 3-4 launches
+each, about 1 ms of host time per step (estimate), more than the whole 1.6x-floor budget (1.09 ms on
+the H200 anchors). Here the launch count is constant (forward 3-5, backward 2-4).
+The cost of this design is register pressure: the D-wide fp32 accumulator of O' (or dW) is 64 x 512 x 4
+= 128 KiB, half the register file, which fixes 64-row (or 64-class) tiles with 8 warps. Compiled for
+sm_90 (benchmarks/compile_report.py, no GPU needed; B=1024, D=512, bf16): both main kernels use 255
+registers, 136 KiB of shared memory and warpgroup MMA (HGMMA); the forward spills 72-80 bytes, the dW
+pass 8 bytes (352 with normalize_weight: in its epilogue). Estimated time (unmeasured): at e = the
+kernels' efficiency relative to cuBLAS, 4 / (3 e) of the floor plus ~0.02-0.05 ms of per-row kernels:
+1.6x at e = 0.85, 1.9x at e = 0.7. Unknown until measured: which of the chain-break (default) and chained
+tiles is faster (see _through_scratch; the GPU benchmark times both, and a K-loop variant).
+
+Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independently of C except as noted:
+  forward: the class-split partials, n_splits x B x (4 + D) fp32 (4 + 0 without the dX hint), with
+    n_splits <= max(1, ceil(2 SMs / row_blocks)): at most (2 SMs x BLOCK_B + B) x (4 + D) x 4 bytes
+    (H100, B = 1024, D = 512: 17 splits, 34 MiB); the chain-break scratch, 2 slots x BLOCK_B x BLOCK_C per
+    program (4.5 MiB there); both freed when the forward returns, before the backward allocates dW, so they
+    do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
+    column-sum pass over W (D floats kept in aux).
+  backward: per-row values (B x 5 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
+    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (5 + D) x 4 bytes with
+    the dX hint) + that.
 
 Precision: every accumulation in fp32. Matrix products take the inputs as stored (bf16, fp16 or fp32,
 mixed allowed; W is never copied or cast in memory: tiles are converted in registers):
@@ -50,6 +67,10 @@ Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_ha
 Index arithmetic is int64 (rows and classes are promoted before multiplying by strides: C x D and
 B x C exceed 2^31 at the sizes this serves). Ragged edges are masked: padded classes get z = -inf,
 padded rows are zeroed before they can reach a product.
+
+Under the Triton interpreter (CI), two of its gaps are bridged in the kernels, nowhere else: its bf16 dot
+multiplies raw bits and its fp32 -> bf16 cast truncates, so bf16 operands and outputs are rounded to
+nearest even by hand and multiplied in fp32 (EMU), which reproduces the GPU's arithmetic.
 """
 from __future__ import annotations
 
@@ -748,10 +769,12 @@ def num_sms(device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if on_gpu(device) else None
 
 
-def _interpreter_config(D: int) -> Config:
-    # small tiles; D > 64 takes the K-loop and D-chunk paths, so the CPU tests cover them
+def _interpreter_config(D: int, C: int) -> Config:
+    # small tiles; D > 64 takes the K-loop and D-chunk paths, so the CPU tests cover them. Large C
+    # gets wide class tiles: the interpreter's cost is per operation, not per element.
     d_pad = _pow2(D)
-    return Config(16, 16, d_pad if d_pad <= 64 else 32, d_pad if d_pad <= 64 else 64, chain_break=True)
+    cols = 16 if C <= 1024 else min(2048, _pow2(C // 64))
+    return Config(16, cols, d_pad if d_pad <= 64 else 32, d_pad if d_pad <= 64 else 64, chain_break=True)
 
 
 # GPU tiles, chosen from what the compiler reports for sm_90 (benchmarks/compile_report.py: registers,
@@ -775,10 +798,10 @@ GPU_CONFIGS = {
 }
 
 
-def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None = None) -> Config:
+def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None = None, C: int = 0) -> Config:
     """Tiles of _fwd_split_kernel (variant: a GPU_CONFIGS key, to time the alternatives)."""
     if not gpu:
-        return _interpreter_config(D)
+        return _interpreter_config(D, C)
     d_pad = _pow2(D)
     if variant is not None:
         return GPU_CONFIGS[variant](d_pad)
@@ -792,10 +815,10 @@ def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None
     return GPU_CONFIGS["tf32"](d_pad)
 
 
-def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None) -> Config:
+def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None, C: int = 0) -> Config:
     """Tiles of _bwd_dw_kernel (block_rows: rows per step of its walk, block_cols: its classes)."""
     if not gpu:
-        return _interpreter_config(D)
+        return _interpreter_config(D, C)
     d_pad = _pow2(D)
     if variant is not None:
         return GPU_CONFIGS[variant](d_pad)
@@ -889,7 +912,7 @@ def inv_norms(v: torch.Tensor, eps: float, launch=_identity) -> torch.Tensor:
     out = torch.empty((N,), device=v.device, dtype=torch.float32)
     if N == 0:
         return out
-    BN, BD = 16, min(_pow2(D), 128)
+    BN, BD = 16 if (N <= 4096 or not INTERPRETED) else 1024, min(_pow2(D), 128)
     launch(_inv_norm_kernel)[(triton.cdiv(N, BN),)](v, out, N, D, eps, v.stride(0), v.stride(1),
                                                    BLOCK_N=BN, BLOCK_D=BD)
     return out
@@ -899,7 +922,7 @@ def column_sum(weight: torch.Tensor, inv_nw, launch=_identity) -> torch.Tensor:
     """sum_j W_hat_j (D,), fp32, in a fixed order (deterministic)."""
     C, D = weight.shape
     BD = min(_pow2(D), 128)
-    BC = 16 if INTERPRETED else 64
+    BC = (16 if C <= 4096 else 1024) if INTERPRETED else 64
     parts = min(triton.cdiv(C, BC), 4 if INTERPRETED else 256)
     rows_per = BC * triton.cdiv(triton.cdiv(C, BC), parts)
     parts = triton.cdiv(C, rows_per)
@@ -928,7 +951,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         return loss, lse, aux
 
     gpu = on_gpu(dev)
-    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, gpu)
+    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, gpu, C=C)
     s_dt, s_tf32, p_dt, p_tf32 = dot_plan(x.dtype, weight.dtype)
     emu = INTERPRETED
     inv_nx = inv_norms(x, eps, launch)
@@ -1032,7 +1055,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
 
     if need_weight or need_bias:
         gpu = on_gpu(dev)
-        cfg = config or dw_config(D, x.dtype, weight.dtype, gpu)
+        cfg = config or dw_config(D, x.dtype, weight.dtype, gpu, C=C)
         s_dt, s_tf32, p_dt, p_tf32 = dot_plan(x.dtype, weight.dtype)
         d_pad = _pow2(D)
         single_k = cfg.block_k >= d_pad
