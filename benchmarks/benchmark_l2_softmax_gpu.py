@@ -304,7 +304,8 @@ def main():
                 print(f"   {name:20s} {v['error'][:100]}")
     print("accuracy vs float64 (relative Frobenius error; B=256, D=512, C=8192 on the GPU):")
     for name, c in res["checks"].items():
-        print(f"   {name:20s} " + (" ".join(f"{k} {v:.2e}" for k, v in c.items()) if "error" not in c else c["error"][:100]))
+        text = " ".join(f"{k} {v:.2e}" for k, v in c.items()) if "error" not in c else c["error"][:100]
+        print(f"   {name:20s} {text}")
     print(f"saved {os.path.join(a.out, 'l2_softmax_gpu.json')}; {res['wall_s']:.0f} s")
 
 

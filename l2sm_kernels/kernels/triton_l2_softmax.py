@@ -38,10 +38,15 @@ The cost of this design is register pressure: the D-wide fp32 accumulator of O' 
 = 128 KiB, half the register file, which fixes 64-row (or 64-class) tiles with 8 warps. Compiled for
 sm_90 (benchmarks/compile_report.py, no GPU needed; B=1024, D=512, bf16): both main kernels use 255
 registers, 136 KiB of shared memory and warpgroup MMA (HGMMA); the forward spills 72-80 bytes, the dW
-pass 8 bytes (352 with normalize_weight: in its epilogue). Estimated time (unmeasured): at e = the
-kernels' efficiency relative to cuBLAS, 4 / (3 e) of the floor plus ~0.02-0.05 ms of per-row kernels:
-1.6x at e = 0.85, 1.9x at e = 0.7. Unknown until measured: which of the chain-break (default) and chained
-tiles is faster (see _through_scratch; the GPU benchmark times both, and a K-loop variant).
+pass 8 bytes (352 with normalize_weight: in its epilogue). Triton's layout rule for chained products
+makes both warpgroups of a 64-row tile compute all of S (twice the HGMMA instructions): the default
+tiles pass p through a scratch buffer instead (_through_scratch), whose barrier in turn stops Triton's
+software pipelining, so each iteration waits for its W (or x) tile from L2. Estimated time (unmeasured):
+at e = the kernels' efficiency relative to cuBLAS, 4 / (3 e) of the floor plus ~0.02-0.05 ms of per-row
+kernels: 1.6x at e = 0.85, 1.9x at e = 0.7; e is unknown, and the unpipelined loads make e >= 0.85
+unlikely. The alternatives in GPU_CONFIGS, timed by the GPU benchmark: "fused_chained" (pipelined, S
+computed twice: 3 GEMM-equivalents of tensor work per pass) and "split_d" (one warpgroup, two programs
+per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, also 3).
 
 Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independently of C except as noted:
   forward: the class-split partials, n_splits x B x (4 + D) fp32 (4 + 0 without the dX hint), with
@@ -786,8 +791,9 @@ GPU_CONFIGS = {
     "fused": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=True),
     # the same without the scratch: pipelined loads, but both warpgroups compute S
     "fused_chained": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=False),
-    # K loop of 64 and a 256-wide accumulator chunk (S computed once per chunk): half the registers
-    "split_d": lambda d: Config(64, 64, 64, min(d, 256), num_warps=8, num_stages=2),
+    # one warpgroup (no redundant S, no scratch), a K loop of 64 and a 256-wide accumulator chunk per
+    # program (S computed once per chunk: 3 GEMM-equivalents per pass), two programs per multiprocessor
+    "split_d": lambda d: Config(64, 64, 64, min(d, 256), num_warps=4, num_stages=2),
     # logsumexp only (no accumulator): the split kernel DESIGN.md measured at 1.02x cuBLAS's logits
     "lse": lambda d: Config(128, 256, 64, 16, num_warps=8, num_stages=3),
     "lse_fp16": lambda d: Config(128, 128, 64, 16, num_warps=8, num_stages=3),
