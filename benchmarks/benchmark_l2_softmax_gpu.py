@@ -71,7 +71,7 @@ def _bench(fn, warmup, rep):
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
     return sorted(ts)[1]
-VARIANTS = ["fused_chained", "split_d"]  # besides the default ("fused" for bf16 at D <= 512)
+VARIANTS = ["fused_prefetch", "fused_chained", "split_d"]  # besides the default ("fused" for bf16 at D <= 512)
 
 
 def _l2(x):

@@ -121,7 +121,7 @@ def compile_calls(calls, arch: int):
             continue
         seen.add(key)
         row = {"kernel": kernel.__name__, "grid": [int(g) for g in grid],
-               "tiles": {k: v for k, v in const.items() if k.startswith("BLOCK") or k in ("CHAIN_BREAK",)},
+               "tiles": {k: v for k, v in const.items() if k.startswith("BLOCK") or k in ("CHAIN_BREAK", "PREFETCH")},
                **opts}
         try:
             cc = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=opts)
@@ -145,9 +145,11 @@ def main():
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--options", default="all",
                     help="plain (the benchmark's loss), all, or a comma list of bias,norm,arcface,smooth,alpha")
-    ap.add_argument("--fwd-config", default=None, help="forward tiles as rows,cols,k,do,warps,stages[,chain_break]")
-    ap.add_argument("--dw-config", default=None, help="dW tiles as rows,cols,k,do,warps,stages[,chain_break]")
+    ap.add_argument("--fwd-config", default=None, help="forward tiles as rows,cols,k,do,warps,stages[,chain_break[,prefetch]]")
+    ap.add_argument("--dw-config", default=None, help="dW tiles as rows,cols,k,do,warps,stages[,chain_break[,prefetch]]")
     ap.add_argument("--only", default=None, help="report only kernels whose name contains this")
+    ap.add_argument("--variants", action="store_true",
+                    help="also compile the main kernels with the other GPU_CONFIGS the GPU benchmark times")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     xdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "mixed": torch.bfloat16}[a.dtype]
@@ -167,7 +169,8 @@ def main():
         if not text:
             return default
         v = [int(t) for t in text.split(",")]
-        return K.Config(*v[:6], chain_break=bool(v[6]) if len(v) > 6 else False)
+        return K.Config(*v[:6], chain_break=bool(v[6]) if len(v) > 6 else False,
+                        prefetch=bool(v[7]) if len(v) > 7 else False)
 
     fcfg = cfg(a.fwd_config, K.forward_config(a.D, xdt, wdt, True, gpu=True))
     wcfg = cfg(a.dw_config, K.dw_config(a.D, xdt, wdt, gpu=True))
@@ -179,13 +182,20 @@ def main():
               splits=K.num_splits(a.B, a.C, lse_only, a.sms))
     g = torch.empty(a.B, device=dev, dtype=torch.float32)
     K.backward(g, g, x, w, t, alpha, bias, lse, aux, *opts, *needs, launch=rec, config=wcfg)
+    if a.variants:
+        d_pad = K._pow2(a.D)
+        for v in ("fused_prefetch", "fused_chained", "split_d"):
+            vc = K.GPU_CONFIGS[v](d_pad)
+            _, lse_v, aux_v = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=vc,
+                                        splits=K.num_splits(a.B, a.C, vc, a.sms))
+            K.backward(g, g, x, w, t, alpha, bias, lse_v, aux_v, *opts, *needs, launch=rec, config=vc)
     calls = [c for c in rec.calls if not a.only or a.only in c[0].__name__]
     rows = compile_calls(calls, a.arch)
     print(f"sm_{a.arch}, B={a.B} D={a.D} C={a.C} {a.dtype}, options={a.options}, forward splits={splits}")
     print(f"{'kernel':22s} {'tiles':44s} {'warps':>5s} {'regs':>5s} {'stack':>5s} {'LDL/STL':>7s} "
           f"{'smem KiB':>8s} {'HGMMA':>5s}")
     for r in rows:
-        tiles = ",".join(f"{k.replace('BLOCK_', '').replace('CHAIN_BREAK', 'CB')}={int(v)}"
+        tiles = ",".join(f"{k.replace('BLOCK_', '').replace('CHAIN_BREAK', 'CB').replace('PREFETCH', 'PF')}={int(v)}"
                          for k, v in r["tiles"].items())
         if "error" in r:
             print(f"{r['kernel']:22s} {tiles:44s} ERROR {r['error'][:200]}")

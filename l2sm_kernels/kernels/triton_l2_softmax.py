@@ -195,6 +195,18 @@ def _through_scratch2d(v, v_base, R: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l1(base, rows, stride_row, D, BLOCK_D: tl.constexpr):
+    """Hint the L1 cache to fetch the rows (clamped to valid ones by the caller) of a (rows x D) tile:
+    one prefetch per 128-byte line of bf16 (64 elements), a couple per thread. The default tiles'
+    scratch barrier stops Triton's software pipelining, so without this each tile's load waits on L2.
+    GPU only (the interpreter has no inline assembly)."""
+    ptrs = base + rows[:, None] * stride_row + (tl.arange(0, BLOCK_D // 64) * 64)[None, :]
+    ptrs = tl.where((tl.arange(0, BLOCK_D // 64) * 64 < D)[None, :], ptrs, base + rows[:, None] * stride_row)
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _log1p(v):
     """log(1 + v) for v in [0, 1], accurate for small v (Goldberg's trick: no libdevice needed, and
     it runs under the interpreter)."""
@@ -294,7 +306,7 @@ def _fwd_split_kernel(
     ACC_O: tl.constexpr, ACC_PC: tl.constexpr, ACC_SC: tl.constexpr,  # what to accumulate besides (max, sum)
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    SINGLE_K: tl.constexpr, REUSE_W: tl.constexpr, CHAIN_BREAK: tl.constexpr,
+    SINGLE_K: tl.constexpr, REUSE_W: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One (row block, class split, D chunk): online logsumexp over the split's non-target columns,
     and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max."""
@@ -328,6 +340,8 @@ def _fwd_split_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < c_hi
         w_rows = w_ptr + cols[:, None] * stride_wc
+        if PREFETCH:  # the next class tile's weights, into L1 while this one computes
+            _prefetch_l1(w_ptr, tl.minimum(cols + BLOCK_C, c_hi - 1), stride_wc, D, BLOCK_K)
         s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
         if SINGLE_K:
             w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
@@ -614,7 +628,7 @@ def _bwd_dw_kernel(
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    SINGLE_K: tl.constexpr, REUSE_X: tl.constexpr, CHAIN_BREAK: tl.constexpr,
+    SINGLE_K: tl.constexpr, REUSE_X: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Persistent over class blocks (pid, pid + programs, ...), one D chunk per grid column. For each
     class block: walk every row block, recompute S, form dz (the target entry from the per-row value),
@@ -654,6 +668,8 @@ def _bwd_dw_kernel(
             rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
             rmask = rows < B
             x_rows = x_ptr + rows[:, None] * stride_xb
+            if PREFETCH:  # the next row tile's features, into L1 while this one computes
+                _prefetch_l1(x_ptr, tl.minimum(rows + BLOCK_B, B - 1), stride_xb, D, BLOCK_K)
             rv = rowv_ptr + rows * _NROWV
             inv_nx = tl.load(rv + RV_INVNX, mask=rmask, other=0.0)
             w_p = tl.load(rv + RV_WP, mask=rmask, other=0.0)
@@ -741,6 +757,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     chain_break: bool = False  # p / dz through scratch (see _through_scratch)
+    prefetch: bool = False  # L1 prefetch of the next tile (GPU, one tile over D, bf16/fp16 rows)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -789,6 +806,8 @@ def _interpreter_config(D: int, C: int) -> Config:
 GPU_CONFIGS = {
     # bf16: S and the accumulator's product both on bf16 tensor cores, one tile spans all of D
     "fused": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=True),
+    # the same with an L1 prefetch of the next tile (the scratch barrier stops software pipelining)
+    "fused_prefetch": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=True, prefetch=True),
     # the same without the scratch: pipelined loads, but both warpgroups compute S
     "fused_chained": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=False),
     # one warpgroup (no redundant S, no scratch), a K loop of 64 and a 256-wide accumulator chunk per
@@ -989,6 +1008,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         S_DT=s_dt, S_TF32=s_tf32, P_DT=p_dt, P_TF32=p_tf32, EMU=emu,
         BLOCK_B=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_K=block_k, BLOCK_DO=block_do,
         SINGLE_K=single_k, REUSE_W=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
+        PREFETCH=cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     bsum = bias.float().sum() if (bias is not None and s > 0) else inv_nx
@@ -1083,6 +1103,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
             S_DT=s_dt, S_TF32=s_tf32, P_DT=p_dt, P_TF32=p_tf32, EMU=emu,
             BLOCK_C=cfg.block_cols, BLOCK_B=cfg.block_rows, BLOCK_K=block_k, BLOCK_DO=block_do,
             SINGLE_K=single_k, REUSE_X=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
+            PREFETCH=cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
