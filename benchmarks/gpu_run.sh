@@ -11,6 +11,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/l2sm-inductor-$$}
 PY=${PYTHON:-python3}
 start=$(date +%s)
+# parallel test workers when pytest-xdist is there (Triton compiles on the CPU: 16 cores on the GPU machines)
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,memory.used \
   --format=csv 2>&1 | tee "$OUTDIR/gpu.txt"
@@ -20,12 +22,12 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # 1. tests on CUDA, triton only: the backend's own tests (D = 512 tiles, compile, memory) and the shared
 #    suite; the 216-combination option matrix gets what is left of its time box (CI runs its all-pairs
 #    subset under the interpreter)
-L2SM_TEST_BACKENDS=triton L2SM_REQUIRE_BACKENDS=triton timeout 110 $PY -m pytest -q -x -p no:cacheprovider \
+L2SM_TEST_BACKENDS=triton L2SM_REQUIRE_BACKENDS=triton timeout -s INT -k 15 110 $PY -m pytest -q -x $XDIST -p no:cacheprovider \
   tests/test_triton_backend.py tests/test_l2_softmax.py -k "not test_options_match_reference" \
   > "$OUTDIR/tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$OUTDIR/tests.log"))"
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20
-L2SM_TEST_BACKENDS=triton timeout 40 $PY -m pytest -q -x -p no:cacheprovider tests/test_l2_softmax.py \
+L2SM_TEST_BACKENDS=triton timeout -s INT -k 15 40 $PY -m pytest -q -x $XDIST -p no:cacheprovider tests/test_l2_softmax.py \
   -k "test_options_match_reference" > "$OUTDIR/tests_options.log" 2>&1
 echo "option-matrix tests: exit $? (124 = time box; $(tail -1 "$OUTDIR/tests_options.log"))"
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_options.log" | head -10
