@@ -87,11 +87,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..options import ARCFACE_CLAMP
+
 # @triton.jit returns interpreted functions when TRITON_INTERPRET=1 was set before triton was imported
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 MARGIN_CODES = {"none": 0, "cosface": 1, "arcface": 2}
-ARCFACE_CLAMP = 1e-7  # options.ARCFACE_CLAMP (literal in the kernels)
+# _margin writes the arcface clamp as the literal 1e-7 (a constexpr global would also do; a literal reads better)
+assert ARCFACE_CLAMP == 1e-7, "update the literal in _margin"
 
 # per-row statistics in aux (columns of the (B, NSTAT) block): c_iy, p_iy, q_i = 1 - p_iy, PC_i, SC_i
 NSTAT = 5
@@ -762,10 +765,6 @@ class Config:
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
-
-
-def _dtype_code(dt: torch.dtype) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dt]
 
 
 def dot_plan(xdt: torch.dtype, wdt: torch.dtype):
