@@ -1,0 +1,88 @@
+"""Backend "triton": the fused GPU kernels (kernels/triton_l2_softmax.py) behind the op boundary.
+
+l2sm::triton_forward / l2sm::triton_backward are torch.library.triton_op ops: torch.compile sees the
+Triton kernels inside them (wrap_triton), so a compiled training step traces through the loss with
+no graph break; ops.register_backend_ops attaches the shared fake kernels and the autograd formula.
+The backend loads wherever triton imports; backends.py decides which tensors it may take (CUDA
+tensors, or CPU tensors under the Triton interpreter, TRITON_INTERPRET=1, which is how CI runs it).
+
+Inputs: float16, bfloat16, float32 (x, W and b may differ, e.g. bf16 features with fp32 master
+weights, read as stored: no cast copy of W). Outputs as ops.py's contract: loss, lse, aux in fp32,
+each gradient in its input's dtype, no host synchronization, nothing written into the inputs,
+bitwise deterministic (no atomics; every reduction has a fixed order).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops
+from .backends import BackendUnavailable
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_LOADED = None
+
+
+def _check(x, weight, bias, interpreted: bool) -> None:
+    for name, t in (("features", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in DTYPES:
+            raise TypeError(f"the triton backend takes float16, bfloat16 or float32 {name}, got {t.dtype}")
+        if t.device.type != "cuda" and not (interpreted and t.device.type == "cpu"):
+            raise ValueError(
+                f"the triton backend takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                f"got {name} on {t.device}"
+            )
+
+
+def load():
+    """Define and register the triton ops; -> (forward op, backward op)."""
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise BackendUnavailable(f"triton is not importable ({e})") from e
+    from torch.library import triton_op, wrap_triton
+
+    from .kernels import triton_l2_softmax as K
+
+    def triton_forward(
+        x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor,
+        bias: Optional[torch.Tensor], normalize_weight: bool, margin_type: str, margin: float,
+        ignore_index: int, label_smoothing: float, eps: float, need_x: bool, need_weight: bool,
+        need_bias: bool, need_alpha: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check(x, weight, bias, K.INTERPRETED)
+        return K.forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
+                         label_smoothing, eps, need_x, need_weight, need_bias, need_alpha, launch=wrap_triton)
+
+    def triton_backward(
+        grad_loss: torch.Tensor, grad_lse: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+        target: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor], lse: torch.Tensor,
+        aux: torch.Tensor, normalize_weight: bool, margin_type: str, margin: float, ignore_index: int,
+        label_smoothing: float, eps: float, need_x: bool, need_weight: bool, need_bias: bool,
+        need_alpha: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check(x, weight, bias, K.INTERPRETED)
+        return K.backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight,
+                          margin_type, margin, ignore_index, label_smoothing, eps, need_x, need_weight,
+                          need_bias, need_alpha, launch=wrap_triton)
+
+    # triton_op infers the schema from the annotations (torch 2.11 - 2.13 accept schema= and ignore
+    # it); check that the inference gives the shared one, so the two cannot drift apart silently.
+    # The one difference inference cannot avoid: a Python int becomes SymInt (ignore_index).
+    fwd = triton_op(ops.forward_name("triton"), triton_forward, mutates_args=(), schema=ops.FORWARD_SCHEMA)
+    bwd = triton_op(ops.backward_name("triton"), triton_backward, mutates_args=(), schema=ops.BACKWARD_SCHEMA)
+    for op, name, schema in ((fwd, ops.forward_name("triton"), ops.FORWARD_SCHEMA),
+                             (bwd, ops.backward_name("triton"), ops.BACKWARD_SCHEMA)):
+        got = str(op._opoverload._schema).replace("SymInt ", "int ")
+        want = str(torch._C.parse_schema(name + schema))
+        if got != want:
+            raise RuntimeError(f"triton op schema drifted from ops.py: {got} != {want}")
+    ops.register_backend_ops("triton", fwd, bwd, aux_meta=K.aux_meta)
+    _LOADED = (fwd, bwd)
+    return _LOADED
+

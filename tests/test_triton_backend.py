@@ -1,0 +1,425 @@
+"""Checks specific to the triton backend (the shared suite, test_l2_softmax.py, runs it through every
+option too). Without CUDA the kernels run under the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); with CUDA on the GPU, where the CUDA-only tests below also run.
+
+- results do not depend on tile sizes, class splits, K / D chunking or the chain-break scratch path
+- ragged shapes (C = 1, prime C, C = 65537, D = 127) against the float64 reference
+- no B x C buffer and no copy of W (fp32 master weights with bf16 features), by recording every
+  tensor the launchers allocate
+- the backward works when the forward's hints were off (aux recomputed), bit-identically
+- the aux layout, the workspace bound of the module docstring
+- torch.compile traces a training step through both ops with no graph break (on a CPU-only machine
+  through a subprocess that compiles the kernels' IR for sm_90 without running them)
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+import l2sm_kernels as L
+from l2sm_kernels.backends import ops_for, triton_interpreted
+from l2sm_kernels.testing import assert_accurate, check_case, make_case, max_err, run, run_reference
+
+# the interpreter's numpy evaluates masked-out lanes too (log(0), 0/0 there are discarded by tl.where)
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter",
+                                        "ignore::DeprecationWarning:triton.runtime.interpreter")
+
+_REQUIRED = [b for b in os.environ.get("L2SM_REQUIRE_BACKENDS", "").split(",") if b]
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def K():
+    info = L.available_backends()["triton"]
+    if not info.available:
+        if "triton" in _REQUIRED:
+            pytest.fail(f"backend triton is required but unavailable: {info.reason}")
+        pytest.skip(f"backend triton unavailable: {info.reason}")
+    from l2sm_kernels.kernels import triton_l2_softmax
+    return triton_l2_softmax
+
+
+@pytest.fixture(scope="module")
+def dev(K):
+    return "cpu" if triton_interpreted() else "cuda"
+
+
+OPTS = (True, "arcface", 0.4, -100, 0.1, 1e-12)  # normalize_weight, margin_type, margin, ignore, s, eps
+
+
+def _inputs(B, D, C, dev, dtype=torch.float32, wdtype=None, seed=0, bias=True, ignore_rows=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g).to(dev, dtype)
+    w = (torch.randn(C, D, generator=g) * 0.05).to(dev, wdtype or dtype)
+    t = torch.randint(0, C, (B,), generator=g)
+    t[:ignore_rows] = -100
+    b = (torch.randn(C, generator=g) * 0.5).to(dev, wdtype or dtype) if bias else None
+    alpha = torch.tensor(16.0, device=dev)
+    gl = torch.randn(B, generator=g).to(dev)
+    gs = torch.randn(B, generator=g).to(dev) * 0.3
+    return x, w, t.to(dev), alpha, b, gl, gs
+
+
+def _fwd_bwd(K, inp, opts=OPTS, needs=(True, True, True, True), config=None, splits=None, dw_config=None,
+             launch=None):
+    x, w, t, alpha, b, gl, gs = inp
+    kw = {"launch": launch} if launch else {}
+    loss, lse, aux = K.forward(x, w, t, alpha, b, *opts, *needs, config=config, splits=splits, **kw)
+    grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *opts, *needs, config=dw_config, **kw)
+    return (loss, lse) + tuple(grads)
+
+
+def _close(a, b, rel=2e-5):
+    """fp32 results that differ only by summation order: within rel of the tensor's scale."""
+    for u, v in zip(a, b):
+        assert u.shape == v.shape and u.dtype == v.dtype
+        scale = float(v.detach().abs().max()) if v.numel() else 0.0
+        assert max_err(u, v) <= rel * max(scale, 1e-30), (max_err(u, v), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles, splits, chunks (RELIABILITY 16)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", [OPTS, (False, "none", 0.0, -100, 0.0, 1e-12)], ids=["all-options", "plain"])
+def test_tiles_splits_and_paths_agree(K, dev, opts):
+    """Tile sizes, the number of class splits, the K loop vs one tile over D, D chunks of the
+    accumulator and the chain-break scratch change only the summation order."""
+    inp = _inputs(21, 40, 150, dev, seed=1)
+    base = _fwd_bwd(K, inp, opts)
+    variants = [
+        dict(config=K.Config(16, 16, 64, 64, chain_break=False), dw_config=K.Config(16, 16, 64, 64)),
+        dict(config=K.Config(32, 32, 16, 16, chain_break=True),  # K loop, 3 D chunks, scratch
+             dw_config=K.Config(32, 16, 16, 16, chain_break=True)),
+        dict(config=K.Config(16, 64, 64, 32), splits=1, dw_config=K.Config(16, 64, 64, 32)),
+        dict(config=K.Config(16, 16, 64, 64, chain_break=True), splits=5,
+             dw_config=K.Config(64, 32, 64, 64, chain_break=True)),
+    ]
+    for v in variants:
+        _close(_fwd_bwd(K, inp, opts, **v), base)
+
+
+def test_many_splits_and_class_blocks_match_reference(K, dev):
+    """Several class tiles per split and several class blocks per persistent dW program, all options,
+    against the float64 reference through the public API."""
+    case = make_case(19, 24, 211, device=dev, seed=2, bias=True, alpha_grad=True, normalize_weight=True,
+                     margin_type="cosface", margin=0.3, label_smoothing=0.05, ignore_rows=3, reduction="none")
+    check_case(case, "triton", torch.randn(19, generator=torch.Generator().manual_seed(3)).to(dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# ragged shapes (RELIABILITY 2, 3)
+# ---------------------------------------------------------------------------------------------
+RAGGED = [(3, 127, 1), (5, 33, 257), (2, 8, 65537), (1, 1, 2), (17, 130, 61), (33, 16, 5)]
+
+
+@pytest.mark.parametrize("B,D,C", RAGGED, ids=[f"B{b}-D{d}-C{c}" for b, d, c in RAGGED])
+def test_ragged_shapes_match_reference(K, dev, B, D, C):
+    case = make_case(B, D, C, device=dev, seed=B + D + C, bias=True, alpha_grad=True, normalize_weight=C > 2,
+                     margin_type="arcface", margin=0.3, label_smoothing=0.1, reduction="sum")
+    check_case(case, "triton", torch.tensor(1.0, device=dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: no B x C buffer, no copy of W (RELIABILITY 22, DESIGN "fp32 master weights")
+# ---------------------------------------------------------------------------------------------
+class _RecordAllocations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor):
+                self.shapes.append((func.name(), tuple(o.shape), o.dtype))
+        return out
+
+
+def test_no_bxc_buffer_and_no_weight_copy(K, dev):
+    """fp32 master weights with bf16 features: every tensor the launchers create is far below B x C
+    and C x D, except the gradient of W itself (once, fp32); W is never cast or copied."""
+    B, D, C = 40, 24, 300  # B x C = 12000 > C x D = 7200 > everything else
+    inp = _inputs(B, D, C, dev, dtype=torch.bfloat16, wdtype=torch.float32, seed=4)
+    def unrecorded(kernel):  # the launches themselves (the interpreter copies its arguments) are not ours
+        class _Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    with _disable_current_modes():
+                        return kernel[grid](*args, **kwargs)
+                return call
+        return _Grid()
+
+    with _RecordAllocations() as rec:
+        out = _fwd_bwd(K, inp, launch=unrecorded)
+    big = [s for s in rec.shapes if torch.Size(s[1]).numel() >= C * D]
+    assert [s[1:] for s in big] == [((C, D), torch.float32)], big  # dW, allocated once
+    assert out[3].shape == (C, D) and out[3].dtype == torch.float32 and out[2].dtype == torch.bfloat16
+    assert max(torch.Size(s[1]).numel() for s in rec.shapes if s not in big) < B * C // 2
+
+
+def test_forward_workspace_is_bounded(K):
+    """The module docstring's bound: the split partials stay under (2 SMs x BLOCK_B + B) x (4 + D)
+    x 4 bytes whatever C is; the dW pass runs one persistent program per multiprocessor."""
+    sms = 132
+    for D in (64, 512):
+        cfg = K.forward_config(D, torch.bfloat16, torch.bfloat16, True, gpu=True)
+        for B in (1, 64, 1000, 1024, 4096, 65536):
+            for C in (1, 1000, 131072, 1048576, 4_200_000):
+                got = K.forward_workspace_bytes(B, C, D, True, cfg, sms)
+                assert got <= (2 * sms * cfg.block_rows + B) * (K.NPART + D) * 4, (B, C, D, got)
+        assert K.dw_programs(sms) == sms
+    # B = 1024, D = 512: 17 splits, 34 MiB
+    assert K.forward_workspace_bytes(1024, 1048576, 512, True, K.forward_config(512, torch.bfloat16,
+                                     torch.bfloat16, True, gpu=True), sms) == 17 * 1024 * 516 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# aux: hints off, layout
+# ---------------------------------------------------------------------------------------------
+def test_backward_without_forward_hints_recomputes_aux(K, dev):
+    """ops.py's contract: the backward honours its flags even when the forward prepared nothing
+    (under no_grad, or the op called directly); the result is bit-identical."""
+    inp = _inputs(13, 20, 70, dev, seed=5)
+    x, w, t, alpha, b, gl, gs = inp
+    full = _fwd_bwd(K, inp)
+    loss, lse, aux = K.forward(x, w, t, alpha, b, *OPTS, False, False, False, False)
+    assert aux.numel() < 13 * 20  # no O' without the dX hint
+    grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *OPTS, True, True, True, True)
+    for a, r in zip((loss, lse) + tuple(grads), full):
+        assert torch.equal(a, r)
+
+
+def test_aux_layout(K):
+    for B, D in ((0, 5), (1, 1), (7, 13), (1024, 512)):
+        for flags in ((a, p, w) for a in (0, 1) for p in (0, 1) for w in (0, 1)):
+            n, o_off, ws_off = K.aux_layout(B, D, *map(bool, flags))
+            assert K.aux_flags(B, D, torch.empty(n)) == tuple(map(bool, flags))
+            assert o_off == B * K.NSTAT and ws_off == o_off + flags[0] * B * D
+    with pytest.raises(ValueError, match="not produced by the triton forward"):
+        K.aux_flags(4, 3, torch.empty(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics specific to the kernels
+# ---------------------------------------------------------------------------------------------
+try:  # a module global, so that a test kernel can call the kernels' helpers
+    import triton
+    import triton.language as tl
+
+    from l2sm_kernels.kernels import triton_l2_softmax as _TK
+
+    @triton.jit
+    def _rne_bf16_test_kernel(src, dst, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(dst + i, _TK._rne_bf16(tl.load(src + i, mask=i < n)), mask=i < n)
+except ImportError:  # the K fixture skips (or fails) with the reason
+    pass
+
+
+def test_bf16_rounding_helper(K, dev):
+    """_rne_bf16 (the interpreter's stand-in for the GPU's fp32 -> bf16 rounding) rounds to nearest
+    even, as torch does, ties and specials included."""
+    _k = _rne_bf16_test_kernel
+    g = torch.Generator().manual_seed(6)
+    v = torch.cat([torch.randn(200, generator=g) * 10.0 ** torch.randint(-30, 30, (200,), generator=g),
+                   torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 0.0, -0.0, float("inf"),
+                                 -float("inf"), 3.3895e38])])
+    v = v.to(dev)
+    out = torch.empty_like(v)
+    _k[(1,)](v, out, v.numel(), BLOCK=256)
+    assert torch.equal(out, v.to(torch.bfloat16).to(torch.float32))
+
+
+def test_confident_rows_exact_target_gradient(K, dev):
+    """p_y within 1e-6 of 1 (fp32 cannot hold 1 - p_y as p_y - 1): the target column's dz = -q comes
+    from the non-target mass; compare dx with float64 autograd."""
+    case = make_case(6, 16, 23, device=dev, seed=7, normalize_weight=True, alpha=64.0, reduction="none")
+    with torch.no_grad():
+        w_hat = torch.nn.functional.normalize(case.weight.float(), dim=1)
+        case.x.copy_(w_hat[case.target] + 0.01 * torch.randn(case.x.shape, generator=torch.Generator()
+                                                             .manual_seed(8)).to(dev))
+    ref, _ = run_reference(case, True)
+    assert ref.max() < 1e-5  # 1 - p_y below fp32's resolution near 1
+    check_case(case, "triton", torch.ones(6, device=dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------
+_TRACE_SCRIPT = textwrap.dedent('''
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+
+    class _NoGPU:  # the IR of user kernels is generated for sm_90; nothing runs
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+
+    triton.runtime.driver.set_active(_NoGPU())
+    import l2sm_kernels.triton_l2_softmax as TB
+    from l2sm_kernels.backends import ops_for
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    TB._check = lambda *a: None  # CPU tensors stand in for CUDA ones: traced, never launched
+    fwd, _ = ops_for("triton")
+    joint = []
+
+    class Stop(Exception):
+        pass
+
+    def backend(gm, example_inputs):
+        def part(g, *a, **k):
+            joint.append(g)
+            return default_partition(g, *a, **k)
+        def stop(g, ins):
+            raise Stop()
+        return aot_module_simplified(gm, example_inputs, fw_compiler=stop, bw_compiler=stop, partition_fn=part)
+
+    net = torch.nn.Linear(8, 16)
+    w = torch.nn.Parameter(torch.randn(37, 16) * 0.1)
+    b = torch.nn.Parameter(torch.zeros(37))
+    alpha = torch.nn.Parameter(torch.tensor(16.0))
+
+    def step(inp, y):
+        loss, lse, aux = fwd(net(inp), w, y, alpha, b, True, "arcface", 0.3, -100, 0.1, 1e-12,
+                             True, True, True, True)
+        return loss.mean() + 0.01 * lse.square().mean()
+
+    try:
+        torch.compile(step, fullgraph=True, backend=backend, dynamic=sys.argv[1] == "1")(
+            torch.randn(12, 8), torch.randint(0, 37, (12,)))
+    except Exception as e:
+        if "Stop" not in repr(e):
+            raise
+    names = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in joint[0].graph.nodes
+             if n.op == "call_function" and "TritonKernelWrapper" in type(n.target).__name__]
+    opaque = [str(n.target) for n in joint[0].graph.nodes if "l2sm" in str(n.target)]
+    print("KERNELS", sorted(set(names)), "OPAQUE", opaque)
+''')
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_traces_both_ops_without_graph_break(K, dynamic):
+    """torch.compile(fullgraph=True) of a training step: dynamo takes the op without a graph break and
+    AOT autograd decomposes forward and backward into the Triton kernels (triton_op + wrap_triton),
+    with fake tensors and, with dynamic=True, symbolic shapes. Runs in a subprocess with a stand-in
+    driver that only answers the target (sm_90), so it needs no GPU: nothing is launched."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path),
+               TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/l2sm-inductor-trace"))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, "1" if dynamic else "0"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("KERNELS")][-1]
+    for k in ("_fwd_split_kernel", "_fwd_combine_kernel", "_bwd_rows_kernel", "_bwd_dw_kernel"):
+        assert k in line, line
+    assert line.endswith("OPAQUE []"), line
+
+
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
+    """The GPU tiles (B=1024, D=512, bf16; with the plain options also the variants the GPU benchmark
+    times) compile for sm_90 with no GPU present (triton's bundled ptxas): no compile error, shared
+    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, and spills bounded
+    (benchmarks/compile_report.py reports them all)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "report.json"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "compile_report.py")
+    res = subprocess.run([sys.executable, script, "--options", options, "--json", str(out)]
+                         + (["--variants"] if options == "plain" else []), capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kernel"] for r in rows} >= {"_fwd_split_kernel", "_fwd_combine_kernel", "_bwd_rows_kernel",
+                                          "_bwd_dw_kernel"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["shared"] <= 227 * 1024, r
+        assert r["stack"] <= 1024, r  # a few spilled registers at most, never the accumulator
+        if r["kernel"] in ("_fwd_split_kernel", "_bwd_dw_kernel"):
+            assert r["hgmma"] > 0, r
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_compile_training_step(K):
+    """On the GPU: a compiled loss step (fullgraph; bf16 features, fp32 master weights, bias, learnable
+    alpha, arcface) gives what eager gives: the same kernels run either way."""
+    torch.manual_seed(0)
+    head = L.L2SoftmaxLoss(512, 4099, bias=True, learn_alpha=True, normalize_weight=True, margin_type="arcface",
+                           margin=0.3, backend="triton").cuda()
+    feats = torch.randn(96, 512, device="cuda").bfloat16().requires_grad_()
+    y = torch.randint(0, 4099, (96,), device="cuda")
+    y[:3] = -100
+    leaves = [feats] + list(head.parameters())
+    out = []
+    for fn in (torch.compile(head, fullgraph=True), head):
+        for p in leaves:
+            p.grad = None
+        loss = fn(feats, y)
+        loss.backward()
+        out.append([loss.detach()] + [p.grad.clone() for p in leaves])
+    for a, b in zip(*out):
+        assert max_err(a, b) <= 1e-5 * max(float(b.float().abs().max()), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-only: the Hopper tile configurations at D = 512, and memory
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("xdt,wdt,variant", [
+    (torch.bfloat16, torch.bfloat16, "default"), (torch.bfloat16, torch.bfloat16, "fused_chained"),
+    (torch.bfloat16, torch.bfloat16, "split_d"), (torch.bfloat16, torch.float32, "default"),
+    (torch.float16, torch.float16, "default")], ids=["bf16", "bf16-chained", "bf16-split_d", "bf16-fp32W", "fp16"])
+def test_cuda_d512_configs_match_reference(K, xdt, wdt, variant):
+    """D = 512 takes the one-tile-over-D kernels (chain-break scratch) on the GPU: all options,
+    against the float64 reference by the accuracy relation; the alternative tiles agree."""
+    case = make_case(300, 512, 5003, dtype=xdt, wdtype=wdt, device="cuda", seed=9, bias=True, alpha_grad=True,
+                     normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1,
+                     ignore_rows=5, reduction="none")
+    g = torch.randn(300, device="cuda")
+    if variant == "default":
+        check_case(case, "triton", g, dtype=xdt)
+        return
+    inp = (case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(), case.bias.detach(), g,
+           torch.zeros_like(g))
+    opts = (True, "arcface", 0.5, -100, 0.1, 1e-12)
+    base = _fwd_bwd(K, inp, opts)
+    cfg = K.forward_config(512, xdt, wdt, True, gpu=True, variant=variant)
+    other = _fwd_bwd(K, inp, opts, config=cfg, dw_config=cfg)
+    for a, b in zip(other[:2], base[:2]):
+        assert max_err(a, b) <= 1e-5 * float(b.abs().max())
+    for a, b in zip(other[2:], base[2:]):  # gradients in the input dtype: a few roundings apart
+        assert max_err(a, b) <= 2e-2 * float(b.abs().max())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_peak_memory_is_gradients_plus_row_statistics(K):
+    """RELIABILITY 22: fwd + bwd peak beyond the inputs = the gradients + B x D fp32 (O') + small."""
+    B, D, C = 1024, 512, 65536
+    x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(C, D, device="cuda") * 0.05).bfloat16().requires_grad_()
+    y = torch.randint(0, C, (B,), device="cuda")
+    L.l2_softmax_loss(x, w, y, backend="triton").backward()
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    L.l2_softmax_loss(x, w, y, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = (x.numel() + w.numel()) * 2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bound = grads + B * D * 4 + 2 * sms * 64 * 64 * 2 * 2 + 64 * B * 4 + (8 << 20)
+    assert extra <= bound, (extra, grads, bound)
