@@ -19,7 +19,8 @@ def get_extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    # no -std: torch's BuildExtension adds the standard its headers need (c++17 or c++20)
+    cxx += ["-fopenmp"]
     ext = CppExtension(
         "l2sm_kernels._C",
         sources,
