@@ -44,7 +44,11 @@
 #else
 #define L2SM_CLONES
 #endif
+#if defined(__GNUC__)
 #define L2SM_INLINE inline __attribute__((always_inline))
+#else
+#define L2SM_INLINE inline
+#endif
 
 namespace l2sm_cpu {
 namespace {
@@ -137,7 +141,7 @@ struct Margin {
     }
     cos_m = std::cos(margin);
     sin_m = std::sin(margin);
-    threshold = std::cos(M_PI - margin);
+    threshold = std::cos(3.14159265358979323846 - margin);
   }
 
   template <typename T>

@@ -53,7 +53,8 @@ def load():
             raise
         raise BackendUnavailable(
             "l2sm_kernels._C is not built: run `pip install --no-build-isolation -e .` "
-            "(or `python setup.py build_ext --inplace`) with torch installed"
+            "(or `python setup.py build_ext --inplace`) with torch installed; "
+            "a failed compilation is shown with `pip install -v ...`"
         ) from None
     except ImportError as e:  # built against another torch / python, or a missing library
         raise BackendUnavailable(
