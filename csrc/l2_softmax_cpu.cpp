@@ -26,6 +26,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -118,6 +119,12 @@ L2SM_INLINE float vexp<float>(float x) {
 template <>
 L2SM_INLINE double vexp<double>(double x) {
   return std::exp(x);
+}
+
+// exp_f32 over an array, dispatched like the kernels' loops (for tests: l2sm_kernels._C._exp_f32)
+L2SM_CLONES void exp_f32_array(const float* in, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_f32(in[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -842,4 +849,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The chunk size (classes) of a call with B rows, C classes, D features and a compute dtype of "
       "element_size bytes.");
   m.attr("DEFAULT_WORKSPACE_BYTES") = l2sm_cpu::kDefaultWorkspaceBytes;
+  m.def(
+      "_exp_f32",
+      [](const std::vector<float>& in) {
+        std::vector<float> out(in.size());
+        l2sm_cpu::exp_f32_array(in.data(), out.data(), int64_t(in.size()));
+        return out;
+      },
+      "The kernels' float32 exp (tests compare it with a float64 exp).");
 }
