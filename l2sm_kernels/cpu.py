@@ -35,6 +35,7 @@ from .options import FLOAT_DTYPES
 DTYPES = FLOAT_DTYPES  # inputs are converted to the compute dtype (fp32 / fp64) a chunk at a time
 
 _C = None
+_OPS = None  # (forward op, backward op) once registered
 
 
 def _ext():
@@ -44,8 +45,10 @@ def _ext():
 
 
 def load():
-    """Import the extension and register its ops; -> (forward op, backward op)."""
-    global _C
+    """Import the extension and register its ops; -> (forward op, backward op). Idempotent."""
+    global _C, _OPS
+    if _OPS is not None:
+        return _OPS
     try:
         ext = importlib.import_module("l2sm_kernels._C")  # registers the ops
     except ModuleNotFoundError as e:
@@ -66,14 +69,19 @@ def load():
     except (AttributeError, RuntimeError) as e:
         raise BackendUnavailable(f"l2sm_kernels._C loaded but did not register l2sm::cpu_forward ({e})") from None
     _C = ext
-    chunk = os.environ.get("L2SM_CPU_CHUNK")
-    if chunk:
-        set_chunk_classes(int(chunk))
-    ws_mb = os.environ.get("L2SM_CPU_WORKSPACE_MB")
-    if ws_mb:
-        set_workspace_bytes(int(float(ws_mb) * 2**20))
+    try:
+        chunk = os.environ.get("L2SM_CPU_CHUNK", "")
+        if chunk:
+            set_chunk_classes(int(chunk))
+        ws_mb = os.environ.get("L2SM_CPU_WORKSPACE_MB", "")
+        if ws_mb:
+            set_workspace_bytes(int(float(ws_mb) * 2**20))
+    except ValueError as e:
+        _C = None
+        raise BackendUnavailable(f"bad L2SM_CPU_CHUNK / L2SM_CPU_WORKSPACE_MB environment variable: {e}") from None
     register_backend_ops("cpu", fwd, bwd)
-    return fwd, bwd
+    _OPS = (fwd, bwd)
+    return _OPS
 
 
 def set_chunk_classes(n: int) -> None:

@@ -229,6 +229,9 @@ def test_env_knobs():
                     L2SM_CPU_CHUNK="96", L2SM_CPU_WORKSPACE_MB="2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["96", str(2 << 20)]
+    r = _subprocess("import l2sm_kernels as L; print(L.available_backends()['cpu'].reason)", L2SM_CPU_CHUNK="lots")
+    assert r.returncode == 0, r.stderr
+    assert "bad L2SM_CPU_CHUNK" in r.stdout and "'lots'" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------
