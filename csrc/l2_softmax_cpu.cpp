@@ -7,19 +7,22 @@
 //
 // How: the classes are walked in chunks of `cc` classes. For each chunk, ATen's BLAS-backed at::mm
 // computes the chunk's cosines (B x cc) into a workspace buffer; everything else is a fused
-// epilogue on that buffer while it is in cache, threaded with at::parallel_for:
+// epilogue on that buffer while it is in cache:
 //   forward:  z = alpha f(c) + b on the chunk, online logsumexp per row (running max, rescaled sum).
 //   backward: recompute the chunk's logits, p = exp(z - lse), dz, then dC' = alpha dz f'(c) / |W_j|
 //             in place; dX_hat += dC' W_c (at::addmm_), dW_c = dC'^T X_hat (at::mm straight into the
 //             output rows), then the normalization backward of W on those rows.
-// That is 4 GEMM-equivalents (forward logits; backward recompute + dX + dW) and no B x C buffer:
-// the workspace is B x cc values of the compute dtype (+ cc x D when W must be converted), with cc
-// chosen from a byte budget (set_workspace_bytes) or fixed (set_chunk_classes).
+// That is 4 GEMM-equivalents (forward logits; backward recompute + dX + dW) and no B x C buffer.
+// Threads (at::parallel_for): each thread takes a contiguous share of the chunks with its own
+// workspace and runs single-threaded BLAS and epilogues on it (one parallel region per call; see
+// Split); with fewer chunks than threads, one share runs and BLAS and the epilogues are threaded
+// inside each chunk. Workspace per thread: B x cc values of the compute dtype (+ cc x D when W must
+// be converted), cc from a byte budget (set_workspace_bytes) or fixed (set_chunk_classes).
 //
 // Numerics: everything is computed in the compute dtype T (float64 if any of x, W, b is float64,
-// else float32); norms, per-row exp sums and the alpha gradient accumulate in double. Each output
-// element is computed by one thread in a fixed order, so results are bitwise reproducible and do
-// not depend on the number of threads.
+// else float32; fp16 / bf16 inputs are converted a chunk at a time); norms, per-row exp sums and the
+// alpha gradient accumulate in double. Every output element is computed in a fixed order that
+// depends only on the chunk size and the number of threads: results are bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -75,7 +78,7 @@ int64_t chunk_classes(int64_t B, int64_t C, int64_t D, int64_t esize) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp: float32 in vectorizable plain C++ (Cephes' expf polynomial, < 2 ulp over the range used);
+// exp: float32 in vectorizable plain C++ (Cephes' expf polynomial; <= 1 ulp, tests/test_cpu_backend.py);
 // float64 through std::exp (gradcheck precision, speed does not matter there).
 // ---------------------------------------------------------------------------------------------
 L2SM_INLINE float bits_to_float(int32_t i) {
