@@ -3,6 +3,7 @@ side in one process (providers interleaved rep by rep, so that a busy machine sl
 
     python benchmarks/benchmark_cpu.py                          # B=256, D=512, C=65536, float32
     python benchmarks/benchmark_cpu.py --shape 1024,512,16384 --reps 9 --dtype bfloat16 --providers plain,cpu
+    python benchmarks/benchmark_cpu.py --threads 1   # one thread: process CPU time is robust to a busy machine
 
 Prints one tidy row per (provider, metric) (STYLE.md #11): wall time of forward + backward (median,
 p20, p80 over reps), the process CPU time of the same calls, and the peak memory allocated beyond the
@@ -60,8 +61,11 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--providers", default="plain,eager,cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B, D, C = (int(v) for v in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
