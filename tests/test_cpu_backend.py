@@ -194,20 +194,24 @@ def test_exp_f32_accuracy():
 # the knobs
 # ---------------------------------------------------------------------------------------------
 def test_chunk_knobs(chunk):
-    assert cpu.get_chunk_classes() == 0  # default: from the budget
-    assert cpu.get_workspace_bytes() == 4 << 20
-    # budget / ((B + D) x 4 bytes), a multiple of 64, at most C
-    assert cpu.chunk_for(256, 65536, 512) == (4 << 20) // ((256 + 512 + 1) * 4) // 64 * 64 == 1344
-    assert cpu.chunk_for(256, 100, 512) == 100
-    assert cpu.chunk_for(100_000, 10**6, 512) == 64
-    assert cpu.chunk_for(256, 65536, 512, torch.float64) == 640
-    chunk(7)
-    assert cpu.get_chunk_classes() == 7 and cpu.chunk_for(256, 65536, 512) == 7
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="chunk_classes must be an int >= 0"):
-            cpu.set_chunk_classes(bad)
+    if not os.environ.get("L2SM_CPU_CHUNK"):
+        assert cpu.get_chunk_classes() == 0  # default: from the budget
+    if not os.environ.get("L2SM_CPU_WORKSPACE_MB"):
+        assert cpu.get_workspace_bytes() == cpu._ext().DEFAULT_WORKSPACE_BYTES == 4 << 20
     old = cpu.get_workspace_bytes()
     try:
+        cpu.set_workspace_bytes(4 << 20)
+        chunk(0)
+        # budget / ((B + D) x 4 bytes), a multiple of 64, at most C
+        assert cpu.chunk_for(256, 65536, 512) == (4 << 20) // ((256 + 512 + 1) * 4) // 64 * 64 == 1344
+        assert cpu.chunk_for(256, 100, 512) == 100
+        assert cpu.chunk_for(100_000, 10**6, 512) == 64
+        assert cpu.chunk_for(256, 65536, 512, torch.float64) == 640
+        chunk(7)
+        assert cpu.get_chunk_classes() == 7 and cpu.chunk_for(256, 65536, 512) == 7
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="chunk_classes must be an int >= 0"):
+                cpu.set_chunk_classes(bad)
         cpu.set_workspace_bytes(1 << 20)
         chunk(0)
         assert cpu.chunk_for(256, 65536, 512) == (1 << 20) // (769 * 4) // 64 * 64
