@@ -1,0 +1,863 @@
+// Backend "cpu": the L2-constrained softmax loss, fused, for CPU tensors (DESIGN.md "The operation").
+//
+//   l2sm::cpu_forward  -> (loss (B,), lse (B,), aux (0,))
+//   l2sm::cpu_backward -> (grad_x, grad_weight, grad_bias, grad_alpha)
+// with the schemas of l2sm_kernels/ops.py (FORWARD_SCHEMA / BACKWARD_SCHEMA); the Python side
+// (l2sm_kernels/cpu.py) attaches the fake kernels and the autograd formula.
+//
+// How: the classes are walked in chunks of `cc` classes. For each chunk, ATen's BLAS-backed at::mm
+// computes the chunk's cosines (B x cc) into a workspace buffer; everything else is a fused
+// epilogue on that buffer while it is in cache:
+//   forward:  z = alpha f(c) + b on the chunk, online logsumexp per row (running max, rescaled sum).
+//   backward: recompute the chunk's logits, p = exp(z - lse), dz, then dC' = alpha dz f'(c) / |W_j|
+//             in place; dX_hat += dC' W_c (at::addmm_), dW_c = dC'^T X_hat (at::mm straight into the
+//             output rows), then the normalization backward of W on those rows.
+// That is 4 GEMM-equivalents (forward logits; backward recompute + dX + dW) and no B x C buffer.
+// Threads (at::parallel_for): each thread takes a contiguous share of the chunks with its own
+// workspace and runs single-threaded BLAS and epilogues on it (one parallel region per call; see
+// Split); with fewer chunks than threads, one share runs and BLAS and the epilogues are threaded
+// inside each chunk. Workspace per thread: B x cc values of the compute dtype (+ cc x D when W must
+// be converted), cc from a byte budget (set_workspace_bytes) or fixed (set_chunk_classes).
+//
+// Numerics: everything is computed in the compute dtype T (float64 if any of x, W, b is float64,
+// else float32; fp16 / bf16 inputs are converted a chunk at a time); norms, per-row exp sums and the
+// alpha gradient accumulate in double. Every output element is computed in a fixed order that
+// depends only on the chunk size and the number of threads: results are bitwise reproducible.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+
+// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline and picked at load time
+// (GCC function multiversioning); the loops are written so that GCC vectorizes them.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    !defined(L2SM_NO_CLONES)
+#define L2SM_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define L2SM_CLONES
+#endif
+#if defined(__GNUC__)
+#define L2SM_INLINE inline __attribute__((always_inline))
+#else
+#define L2SM_INLINE inline
+#endif
+
+namespace l2sm_cpu {
+namespace {
+
+constexpr double kArcfaceClamp = 1e-7;  // options.ARCFACE_CLAMP
+// Default budget for one chunk's working set, the B x cc logits plus the cc x D weight rows the
+// BLAS calls stream through: 4 MiB (L2 is 0.5-2 MiB per core on current x86 servers, L3 tens of
+// MiB). At B = 256, D = 512, fp32 that is 1344 classes per chunk and a 1.3 MiB logits buffer.
+constexpr int64_t kDefaultWorkspaceBytes = int64_t(4) << 20;
+constexpr int64_t kChunkAlign = 64;  // chunk sizes picked from the budget are multiples of this
+
+std::atomic<int64_t> g_chunk_classes{0};  // > 0: fixed chunk size; 0: from the budget
+std::atomic<int64_t> g_workspace_bytes{kDefaultWorkspaceBytes};
+
+// Classes per chunk for B rows of D features and C classes, in a compute dtype of `esize` bytes.
+int64_t chunk_classes(int64_t B, int64_t C, int64_t D, int64_t esize) {
+  int64_t n = g_chunk_classes.load();
+  if (n <= 0) {
+    n = g_workspace_bytes.load() / ((std::max<int64_t>(B, 0) + std::max<int64_t>(D, 0) + 1) * esize);
+    n = std::max<int64_t>(n / kChunkAlign * kChunkAlign, kChunkAlign);
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(n, std::max<int64_t>(C, 1)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp: float32 in vectorizable plain C++ (Cephes' expf polynomial; <= 1 ulp, tests/test_cpu_backend.py);
+// float64 through std::exp (gradcheck precision, speed does not matter there).
+// ---------------------------------------------------------------------------------------------
+L2SM_INLINE float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+L2SM_INLINE float exp_f32(float x) {
+  // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in a
+  // hi part exact in n * hi and a lo correction). x is first clamped to [-104, 88.8] (NaN -> -104,
+  // restored at the end): exp(-104) rounds to 0, exp(88.8) overflows to inf, so -inf -> 0 and
+  // +inf -> inf come out of the same arithmetic. 2^n is applied in two halves so that results in
+  // the subnormal range are rounded, not flushed, and n = 128 overflows to inf correctly.
+  float xc = x > -104.0f ? x : -104.0f;
+  xc = xc < 88.8f ? xc : 88.8f;
+  // round to nearest by the 1.5 * 2^23 trick (exact for |v| < 2^22; vectorizes without SSE4.1)
+  const float shifter = 12582912.0f;
+  float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t ni = static_cast<int32_t>(n);  // in [-150, 128]
+  int32_t n1 = ni >> 1, n2 = ni - n1;    // each in [-75, 64]: a normal power of two
+  y = y * bits_to_float((n1 + 127) << 23) * bits_to_float((n2 + 127) << 23);
+  return x != x ? x : y;
+}
+
+template <typename T>
+L2SM_INLINE T vexp(T x);
+template <>
+L2SM_INLINE float vexp<float>(float x) {
+  return exp_f32(x);
+}
+template <>
+L2SM_INLINE double vexp<double>(double x) {
+  return std::exp(x);
+}
+
+// exp_f32 over an array, dispatched like the kernels' loops (for tests: l2sm_kernels._C._exp_f32)
+L2SM_CLONES void exp_f32_array(const float* in, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_f32(in[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the target-column margin f(c) and f'(c) (eager.margin_value_and_slope)
+// ---------------------------------------------------------------------------------------------
+enum MarginType { kNone = 0, kCosface = 1, kArcface = 2 };
+
+struct Margin {
+  int type = kNone;
+  double m = 0.0, cos_m = 1.0, sin_m = 0.0, threshold = -1.0;
+
+  Margin(const std::string& name, double margin) : m(margin) {
+    if (name == "none") {
+      type = kNone;
+    } else if (name == "cosface") {
+      type = kCosface;
+    } else if (name == "arcface") {
+      type = kArcface;
+    } else {
+      TORCH_CHECK(false, "l2sm::cpu: margin_type must be 'none', 'cosface' or 'arcface', got '", name, "'");
+    }
+    cos_m = std::cos(margin);
+    sin_m = std::sin(margin);
+    threshold = std::cos(3.14159265358979323846 - margin);
+  }
+
+  template <typename T>
+  L2SM_INLINE void apply(T c, T& f, T& slope) const {
+    if (type == kNone) {
+      f = c;
+      slope = T(1);
+    } else if (type == kCosface) {
+      f = c - T(m);
+      slope = T(1);
+    } else {
+      // arcface: cos(theta + m) = c~ cos m - sin(theta) sin m, sin(theta) = sqrt(1 - c~^2);
+      // d/dc = cos m + c~ sin m / sin(theta), both at the clamped c~ (DESIGN.md). Beyond
+      // theta = pi - m the monotonic fallback c - m sin m (slope 1).
+      const T lo = T(-1 + kArcfaceClamp), hi = T(1 - kArcfaceClamp);
+      T cc = c < lo ? lo : (c > hi ? hi : c);
+      T sin_t = std::sqrt(T(1) - cc * cc);
+      if (c > T(threshold)) {
+        f = cc * T(cos_m) - sin_t * T(sin_m);
+        slope = T(cos_m) + cc * T(sin_m) / sin_t;
+      } else {
+        f = c - T(m * sin_m);
+        slope = T(1);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// row and column normalization helpers
+// ---------------------------------------------------------------------------------------------
+// out_j = v_j / max(|v_j|, eps), norm_j = |v_j| (accumulated in double), for rows [r0, r1) of a
+// contiguous (n x D) matrix; inv_j = 1 / max(|v_j|, eps) when inv != nullptr.
+template <typename T>
+void normalize_rows(const T* v, T* out, T* norm, T* inv, int64_t r0, int64_t r1, int64_t D, double eps) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* row = v + i * D;  // int64 offsets: n * D may exceed 2^31
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < D; ++k) acc += double(row[k]) * double(row[k]);
+    T n = T(std::sqrt(acc));
+    if (norm) norm[i] = n;
+    T den = std::max<T>(n, T(eps));
+    if (inv) inv[i] = T(1) / den;
+    if (out) {
+      T* o = out + i * D;
+      for (int64_t k = 0; k < D; ++k) o[k] = row[k] / den;
+    }
+  }
+}
+
+// d/dv of v_hat = v / max(|v|, eps) applied to rows [r0, r1) of g in place (eager.normalize_rows_backward):
+// |v| >= eps: (g - v_hat (v_hat . g)) / |v|;  |v| < eps: g / eps.
+template <typename T>
+void normalize_rows_backward(T* g, const T* v_hat, const T* norm, int64_t r0, int64_t r1, int64_t D, double eps) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* gr = g + i * D;
+    const T* vr = v_hat + i * D;
+    if (norm[i] >= T(eps)) {
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < D; ++k) acc += double(vr[k]) * double(gr[k]);
+      const T proj = T(acc), n = norm[i];
+      for (int64_t k = 0; k < D; ++k) gr[k] = (gr[k] - vr[k] * proj) / n;
+    } else {
+      for (int64_t k = 0; k < D; ++k) gr[k] = gr[k] / T(eps);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward epilogue: rows [r0, r1) of one chunk
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct FwdArgs {
+  T* L;              // (B x cc) chunk of cosines x_hat . W_j (unscaled by 1/|W_j|); overwritten with z
+  int64_t cc, c0;    // chunk width, first class of the chunk
+  const T* inv_wn;   // (cc) 1 / max(|W_j|, eps), or all ones without normalize_weight
+  const T* bias;     // (cc) bias of the chunk, or zeros
+  T alpha;
+  const int64_t* tcol;  // (B) the row's target class, or -1 where the row has no valid target
+  const Margin* margin;
+  bool smoothing;
+  T* row_max;          // (B) running max of z
+  double* row_sum;     // (B) sum_j exp(z_ij - shift(row_max)), shift(m) = m if finite else 0
+  double* row_zsum;    // (B) sum_j z_ij (label smoothing)
+  T* row_zt;           // (B) z at the target column
+};
+
+template <typename T>
+L2SM_INLINE void forward_rows_impl(const FwdArgs<T>& a, int64_t r0, int64_t r1) {
+  const int64_t cc = a.cc;
+  const T* inv = a.inv_wn;
+  const T* b = a.bias;
+  const T al = a.alpha;
+  for (int64_t i = r0; i < r1; ++i) {
+    T* z = a.L + i * cc;
+    const int64_t t = a.tcol[i] - a.c0;
+    const bool has_t = a.tcol[i] >= 0 && t >= 0 && t < cc;
+    const T c_t = has_t ? z[t] * inv[t] : T(0);
+    for (int64_t j = 0; j < cc; ++j) z[j] = al * (z[j] * inv[j]) + b[j];
+    if (has_t) {
+      T f, slope;
+      a.margin->apply(c_t, f, slope);
+      z[t] = al * f + b[t];
+      a.row_zt[i] = z[t];
+    }
+    T mc = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mc)
+    for (int64_t j = 0; j < cc; ++j) mc = z[j] > mc ? z[j] : mc;
+    // online logsumexp. The shift is the running max unless that is +-inf (then 0, as
+    // torch.logsumexp does): an all -inf row gives lse = -inf, a +inf logit gives +inf, and NaN
+    // logits reach the sum (exp(NaN) = NaN) whatever the max reduction made of them.
+    const T m_old = a.row_max[i];
+    const T m_new = mc > m_old ? mc : m_old;
+    const T sh_old = std::isfinite(m_old) ? m_old : T(0);
+    const T sh_new = std::isfinite(m_new) ? m_new : T(0);
+    double sc = 0.0;
+#pragma omp simd reduction(+ : sc)
+    for (int64_t j = 0; j < cc; ++j) sc += double(vexp<T>(z[j] - sh_new));
+    double s = a.row_sum[i];
+    if (s != 0.0) s *= std::exp(double(sh_old) - double(sh_new));
+    a.row_sum[i] = s + sc;
+    a.row_max[i] = m_new;
+    if (a.smoothing) {
+      double zs = 0.0;
+#pragma omp simd reduction(+ : zs)
+      for (int64_t j = 0; j < cc; ++j) zs += double(z[j]);
+      a.row_zsum[i] += zs;
+    }
+  }
+}
+
+L2SM_CLONES void forward_rows_f32(const FwdArgs<float>& a, int64_t r0, int64_t r1) {
+  forward_rows_impl<float>(a, r0, r1);
+}
+void forward_rows_f64(const FwdArgs<double>& a, int64_t r0, int64_t r1) { forward_rows_impl<double>(a, r0, r1); }
+inline void forward_rows(const FwdArgs<float>& a, int64_t r0, int64_t r1) { forward_rows_f32(a, r0, r1); }
+inline void forward_rows(const FwdArgs<double>& a, int64_t r0, int64_t r1) { forward_rows_f64(a, r0, r1); }
+
+// ---------------------------------------------------------------------------------------------
+// backward epilogue: columns [j0, j1) of one chunk, all rows
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct BwdArgs {
+  T* L;              // (B x cc) chunk of cosines (unscaled); overwritten with dC' when need_dc
+  int64_t B, cc, c0;
+  const T* inv_wn;   // (cc) 1 / max(|W_j|, eps), or ones
+  const T* bias;     // (cc) or zeros
+  T alpha;
+  const int64_t* tcol;  // (B) target class or -1
+  const Margin* margin;
+  const T* lse;      // (B)
+  const T* w_p;      // (B) grad_loss + grad_lse (grad_loss taken as 0 on ignored rows)
+  const T* w_k;      // (B) grad_loss * s / C: subtracted from every column
+  const T* w_t;      // (B) grad_loss * (1 - s): subtracted from the target column as well
+  T* db;             // (cc) sum_i dz_ij
+  T* da;             // (cc) sum_i dz_ij g_ij
+};
+
+// dz_ij = w_p p_ij - w_k - [j = y_i] w_t (ops.py), p = exp(z - lse);
+// dC'_ij = alpha dz_ij f'(c_ij) / max(|W_j|, eps) (dloss/dc, pre-scaled by W's inverse norm so that
+// dC' W = dC W_hat and dC'^T X_hat = dW_hat / |W|, see backward()).
+template <typename T, bool DC, bool DB, bool DA>
+L2SM_INLINE void backward_span(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk) {
+  const T* inv = a.inv_wn;
+  const T* b = a.bias;
+  const T al = a.alpha;
+  T* db = a.db;
+  T* da = a.da;
+#pragma omp simd
+  for (int64_t j = ja; j < jb; ++j) {
+    const T c = Lr[j] * inv[j];
+    const T p = vexp<T>(al * c + b[j] - lse);
+    const T dz = wp * p - wk;
+    if (DB) db[j] += dz;
+    if (DA) da[j] += dz * c;
+    if (DC) Lr[j] = al * dz * inv[j];
+  }
+}
+
+template <typename T, bool DC, bool DB, bool DA>
+L2SM_INLINE void backward_cols_impl(const BwdArgs<T>& a, int64_t j0, int64_t j1) {
+  // sub-blocks of columns keep the db / da accumulators and the rows' segments in L1 / L2
+  constexpr int64_t kBlock = 512;
+  for (int64_t jb0 = j0; jb0 < j1; jb0 += kBlock) {
+    const int64_t jb1 = std::min(j1, jb0 + kBlock);
+    for (int64_t i = 0; i < a.B; ++i) {  // rows in order: each column's sums have a fixed order
+      T* Lr = a.L + i * a.cc;
+      const T lse = a.lse[i], wp = a.w_p[i], wk = a.w_k[i];
+      const int64_t t = a.tcol[i] - a.c0;
+      if (a.tcol[i] >= 0 && t >= jb0 && t < jb1) {
+        backward_span<T, DC, DB, DA>(Lr, a, jb0, t, lse, wp, wk);
+        // the target column: z = alpha f(c) + b, and the target term of dz
+        const T c = Lr[t] * a.inv_wn[t];
+        T f, slope;
+        a.margin->apply(c, f, slope);
+        const T p = vexp<T>(a.alpha * f + a.bias[t] - lse);
+        const T dz = (wp * p - wk) - a.w_t[i];  // p - 1 formed in T (fp32 at least): RELIABILITY 12
+        if (DB) a.db[t] += dz;
+        if (DA) a.da[t] += dz * f;
+        if (DC) Lr[t] = a.alpha * dz * slope * a.inv_wn[t];
+        backward_span<T, DC, DB, DA>(Lr, a, t + 1, jb1, lse, wp, wk);
+      } else {
+        backward_span<T, DC, DB, DA>(Lr, a, jb0, jb1, lse, wp, wk);
+      }
+    }
+  }
+}
+
+#define L2SM_BWD_VARIANT(NAME, T, DC, DB, DA) \
+  L2SM_CLONES void NAME(const BwdArgs<T>& a, int64_t j0, int64_t j1) { backward_cols_impl<T, DC, DB, DA>(a, j0, j1); }
+L2SM_BWD_VARIANT(bwd_f32_ddd, float, true, true, true)
+L2SM_BWD_VARIANT(bwd_f32_dd_, float, true, true, false)
+L2SM_BWD_VARIANT(bwd_f32_d_d, float, true, false, true)
+L2SM_BWD_VARIANT(bwd_f32_d__, float, true, false, false)
+L2SM_BWD_VARIANT(bwd_f32__dd, float, false, true, true)
+L2SM_BWD_VARIANT(bwd_f32__d_, float, false, true, false)
+L2SM_BWD_VARIANT(bwd_f32___d, float, false, false, true)
+#undef L2SM_BWD_VARIANT
+
+void backward_cols(const BwdArgs<float>& a, int64_t j0, int64_t j1, bool dc, bool db, bool da) {
+  if (dc && db && da) return bwd_f32_ddd(a, j0, j1);
+  if (dc && db) return bwd_f32_dd_(a, j0, j1);
+  if (dc && da) return bwd_f32_d_d(a, j0, j1);
+  if (dc) return bwd_f32_d__(a, j0, j1);
+  if (db && da) return bwd_f32__dd(a, j0, j1);
+  if (db) return bwd_f32__d_(a, j0, j1);
+  if (da) return bwd_f32___d(a, j0, j1);
+}
+
+void backward_cols(const BwdArgs<double>& a, int64_t j0, int64_t j1, bool dc, bool db, bool da) {
+  // float64 is for gradcheck: one variant that does everything asked, branches hoisted by hand
+  if (dc && db && da) return backward_cols_impl<double, true, true, true>(a, j0, j1);
+  if (dc) return backward_cols_impl<double, true, true, true>(a, j0, j1);  // db / da unused
+  return backward_cols_impl<double, false, true, true>(a, j0, j1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// shared set-up
+// ---------------------------------------------------------------------------------------------
+at::ScalarType compute_type(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  bool f64 = x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble ||
+             (bias.has_value() && bias->scalar_type() == at::kDouble);
+  return f64 ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const at::Tensor& alpha,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "l2sm::cpu: x must be 2-D (B, D), got ", x.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "l2sm::cpu: weight must be (C, ", x.size(1), "), got ",
+              w.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "l2sm::cpu: target must be (", x.size(0),
+              ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "l2sm::cpu: target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(alpha.numel() == 1 && at::isFloatingType(alpha.scalar_type()),
+              "l2sm::cpu: alpha must be a 0-d floating tensor");
+  for (const at::Tensor* t : {&x, &w}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "l2sm::cpu: x and weight must be floating, got ",
+                t->scalar_type());
+  }
+  for (const at::Tensor* t : {&x, &w, &target, &alpha}) {
+    TORCH_CHECK(t->device().is_cpu(), "l2sm::cpu: all tensors must be CPU tensors, got one on ", t->device());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "l2sm::cpu: bias must be (", w.size(0),
+                ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->device().is_cpu(),
+                "l2sm::cpu: bias must be a floating CPU tensor");
+  }
+}
+
+// The row's target class where it has a valid one (not ignore_index, inside [0, C)), else -1;
+// rows with an out-of-range target are never read at their target and get NaN.
+at::Tensor target_columns(const at::Tensor& target, int64_t C, int64_t ignore_index, at::Tensor* valid,
+                          at::Tensor* bad) {
+  at::Tensor t = target.contiguous();
+  const int64_t B = t.size(0);
+  at::Tensor tcol = at::empty({B}, t.options());
+  *valid = at::empty({B}, t.options().dtype(at::kBool));
+  *bad = at::empty({B}, t.options().dtype(at::kBool));
+  const int64_t* tp = t.data_ptr<int64_t>();
+  int64_t* cp = tcol.data_ptr<int64_t>();
+  bool* vp = valid->data_ptr<bool>();
+  bool* bp = bad->data_ptr<bool>();
+  for (int64_t i = 0; i < B; ++i) {
+    const bool v = tp[i] != ignore_index;
+    const bool in_range = tp[i] >= 0 && tp[i] < C;
+    vp[i] = v;
+    bp[i] = v && !in_range;
+    cp[i] = (v && in_range) ? tp[i] : -1;
+  }
+  return tcol;
+}
+
+// x_hat (B x D, contiguous, T) and |x| (B) of the features.
+template <typename T>
+void normalized_features(const at::Tensor& x, double eps, at::Tensor* x_hat, at::Tensor* x_norm) {
+  const int64_t B = x.size(0), D = x.size(1);
+  at::Tensor xc = x.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  *x_hat = at::empty({B, D}, xc.options());
+  *x_norm = at::empty({B}, xc.options());
+  const T* xp = xc.data_ptr<T>();
+  T* hp = x_hat->data_ptr<T>();
+  T* np = x_norm->data_ptr<T>();
+  at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) { normalize_rows<T>(xp, hp, np, nullptr, r0, r1, D, eps); });
+}
+
+// The chunk of W in T, contiguous: a view when W already is, else converted into `buf`.
+at::Tensor weight_chunk(const at::Tensor& w, bool direct, at::Tensor& buf, int64_t c0, int64_t cc) {
+  if (direct) return w.narrow(0, c0, cc);
+  at::Tensor out = buf.narrow(0, 0, cc);
+  out.copy_(w.narrow(0, c0, cc));
+  return out;
+}
+
+// (cc) of the bias chunk in T (zeros without bias), written into `buf`.
+template <typename T>
+const T* bias_chunk(const c10::optional<at::Tensor>& bias, at::Tensor& buf, int64_t c0, int64_t cc) {
+  at::Tensor out = buf.narrow(0, 0, cc);
+  if (bias.has_value()) out.copy_(bias->narrow(0, c0, cc));
+  return buf.data_ptr<T>();
+}
+
+// Inverse norms of the chunk's rows of W (and the norms themselves), or ones / nullptr without
+// normalize_weight.
+template <typename T>
+void weight_chunk_norms(const at::Tensor& wc, bool normalize_weight, double eps, T* inv, T* norm) {
+  const int64_t cc = wc.size(0), D = wc.size(1);
+  if (!normalize_weight) {
+    std::fill(inv, inv + cc, T(1));
+    return;
+  }
+  const T* wp = wc.data_ptr<T>();
+  at::parallel_for(0, cc, 64, [&](int64_t r0, int64_t r1) { normalize_rows<T>(wp, nullptr, norm, inv, r0, r1, D, eps); });
+}
+
+// A contiguous (B x cc) view of the first B * cc elements of the workspace.
+at::Tensor logits_view(at::Tensor& ws, int64_t B, int64_t cc) { return ws.view({-1}).narrow(0, 0, B * cc).view({B, cc}); }
+
+double alpha_value(const at::Tensor& alpha) { return alpha.to(at::kDouble).item<double>(); }  // a CPU scalar: no device sync
+
+// The kernels' own ATen calls (views of the inputs, BLAS into workspace and outputs) run below
+// autograd (the op's autograd formula is registered from Python) and without autocast (the inputs'
+// dtypes are taken as given; an autocast mm would round the fp32 logits to bf16).
+struct KernelGuard {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
+// ---------------------------------------------------------------------------------------------
+// work split: the chunks are dealt out to `workers` contiguous ranges, one per thread
+// ---------------------------------------------------------------------------------------------
+// With at least as many chunks as threads, each thread walks its own range of classes with its own
+// workspace, calling single-threaded BLAS and epilogues: one parallel region per call instead of
+// several per chunk (fork / join barriers cost little on an idle machine and a lot on a busy one).
+// Per-row statistics (forward) and dX_hat (backward) are combined across workers in worker order.
+// With fewer chunks than threads a single worker runs, and BLAS and the epilogues are threaded
+// inside each chunk instead (at::parallel_for nested in a parallel region runs inline).
+struct Split {
+  int64_t chunk, n_chunks, workers;
+  Split(int64_t B, int64_t C, int64_t D, int64_t esize) {
+    chunk = chunk_classes(B, C, D, esize);
+    n_chunks = C > 0 ? (C + chunk - 1) / chunk : 0;
+    const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+    workers = std::max<int64_t>(1, std::min(threads, n_chunks));
+  }
+  // [first class, end class) of worker w
+  std::pair<int64_t, int64_t> classes(int64_t w, int64_t C) const {
+    const int64_t k0 = n_chunks * w / workers, k1 = n_chunks * (w + 1) / workers;
+    return {std::min(C, k0 * chunk), std::min(C, k1 * chunk)};
+  }
+  template <typename F>
+  void run(const F& f) const {  // f(worker index)
+    if (workers == 1) return f(int64_t(0));
+    // The ATen calls on the worker threads (views, BLAS) must see the caller's thread-local state:
+    // below autograd, no autocast (see KernelGuard), grad mode.
+    const at::ThreadLocalState state;
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      at::ThreadLocalStateGuard tls(state);
+      for (int64_t w = w0; w < w1; ++w) f(w);
+    });
+  }
+};
+
+// One worker's buffers for a range of chunks (the workspace).
+template <typename T>
+struct ChunkBuffers {
+  at::Tensor ws;            // (B * chunk): the chunk of logits, then of dC'
+  at::Tensor wbuf;          // (chunk, D): the weight chunk converted to T, when W is not already
+  at::Tensor inv_wn, wnorm, bbuf;  // (chunk)
+  bool direct;
+  ChunkBuffers(const at::Tensor& weight, int64_t B, int64_t D, int64_t chunk, const at::TensorOptions& opt) {
+    constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+    direct = weight.scalar_type() == ct && weight.is_contiguous();
+    ws = at::empty({B * chunk}, opt);
+    if (!direct) wbuf = at::empty({chunk, D}, opt);
+    inv_wn = at::empty({chunk}, opt);
+    wnorm = at::empty({chunk}, opt);
+    bbuf = at::zeros({chunk}, opt);
+  }
+  // Load chunk [c0, c0 + cc): the weight rows in T (a view when possible), their inverse norms, the
+  // bias; compute the chunk's cosines x_hat . W_j (B x cc, not yet divided by |W_j|) with BLAS.
+  at::Tensor load(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& x_hat,
+                  bool normalize_weight, double eps, int64_t c0, int64_t cc, at::Tensor* logits) {
+    at::Tensor wc = weight_chunk(weight, direct, wbuf, c0, cc);
+    weight_chunk_norms<T>(wc, normalize_weight, eps, inv_wn.data_ptr<T>(), wnorm.data_ptr<T>());
+    bias_chunk<T>(bias, bbuf, c0, cc);
+    *logits = logits_view(ws, x_hat.size(0), cc);
+    at::mm_out(*logits, x_hat, wc.t());
+    return wc;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                                           const at::Tensor& target, const at::Tensor& alpha,
+                                                           const c10::optional<at::Tensor>& bias,
+                                                           bool normalize_weight, const Margin& margin,
+                                                           int64_t ignore_index, double s, double eps) {
+  constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const int64_t B = x.size(0), C = weight.size(0), D = x.size(1);
+  const auto opt = x.options().dtype(ct);
+  at::Tensor loss = at::empty({B}, opt), lse = at::empty({B}, opt), aux = at::empty({0}, opt);
+  if (B == 0) return {loss, lse, aux};
+
+  at::Tensor valid, bad;
+  at::Tensor tcol = target_columns(target, C, ignore_index, &valid, &bad);
+  at::Tensor x_hat, x_norm;
+  normalized_features<T>(x, eps, &x_hat, &x_norm);
+  const T al = T(alpha_value(alpha));
+  const Split split(B, C, D, sizeof(T));
+  const int64_t nw = split.workers;
+
+  // per worker and row: running max, rescaled sum of exponentials, sum of logits; z at the target
+  // (each row's target lies in one worker's range: written once)
+  std::vector<T> row_max(nw * B, -std::numeric_limits<T>::infinity()), row_zt(B, T(0));
+  std::vector<double> row_sum(nw * B, 0.0), row_zsum(nw * B, 0.0);
+
+  split.run([&](int64_t w) {
+    ChunkBuffers<T> buf(weight, B, D, split.chunk, opt);
+    const auto range = split.classes(w, C);
+    for (int64_t c0 = range.first; c0 < range.second; c0 += split.chunk) {
+      const int64_t cc = std::min(split.chunk, range.second - c0);
+      at::Tensor Lv;
+      buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv);
+      FwdArgs<T> a{Lv.data_ptr<T>(), cc, c0, buf.inv_wn.template data_ptr<T>(), buf.bbuf.template data_ptr<T>(), al,
+                   tcol.data_ptr<int64_t>(), &margin, s > 0, row_max.data() + w * B, row_sum.data() + w * B,
+                   row_zsum.data() + w * B, row_zt.data()};
+      at::parallel_for(0, B, 8, [&](int64_t r0, int64_t r1) { forward_rows(a, r0, r1); });
+    }
+  });
+
+  // lse_i = shift + log(sum_w s_w exp(shift_w - shift)), shift = max over workers (0 when infinite);
+  // loss_i = (1 - s)(lse_i - z_iy) + s (lse_i - mean_j z_ij); 0 on ignored rows, NaN on rows whose
+  // target is out of range.
+  T* lp = loss.data_ptr<T>();
+  T* sp = lse.data_ptr<T>();
+  const bool* vp = valid.data_ptr<bool>();
+  const bool* bdp = bad.data_ptr<bool>();
+  for (int64_t i = 0; i < B; ++i) {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t w = 0; w < nw; ++w) m = row_max[w * B + i] > m ? row_max[w * B + i] : m;
+    const double sh = std::isfinite(m) ? double(m) : 0.0;
+    double sum = 0.0, zsum = 0.0;
+    for (int64_t w = 0; w < nw; ++w) {
+      const T mw = row_max[w * B + i];
+      const double sw = row_sum[w * B + i];
+      if (sw != 0.0) sum += sw * std::exp((std::isfinite(mw) ? double(mw) : 0.0) - sh);
+      zsum += row_zsum[w * B + i];
+    }
+    sp[i] = T(sh + std::log(sum));
+    double li = (1.0 - s) * (double(sp[i]) - double(row_zt[i]));
+    if (s > 0) li += s * (double(sp[i]) - zsum / double(C));
+    lp[i] = bdp[i] ? std::numeric_limits<T>::quiet_NaN() : (vp[i] ? T(li) : T(0));
+  }
+  return {loss, lse, aux};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const at::Tensor& alpha,
+    const c10::optional<at::Tensor>& bias, bool normalize_weight, c10::string_view margin_type, double margin,
+    int64_t ignore_index, double label_smoothing, double eps, bool need_x, bool need_weight, bool need_bias,
+    bool need_alpha) {
+  // need_* are hints for aux; this backend's aux is empty (the backward recomputes from lse)
+  check_inputs(x, weight, target, alpha, bias);
+  const KernelGuard guard;
+  const Margin mg(std::string(margin_type), margin);
+  if (compute_type(x, weight, bias) == at::kDouble) {
+    return forward_impl<double>(x, weight, target, alpha, bias, normalize_weight, mg, ignore_index,
+                                label_smoothing, eps);
+  }
+  return forward_impl<float>(x, weight, target, alpha, bias, normalize_weight, mg, ignore_index, label_smoothing,
+                             eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse_in, bool normalize_weight, const Margin& margin, int64_t ignore_index, double s,
+    double eps, bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
+  constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const int64_t B = x.size(0), C = weight.size(0), D = x.size(1);
+  const auto opt = x.options().dtype(ct);
+
+  // outputs: in each input's dtype, contiguous; an empty tensor for each one not asked for
+  const at::ScalarType bias_dt = bias.has_value() ? bias->scalar_type() : x.scalar_type();
+  at::Tensor gx = need_x ? at::empty({B, D}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = need_weight ? at::empty({C, D}, weight.options()) : at::empty({0}, weight.options());
+  at::Tensor gb = need_bias ? at::empty({C}, x.options().dtype(bias_dt)) : at::empty({0}, x.options().dtype(bias_dt));
+  at::Tensor ga = need_alpha ? at::empty({}, alpha.options()) : at::empty({0}, alpha.options());
+  if (!(need_x || need_weight || need_bias || need_alpha)) return {gx, gw, gb, ga};
+  if (B == 0) {  // no rows: every gradient is zero
+    gx.zero_();
+    gw.zero_();
+    gb.zero_();
+    ga.zero_();
+    return {gx, gw, gb, ga};
+  }
+
+  at::Tensor valid, bad;
+  at::Tensor tcol = target_columns(target, C, ignore_index, &valid, &bad);
+  at::Tensor x_hat, x_norm;
+  normalized_features<T>(x, eps, &x_hat, &x_norm);
+
+  // per-row weights of the softmax and target terms (ops.py): w_t = grad_loss (0 on ignored rows,
+  // NaN on rows with an out-of-range target: never a plausible gradient), w_p = w_t + grad_lse.
+  at::Tensor gl = grad_loss.to(ct).contiguous(), gs = grad_lse.to(ct).contiguous(), lse = lse_in.to(ct).contiguous();
+  std::vector<T> w_p(B), w_k(B), w_t(B);
+  {
+    const T* glp = gl.data_ptr<T>();
+    const T* gsp = gs.data_ptr<T>();
+    const bool* vp = valid.data_ptr<bool>();
+    const bool* bdp = bad.data_ptr<bool>();
+    for (int64_t i = 0; i < B; ++i) {
+      T wt = vp[i] ? glp[i] : T(0);
+      if (bdp[i]) wt = std::numeric_limits<T>::quiet_NaN();
+      w_p[i] = wt + gsp[i];
+      w_k[i] = wt * T(s / double(C));
+      w_t[i] = wt * T(1.0 - s);
+    }
+  }
+
+  const bool need_dc = need_x || need_weight;
+  const T al = T(alpha_value(alpha));
+  const bool gw_direct = weight.scalar_type() == ct;  // gw is contiguous: dW rows are written in place
+  const Split split(B, C, D, sizeof(T));
+  const int64_t nw = split.workers;
+  // per worker: dX_hat partial sums (worker 0 accumulates into dx_hat itself) and d alpha
+  at::Tensor dx_hat = need_x ? at::zeros({B, D}, opt) : at::Tensor();
+  std::vector<at::Tensor> dx_part(nw);
+  std::vector<double> dalpha(nw, 0.0);
+
+  split.run([&](int64_t w) {
+    ChunkBuffers<T> buf(weight, B, D, split.chunk, opt);
+    at::Tensor gbuf = (need_weight && !gw_direct) ? at::empty({split.chunk, D}, opt) : at::Tensor();
+    at::Tensor db = at::empty({split.chunk}, opt), da = at::empty({split.chunk}, opt);
+    at::Tensor dxw;
+    if (need_x) dxw = w == 0 ? dx_hat : at::zeros({B, D}, opt);
+    dx_part[w] = dxw;
+    const auto range = split.classes(w, C);
+    for (int64_t c0 = range.first; c0 < range.second; c0 += split.chunk) {
+      const int64_t cc = std::min(split.chunk, range.second - c0);
+      at::Tensor Lv;
+      at::Tensor wc = buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv);  // recompute
+      T* dbp = db.data_ptr<T>();
+      T* dap = da.data_ptr<T>();
+      std::fill(dbp, dbp + cc, T(0));
+      std::fill(dap, dap + cc, T(0));
+      const T* inv = buf.inv_wn.template data_ptr<T>();
+      BwdArgs<T> a{Lv.data_ptr<T>(), B, cc, c0, inv, buf.bbuf.template data_ptr<T>(), al, tcol.data_ptr<int64_t>(),
+                   &margin, lse.data_ptr<T>(), w_p.data(), w_k.data(), w_t.data(), dbp, dap};
+      at::parallel_for(0, cc, 256, [&](int64_t j0, int64_t j1) {
+        backward_cols(a, j0, j1, need_dc, need_bias, need_alpha);
+      });
+      if (need_bias) gb.narrow(0, c0, cc).copy_(db.narrow(0, 0, cc));
+      if (need_alpha) {
+        for (int64_t j = 0; j < cc; ++j) dalpha[w] += double(dap[j]);  // z = alpha g + b: dalpha = sum dz g
+      }
+      if (need_x) dxw.addmm_(Lv, wc);  // dX_hat += dC' W_c  (= dC W_hat_c)
+      if (need_weight) {
+        // G = dC'^T X_hat = dW_hat / max(|W|, eps) row-wise; the normalization backward of W is then
+        // dW = G - W_hat (W_hat . G) where |W_j| >= eps, and G (= dW_hat / eps) where |W_j| < eps.
+        at::Tensor g = gw_direct ? gw.narrow(0, c0, cc) : gbuf.narrow(0, 0, cc);
+        at::mm_out(g, Lv.t(), x_hat);
+        if (normalize_weight) {
+          T* gp = g.data_ptr<T>();
+          const T* wp = wc.data_ptr<T>();
+          const T* nrm = buf.wnorm.template data_ptr<T>();
+          at::parallel_for(0, cc, 64, [&](int64_t r0, int64_t r1) {
+            for (int64_t j = r0; j < r1; ++j) {
+              if (!(nrm[j] >= T(eps))) continue;
+              T* gr = gp + j * D;
+              const T* wr = wp + j * D;
+              double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t k = 0; k < D; ++k) acc += double(wr[k]) * double(gr[k]);
+              const T coef = T(acc) * inv[j] * inv[j];  // W_hat (W_hat . G) = W (W . G) / |W|^2
+              for (int64_t k = 0; k < D; ++k) gr[k] -= wr[k] * coef;
+            }
+          });
+        }
+        if (!gw_direct) gw.narrow(0, c0, cc).copy_(g);
+      }
+    }
+  });
+  if (need_x) {
+    for (int64_t w = 1; w < nw; ++w) dx_hat.add_(dx_part[w]);  // worker order: deterministic
+  }
+
+  if (need_x) {
+    T* gp = dx_hat.data_ptr<T>();
+    const T* hp = x_hat.data_ptr<T>();
+    const T* np = x_norm.data_ptr<T>();
+    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) { normalize_rows_backward<T>(gp, hp, np, r0, r1, D, eps); });
+    gx.copy_(dx_hat);
+  }
+  if (need_alpha) {
+    double total = 0.0;
+    for (int64_t w = 0; w < nw; ++w) total += dalpha[w];
+    ga.fill_(total);
+  }
+  return {gx, gw, gb, ga};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const at::Tensor& aux, bool normalize_weight, c10::string_view margin_type, double margin, int64_t ignore_index,
+    double label_smoothing, double eps, bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
+  check_inputs(x, weight, target, alpha, bias);
+  const int64_t B = x.size(0);
+  TORCH_CHECK(grad_loss.numel() == B && grad_lse.numel() == B && lse.numel() == B,
+              "l2sm::cpu_backward: grad_loss, grad_lse and lse must have B = ", B, " elements");
+  TORCH_CHECK(!need_bias || bias.has_value(), "l2sm::cpu_backward: need_bias without a bias");
+  const KernelGuard guard;
+  const Margin mg(std::string(margin_type), margin);
+  if (compute_type(x, weight, bias) == at::kDouble) {
+    return backward_impl<double>(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, normalize_weight, mg,
+                                 ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha);
+  }
+  return backward_impl<float>(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, normalize_weight, mg,
+                              ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha);
+}
+
+}  // namespace
+}  // namespace l2sm_cpu
+
+// Schemas: textually those of l2sm_kernels/ops.py (tests/test_cpu_backend.py asserts it). FRAGMENT:
+// the l2sm namespace also holds the ops that Python defines (eager, triton).
+TORCH_LIBRARY_FRAGMENT(l2sm, m) {
+  m.def(
+      "cpu_forward(Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, bool normalize_weight, "
+      "str margin_type, float margin, int ignore_index, float label_smoothing, float eps, bool need_x, "
+      "bool need_weight, bool need_bias, bool need_alpha) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_backward(Tensor grad_loss, Tensor grad_lse, Tensor x, Tensor weight, Tensor target, Tensor alpha, "
+      "Tensor? bias, Tensor lse, Tensor aux, bool normalize_weight, str margin_type, float margin, "
+      "int ignore_index, float label_smoothing, float eps, bool need_x, bool need_weight, bool need_bias, "
+      "bool need_alpha) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(l2sm, CPU, m) {
+  m.impl("cpu_forward", &l2sm_cpu::cpu_forward);
+  m.impl("cpu_backward", &l2sm_cpu::cpu_backward);
+}
+
+// The Python module l2sm_kernels._C: importing it registers the ops above; its functions set the
+// workspace (l2sm_kernels.cpu wraps them).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "l2sm_kernels C++ CPU kernels (ops: torch.ops.l2sm.cpu_forward / cpu_backward)";
+  m.def(
+      "set_chunk_classes", [](int64_t n) {
+        TORCH_CHECK(n >= 0, "chunk_classes must be >= 0 (0: from the workspace budget), got ", n);
+        l2sm_cpu::g_chunk_classes.store(n);
+      },
+      "Classes per chunk; 0 (default) derives it from the workspace budget.");
+  m.def("get_chunk_classes", []() { return l2sm_cpu::g_chunk_classes.load(); });
+  m.def(
+      "set_workspace_bytes", [](int64_t n) {
+        TORCH_CHECK(n > 0, "workspace_bytes must be > 0, got ", n);
+        l2sm_cpu::g_workspace_bytes.store(n);
+      },
+      "Byte budget of one chunk's working set, (B + D) x chunk values, when chunk_classes is 0.");
+  m.def("get_workspace_bytes", []() { return l2sm_cpu::g_workspace_bytes.load(); });
+  m.def(
+      "chunk_for",
+      [](int64_t B, int64_t C, int64_t D, int64_t element_size) {
+        return l2sm_cpu::chunk_classes(B, C, D, element_size);
+      },
+      "The chunk size (classes) of a call with B rows, C classes, D features and a compute dtype of "
+      "element_size bytes.");
+  m.attr("DEFAULT_WORKSPACE_BYTES") = l2sm_cpu::kDefaultWorkspaceBytes;
+  m.def(
+      "_exp_f32",
+      [](const std::vector<float>& in) {
+        std::vector<float> out(in.size());
+        l2sm_cpu::exp_f32_array(in.data(), out.data(), int64_t(in.size()));
+        return out;
+      },
+      "The kernels' float32 exp (tests compare it with a float64 exp).");
+}
