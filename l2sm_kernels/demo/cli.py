@@ -159,7 +159,7 @@ def _header(cfg: D.DemoConfig, args, device, num_known):
 
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
-        return o.item()
+        return o.tolist()  # numpy scalar -> Python scalar
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o).__name__)
