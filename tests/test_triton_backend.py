@@ -162,19 +162,49 @@ def test_no_bxc_buffer_and_no_weight_copy(K, dev):
 
 
 def test_forward_workspace_is_bounded(K):
-    """The module docstring's bound: the split partials stay under (2 SMs x BLOCK_B + B) x (4 + D)
-    x 4 bytes whatever C is; the dW pass runs one persistent program per multiprocessor."""
+    """The module docstring's bound: the split partials stay under (2 slots x BLOCK_B + B) x (4 + D)
+    x 4 bytes whatever C is (slots = SMs x programs per SM); the dW pass runs one persistent program
+    per multiprocessor."""
     sms = 132
-    for D in (64, 512):
+    for D in (64, 512, 1024):
         cfg = K.forward_config(D, torch.bfloat16, torch.bfloat16, True, gpu=True)
         for B in (1, 64, 1000, 1024, 4096, 65536):
             for C in (1, 1000, 131072, 1048576, 4_200_000):
                 got = K.forward_workspace_bytes(B, C, D, True, cfg, sms)
-                assert got <= (2 * sms * cfg.block_rows + B) * (K.NPART + D) * 4, (B, C, D, got)
+                assert got <= (2 * sms * cfg.ctas_per_sm * cfg.block_rows + B) * (K.NPART + D) * 4, (B, C, D, got)
         assert K.dw_programs(sms) == sms
-    # B = 1024, D = 512: 17 splits, 34 MiB
+    # B = 1024, D = 512: 16 splits, 32 MiB
     assert K.forward_workspace_bytes(1024, 1048576, 512, True, K.forward_config(512, torch.bfloat16,
-                                     torch.bfloat16, True, gpu=True), sms) == 17 * 1024 * 516 * 4
+                                     torch.bfloat16, True, gpu=True), sms) == 16 * 1024 * 516 * 4
+
+
+def test_forward_grid_is_whole_waves(K):
+    """Every forward program does the same work, so a grid that ends in a partial wave costs a whole
+    extra wave: the splits fill at most two waves of resident programs (SMs x ctas_per_sm), D chunks
+    (split_d) counted; one split per row block when the row blocks alone fill more."""
+    for sms in (132, 114, 78):
+        for D, xdt, wdt, acc_o in ((512, torch.bfloat16, torch.bfloat16, True),
+                                   (1024, torch.bfloat16, torch.bfloat16, True),  # split_d, 4 D chunks
+                                   (512, torch.bfloat16, torch.bfloat16, False),
+                                   (512, torch.float16, torch.float16, True),
+                                   (512, torch.float32, torch.float32, True),
+                                   (512, torch.bfloat16, torch.float32, True)):
+            cfg = K.forward_config(D, xdt, wdt, acc_o, gpu=True)
+            slots = sms * cfg.ctas_per_sm
+            n_d = K.d_chunks(D, cfg, acc_o)
+            for B in (1, 64, 300, 1024, 4096, 65536):
+                per_split = -(-B // cfg.block_rows) * n_d
+                for C in (1, 1000, 131072, 1048576):
+                    n = K.forward_splits(B, C, D, acc_o, cfg, sms)
+                    assert 1 <= n <= -(-C // cfg.block_cols)
+                    assert n == 1 or n * per_split <= 2 * slots, (sms, D, B, C, n, per_split, slots)
+    # the GPU benchmark's shape on an H100 / H200 (132 SMs): 16 splits x 16 row blocks = 256 programs
+    # for 264 slots (17 splits gave 272: two waves and 8 programs, i.e. three waves)
+    fused = K.forward_config(512, torch.bfloat16, torch.bfloat16, True, gpu=True)
+    assert [K.forward_splits(1024, C, 512, True, fused, 132) for C in (131072, 1048576)] == [16, 16]
+    split_d = K.forward_config(1024, torch.bfloat16, torch.bfloat16, True, gpu=True)
+    assert split_d.ctas_per_sm == 2 and K.d_chunks(1024, split_d, True) == 4
+    assert K.forward_splits(1024, 1048576, 1024, True, split_d, 132) == 8  # 8 x 16 x 4 = 512 of 528 slots
 
 
 # ---------------------------------------------------------------------------------------------

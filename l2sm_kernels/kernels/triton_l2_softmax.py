@@ -50,9 +50,10 @@ per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, 
 
 Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independently of C except as noted:
   forward: the class-split partials, n_splits x B x (4 + D) fp32 (4 + 0 without the dX hint), with
-    n_splits <= max(1, ceil(2 SMs / row_blocks)): at most (2 SMs x BLOCK_B + B) x (4 + D) x 4 bytes
-    (H100, B = 1024, D = 512: 17 splits, 34 MiB); the chain-break scratch, 2 slots x BLOCK_B x BLOCK_C per
-    program (4.5 MiB there); both freed when the forward returns, before the backward allocates dW, so they
+    n_splits <= max(1, 2 P / row_blocks), P = SMs x programs resident per SM (num_splits): at most
+    (2 P x BLOCK_B + B) x (4 + D) x 4 bytes (H100, B = 1024, D = 512: 16 splits, 32 MiB); the chain-break
+    scratch, 2 slots x BLOCK_B x BLOCK_C per program (4.1 MiB there); both freed when the forward returns,
+    before the backward allocates dW, so they
     do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
     column-sum pass over W (D floats kept in aux).
   backward: per-row values (B x 5 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
@@ -761,6 +762,9 @@ class Config:
     num_stages: int = 2
     chain_break: bool = False  # p / dz through scratch (see _through_scratch)
     prefetch: bool = False  # L1 prefetch of the next tile (GPU, one tile over D, bf16/fp16 rows)
+    # programs of this kernel one multiprocessor holds at once (sm_90, from the registers and shared
+    # memory benchmarks/compile_report.py reports): sizes the forward grid to whole waves
+    ctas_per_sm: int = 1
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -811,13 +815,13 @@ GPU_CONFIGS = {
     "fused_chained": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=False),
     # one warpgroup (no redundant S, no scratch), a K loop of 64 and a 256-wide accumulator chunk per
     # program (S computed once per chunk: 3 GEMM-equivalents per pass), two programs per multiprocessor
-    "split_d": lambda d: Config(64, 64, 64, min(d, 256), num_warps=4, num_stages=2),
+    "split_d": lambda d: Config(64, 64, 64, min(d, 256), num_warps=4, num_stages=2, ctas_per_sm=2),
     # logsumexp only (no accumulator): the split kernel DESIGN.md measured at 1.02x cuBLAS's logits
     "lse": lambda d: Config(128, 256, 64, 16, num_warps=8, num_stages=3),
     "lse_fp16": lambda d: Config(128, 128, 64, 16, num_warps=8, num_stages=3),
     # fp32 operands: tf32 takes twice the shared memory of bf16; IEEE runs on the FMA units
     "tf32": lambda d: Config(64, 64, min(d, 64), min(d, 256), num_warps=8, num_stages=2),
-    "ieee_fwd": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=4, num_stages=2),
+    "ieee_fwd": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=4, num_stages=2, ctas_per_sm=3),
     "ieee_dw": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=8, num_stages=2),
 }
 
@@ -854,15 +858,31 @@ def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None, C: int = 
     return GPU_CONFIGS["tf32"](d_pad)
 
 
-def num_splits(B: int, C: int, cfg: Config, sms: int | None) -> int:
-    """Class splits of the forward grid: about two waves of programs (sms given), 2 under the
-    interpreter; never more than there are class tiles, and none empty. The workspace bound of the
-    module docstring follows: n_splits <= max(1, ceil(2 sms / row_blocks))."""
+WAVES = 2  # the forward grid: at most this many full waves of resident programs
+
+
+def num_splits(B: int, C: int, cfg: Config, sms: int | None, n_d: int = 1) -> int:
+    """Class splits of the forward grid (row blocks x splits x n_d D chunks): as many as fit in WAVES
+    full waves of resident programs (sms x cfg.ctas_per_sm slots), rounded down, so that the grid never
+    ends in a partial wave (every program does the same work: a partial wave costs a whole one); at
+    least 1, never more than there are class tiles, none empty; 2 under the interpreter (sms None).
+    E.g. B = 1024 with the 64-row bf16 tiles on 132 SMs: 16 splits, 256 programs for 264 slots.
+    The workspace bound of the module docstring follows: n_splits <= max(1, 2 slots / row_blocks)."""
     row_blocks = triton.cdiv(B, cfg.block_rows)
     tiles = triton.cdiv(C, cfg.block_cols)
-    want = 2 if sms is None else triton.cdiv(2 * sms, row_blocks)
+    want = 2 if sms is None else (WAVES * sms * cfg.ctas_per_sm) // (row_blocks * n_d)
     want = max(1, min(want, tiles))
     return triton.cdiv(tiles, triton.cdiv(tiles, want))
+
+
+def d_chunks(D: int, cfg: Config, acc_o: bool) -> int:
+    """D chunks of the forward's O' accumulator (its grid's third dimension)."""
+    return triton.cdiv(D, min(cfg.block_do, _pow2(D))) if acc_o else 1
+
+
+def forward_splits(B: int, C: int, D: int, acc_o: bool, cfg: Config, sms: int | None) -> int:
+    """num_splits as the forward launcher computes it."""
+    return num_splits(B, C, cfg, sms, d_chunks(D, cfg, acc_o))
 
 
 def dw_programs(sms: int | None) -> int:
@@ -876,7 +896,7 @@ _P_TORCH = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 
 def forward_workspace_bytes(B: int, C: int, D: int, acc_o: bool, cfg: Config, sms: int | None) -> int:
     """Bytes of the forward's split partials (the only workspace that grows with B x D)."""
-    return num_splits(B, C, cfg, sms) * B * (NPART + (D if acc_o else 0)) * 4
+    return forward_splits(B, C, D, acc_o, cfg, sms) * B * (NPART + (D if acc_o else 0)) * 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -980,15 +1000,15 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
     emu = INTERPRETED
     inv_nx = inv_norms(x, eps, launch)
     inv_nw = inv_norms(weight, eps, launch) if normalize_weight else inv_nx  # (unused when not normalizing)
-    n_split = splits or num_splits(B, C, cfg, num_sms(dev))
-    tiles = triton.cdiv(C, cfg.block_cols)
-    cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
-    n_split = triton.cdiv(C, cols_per_split)
     d_pad = _pow2(D)
     single_k = cfg.block_k >= d_pad
     block_k = d_pad if single_k else cfg.block_k
     block_do = min(cfg.block_do, d_pad)
-    n_d = triton.cdiv(D, block_do) if has_o else 1
+    n_d = d_chunks(D, cfg, has_o)
+    n_split = splits or num_splits(B, C, cfg, num_sms(dev), n_d)
+    tiles = triton.cdiv(C, cfg.block_cols)
+    cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
+    n_split = triton.cdiv(C, cols_per_split)
     width = NPART + (D if has_o else 0)
     ws = torch.empty((n_split, B, width), device=dev, dtype=torch.float32)
     b_arg = bias if bias is not None else inv_nx
