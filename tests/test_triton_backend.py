@@ -382,6 +382,113 @@ def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
             assert r["hgmma"] > 0, r
 
 
+_WIDE_D_SCRIPT = textwrap.dedent(r"""
+    import json, os, re, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+    import compile_report as CR
+    from l2sm_kernels.kernels import triton_l2_softmax as K
+
+    # W stored (D, C) and passed as .T (stride (1, C)), features likewise (stride (1, BIG)): the D-axis
+    # offset reaches BIG * (D - 1) > 2^31 elements while each stride still fits an i32 argument.
+    # Meta tensors: nothing is allocated, nothing runs.
+    B, D, C, BIG = 64, 512, 4_300_000, 4_300_000
+    meta = torch.device("meta")
+    x = torch.empty(D, BIG, device=meta, dtype=torch.bfloat16)[:, :B].T
+    w = torch.empty(D, C, device=meta, dtype=torch.bfloat16).T
+    t = torch.empty(B, device=meta, dtype=torch.int64)
+    alpha = torch.empty((), device=meta)
+    bias = torch.empty(C, device=meta, dtype=torch.bfloat16)
+    opts = (True, "arcface", 0.5, -100, 0.1, 1e-12)
+    needs = (True, True, True, True)
+    rec = CR.Recorder()
+    fcfg = K.forward_config(D, x.dtype, w.dtype, True, gpu=True)
+    loss, lse, aux = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=fcfg,
+                               splits=K.forward_splits(B, C, D, True, fcfg, 132))
+    g = torch.empty(B, device=meta)
+    K.backward(g, g, x, w, t, alpha, bias, lse, aux, *opts, *needs, launch=rec,
+               config=K.dw_config(D, x.dtype, w.dtype, gpu=True))
+
+    STRIDES = {"stride_d", "stride_xd", "stride_wd"}  # D-axis strides of x / W in every kernel
+    PASS = ("tt.splat", "tt.broadcast", "tt.expand_dims", "arith.extsi", "arith.extui", "tt.reshape")
+    report = {}
+    for kernel, grid, args, kwargs in rec.calls:
+        sig, const, attrs, o = CR._spec(kernel, args, kwargs)
+        ttir = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=o).asm["ttir"]
+        # values derived from a D stride (splat / broadcast / sign extension of it), then every
+        # multiply that takes one: its result type must be 64-bit
+        tainted = {"%" + n for n in STRIDES if n in sig and sig[n] != "constexpr"}
+        muls = []
+        for line in ttir.splitlines():
+            m = re.match(r"\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)", line.split(" loc(")[0])
+            if not m:
+                continue
+            res, op, rest = m.groups()
+            operands = set(re.findall(r"%[\w.]+", rest.split(" : ")[0]))
+            if not operands & tainted:
+                continue
+            if op in PASS:
+                tainted.add(res)
+            elif op == "arith.muli":
+                muls.append((rest.rsplit(" : ", 1)[1], re.search(r"(: i64|xi64>)$", rest) is not None))
+        report.setdefault(kernel.__name__, []).append(
+            {"strides": sorted(n for n in STRIDES if n in sig and sig[n] != "constexpr"), "muls": muls,
+             "D64": const.get("D64")})
+    # _prefetch_l1 assumes rows of 2-byte elements with a unit D stride: the launchers switch it off otherwise
+    pf = []
+    for wt in (w, torch.empty(C, D, device=meta, dtype=torch.bfloat16), torch.empty(C, D, device=meta)):
+        rec = CR.Recorder()
+        K.forward(x, wt, t, alpha, None, *opts, *needs, launch=rec, config=K.GPU_CONFIGS["fused_prefetch"](D))
+        pf.append([c[3]["PREFETCH"] for c in rec.calls if c[0].__name__ == "_fwd_split_kernel"])
+    report["prefetch"] = pf
+    print("REPORT", json.dumps(report))
+""")
+
+
+def test_wide_d_offsets_are_64bit_in_compiled_kernels(K):
+    """RELIABILITY 1 x 14: a W of 4.3M x 512 stored (D, C) and passed as .T (features likewise) puts D-axis
+    offsets past 2^31 elements while the stride itself fits i32, the width Triton gives it. Every kernel
+    the launchers start for that case is compiled (sm_90 TTIR, no GPU: meta tensors, nothing runs) and
+    every multiply of a D index by a D stride must be 64-bit. This proves the generated address
+    arithmetic cannot wrap; it does not run the kernels (that needs an 8 GB W on a GPU)."""
+    import json
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _WIDE_D_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("REPORT")][-1][len("REPORT "):])
+    # the L1 prefetch variant: on for contiguous bf16 W only (not W.T, not fp32 W)
+    assert report.pop("prefetch") == [[False], [True], [False]]
+    assert set(report) >= {"_inv_norm_kernel", "_colsum_kernel", "_fwd_split_kernel", "_fwd_combine_kernel",
+                           "_bwd_rows_kernel", "_bwd_dw_kernel"}, sorted(report)
+    for name, launches in report.items():
+        for r in launches:
+            assert r["strides"], (name, r)  # the transposed layout reached the kernel as a runtime stride
+            assert r["muls"], (name, r)  # ... which it multiplies by a D index
+            narrow = [ty for ty, wide in r["muls"] if not wide]
+            assert not narrow, f"{name}: D index x stride multiplied in 32 bits: {narrow}"
+
+
+def test_wide_d_path_runs_and_matches(K, dev, monkeypatch):
+    """The 64-bit D-index path (D64, taken only past 2^31-element offsets) runs and gives bit-identical
+    results on a column-major W and features, all options and a K loop (D = 40 > the interpreter's
+    32-wide K tiles)."""
+    x, w, t, alpha, b, gl, gs = _inputs(11, 40, 70, dev, seed=12)
+    inp = (x.T.contiguous().T, w.T.contiguous().T, t, alpha, b, gl, gs)  # strides (1, B) and (1, C)
+    assert inp[1].stride() == (1, 70) and not K.wide_d(40, inp[0], inp[1])
+    base = _fwd_bwd(K, inp)
+    calls = []
+    monkeypatch.setattr(K, "wide_d", lambda D, *tensors: calls.append(D) or True)
+    for u, v in zip(_fwd_bwd(K, inp), base):
+        assert torch.equal(u, v)
+    assert len(calls) >= 6  # every kernel that takes x or W: both norms, split, combine, column sum, rows, dW
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_compile_training_step(K):
     """On the GPU: a compiled loss step (fullgraph; bf16 features, fp32 master weights, bias, learnable

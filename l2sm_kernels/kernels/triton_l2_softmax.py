@@ -71,8 +71,8 @@ mixed allowed; W is never copied or cast in memory: tiles are converted in regis
 Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN.
 
 Index arithmetic is int64 (rows and classes are promoted before multiplying by strides: C x D and
-B x C exceed 2^31 at the sizes this serves). Ragged edges are masked: padded classes get z = -inf,
-padded rows are zeroed before they can reach a product.
+B x C exceed 2^31 at the sizes this serves; D indices too where a non-unit D stride needs it, _didx).
+Ragged edges are masked: padded classes get z = -inf, padded rows are zeroed before they can reach a product.
 
 Under the Triton interpreter (CI), two of its gaps are bridged in the kernels, nowhere else: its bf16 dot
 multiplies raw bits and its fp32 -> bf16 cast truncates, so bf16 operands and outputs are rounded to
@@ -203,11 +203,22 @@ def _prefetch_l1(base, rows, stride_row, D, BLOCK_D: tl.constexpr):
     """Hint the L1 cache to fetch the rows (clamped to valid ones by the caller) of a (rows x D) tile:
     one prefetch per 128-byte line of bf16 (64 elements), a couple per thread. The default tiles'
     scratch barrier stops Triton's software pipelining, so without this each tile's load waits on L2.
+    Assumes rows of 2-byte elements with a unit D stride: the launchers enable it only then (_prefetch_ok).
     GPU only (the interpreter has no inline assembly)."""
     ptrs = base + rows[:, None] * stride_row + (tl.arange(0, BLOCK_D // 64) * 64)[None, :]
     ptrs = tl.where((tl.arange(0, BLOCK_D // 64) * 64 < D)[None, :], ptrs, base + rows[:, None] * stride_row)
     tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def _didx(i, D64: tl.constexpr):
+    """A D-axis index ready to multiply a runtime D stride: int64 when D64 (the launchers set it when
+    stride x (D - 1) reaches 2^31 elements, e.g. W stored (D, C) and passed as .T: Triton gives a stride
+    below 2^31 an i32, so the product would wrap); contiguous rows keep 32-bit offsets."""
+    if D64:
+        i = i.to(tl.int64)
+    return i
 
 
 @triton.jit
@@ -258,14 +269,14 @@ def _inv_norm_kernel(
     v_ptr, out_ptr,  # pointers: (N, D) input, (N,) fp32 output
     N, D, eps,  # sizes, eps
     stride_n, stride_d,  # strides of v
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out_i = 1 / max(|v_i|, eps) in fp32 (a zero row gives 1 / eps, so v_hat = v / eps = 0: no NaN)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     acc = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = d0 + _didx(tl.arange(0, BLOCK_D), D64)
         v = tl.load(v_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
                     mask=rmask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
         acc += tl.sum(v * v, 1)
@@ -277,10 +288,10 @@ def _colsum_kernel(
     w_ptr, inv_nw_ptr, part_ptr,  # pointers: W (C, D), 1/|W_j| (C,), partial sums (n_parts, D) fp32
     C, D, rows_per_part,  # sizes
     stride_wc, stride_wd,  # strides of W
-    NORM_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORM_W: tl.constexpr, D64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial column sums of W_hat over a slice of classes (summed afterwards in a fixed order)."""
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = _didx(tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D), D64)
     part = tl.program_id(1).to(tl.int64)
     lo = part * rows_per_part
     hi = tl.minimum(lo + rows_per_part, C)
@@ -311,6 +322,7 @@ def _fwd_split_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_W: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
+    D64: tl.constexpr,
 ):
     """One (row block, class split, D chunk): online logsumexp over the split's non-target columns,
     and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max."""
@@ -327,8 +339,8 @@ def _fwd_split_kernel(
     c_lo = pid_s * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, C)
 
-    dk = tl.arange(0, BLOCK_K)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dk = _didx(tl.arange(0, BLOCK_K), D64)
+    do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
     x_rows = x_ptr + rows[:, None] * stride_xb
     if SINGLE_K:  # all of D in one tile: the row block's features stay on chip for the whole walk
         x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D), other=0.0)
@@ -413,7 +425,7 @@ def _fwd_combine_kernel(
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
     ws_stride_s, ws_stride_b, aux_o_off,  # workspace strides; where O' starts in aux
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
-    ACC_O: tl.constexpr, ACC_PC: tl.constexpr,
+    ACC_O: tl.constexpr, ACC_PC: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: merge the splits, add the target column with its margin, write loss, lse and aux."""
@@ -440,7 +452,7 @@ def _fwd_combine_kernel(
     lse_nt = mx_use + tl.log(l_nt)  # -inf when every column is the target's or masked
 
     # the target column: c_iy = x_hat_i . W_hat_y as one fp32 dot per row (reads B rows of W)
-    dd = tl.arange(0, BLOCK_D)
+    dd = _didx(tl.arange(0, BLOCK_D), D64)
     dot = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dd
@@ -527,7 +539,7 @@ def _bwd_rows_kernel(
     stride_gl, stride_gs, stride_xb, stride_xd, stride_wc, stride_wd, stride_t,  # input strides
     aux_o_off,  # where O' starts in aux
     NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: the upstream weights, the target column's dz, dx (from O'), and d alpha's row term."""
@@ -557,7 +569,7 @@ def _bwd_rows_kernel(
     dz_y = tl.where(has_t, dz_y, 0.0)
     dc_y = alpha * dz_y * fp_y  # dloss/dc_iy
 
-    dd = tl.arange(0, BLOCK_D)
+    dd = _didx(tl.arange(0, BLOCK_D), D64)
     xsq = tl.zeros([BLOCK_R], tl.float32)
     wsq = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -633,6 +645,7 @@ def _bwd_dw_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_X: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
+    D64: tl.constexpr,
 ):
     """Persistent over class blocks (pid, pid + programs, ...), one D chunk per grid column. For each
     class block: walk every row block, recompute S, form dz (the target entry from the per-row value),
@@ -641,8 +654,8 @@ def _bwd_dw_kernel(
     prog = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_d
     alpha = tl.load(alpha_ptr).to(tl.float32)
     cl = tl.arange(0, BLOCK_C)
-    dk = tl.arange(0, BLOCK_K)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dk = _didx(tl.arange(0, BLOCK_K), D64)
+    do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
     it = 0
     for cb in range(tl.program_id(0).to(tl.int64), n_cblocks, tl.num_programs(0)):  # int64 induction
         c_lo = cb * BLOCK_C
@@ -656,7 +669,7 @@ def _bwd_dw_kernel(
             # tile in registers next to the accumulator would spill)
             wsq = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, D, 64):
-                kk = k0 + tl.arange(0, 64)
+                kk = k0 + _didx(tl.arange(0, 64), D64)
                 wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
                              other=0.0).to(tl.float32)
                 wsq += tl.sum(wk * wk, 1)
@@ -950,6 +963,19 @@ def _margin_args(margin_type: str, margin: float):
     return (MARGIN_CODES[margin_type], m, math.cos(m), math.sin(m), math.cos(math.pi - m), m * math.sin(m))
 
 
+def _prefetch_ok(cfg: Config, single_k: bool, block_k: int, t: torch.Tensor) -> bool:
+    """PREFETCH of the tensor t's rows (W in the forward, x in the dW pass): _prefetch_l1's lines are 64
+    elements of 2 bytes along a unit D stride; compiled kernels only."""
+    return (cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED and t.stride(1) == 1
+            and t.element_size() == 2)
+
+
+def wide_d(D: int, *tensors) -> bool:
+    """Whether a D-axis offset (index x D stride) of one of these (N, D) tensors can reach 2^31
+    elements: the kernels' D64 (see _didx)."""
+    return any(t is not None and t.stride(1) * (D - 1) >= 2**31 for t in tensors)
+
+
 def inv_norms(v: torch.Tensor, eps: float, launch=_identity) -> torch.Tensor:
     """1 / max(|v_i|, eps) per row, fp32."""
     N, D = v.shape
@@ -958,7 +984,7 @@ def inv_norms(v: torch.Tensor, eps: float, launch=_identity) -> torch.Tensor:
         return out
     BN, BD = 16 if (N <= 4096 or not INTERPRETED) else 1024, min(_pow2(D), 128)
     launch(_inv_norm_kernel)[(triton.cdiv(N, BN),)](v, out, N, D, eps, v.stride(0), v.stride(1),
-                                                   BLOCK_N=BN, BLOCK_D=BD)
+                                                   D64=wide_d(D, v), BLOCK_N=BN, BLOCK_D=BD)
     return out
 
 
@@ -973,7 +999,7 @@ def column_sum(weight: torch.Tensor, inv_nw, launch=_identity) -> torch.Tensor:
     part = torch.empty((parts, D), device=weight.device, dtype=torch.float32)
     launch(_colsum_kernel)[(triton.cdiv(D, BD), parts)](
         weight, inv_nw if inv_nw is not None else part, part, C, D, rows_per, weight.stride(0), weight.stride(1),
-        NORM_W=inv_nw is not None, BLOCK_C=BC, BLOCK_D=BD)
+        NORM_W=inv_nw is not None, D64=wide_d(D, weight), BLOCK_C=BC, BLOCK_D=BD)
     return part.sum(dim=0)
 
 
@@ -1005,6 +1031,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
     block_k = d_pad if single_k else cfg.block_k
     block_do = min(cfg.block_do, d_pad)
     n_d = d_chunks(D, cfg, has_o)
+    d64 = wide_d(D, x, weight)
     n_split = splits or num_splits(B, C, cfg, num_sms(dev), n_d)
     tiles = triton.cdiv(C, cfg.block_cols)
     cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
@@ -1027,7 +1054,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         S_DT=s_dt, S_TF32=s_tf32, P_DT=p_dt, P_TF32=p_tf32, EMU=emu,
         BLOCK_B=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_K=block_k, BLOCK_DO=block_do,
         SINGLE_K=single_k, REUSE_W=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
-        PREFETCH=cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED,
+        PREFETCH=_prefetch_ok(cfg, single_k, block_k, weight), D64=d64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     bsum = bias.float().sum() if (bias is not None and s > 0) else inv_nx
@@ -1041,7 +1068,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_b, target.stride(0),
         ws.stride(0), ws.stride(1), o_off,
         HAS_BIAS=bias is not None, NORM_W=normalize_weight, MARGIN=mcode, SMOOTH=s > 0,
-        ACC_O=has_o, ACC_PC=has_pc, BLOCK_R=BR, BLOCK_D=BD)
+        ACC_O=has_o, ACC_PC=has_pc, D64=d64, BLOCK_R=BR, BLOCK_D=BD)
     if has_ws:
         aux[ws_off:ws_off + D] = column_sum(weight, inv_nw if normalize_weight else None, launch)
     return loss, lse, aux
@@ -1096,7 +1123,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
         grad_loss.stride(0), grad_lse.stride(0), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         target.stride(0), o_off,
         NORM_W=normalize_weight, MARGIN=mcode, SMOOTH=s > 0, NEED_X=need_x, NEED_ALPHA=need_alpha, EMU=emu,
-        BLOCK_R=BR, BLOCK_D=BD)
+        D64=wide_d(D, x, weight), BLOCK_R=BR, BLOCK_D=BD)
 
     if need_weight or need_bias:
         gpu = on_gpu(dev)
@@ -1122,7 +1149,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
             S_DT=s_dt, S_TF32=s_tf32, P_DT=p_dt, P_TF32=p_tf32, EMU=emu,
             BLOCK_C=cfg.block_cols, BLOCK_B=cfg.block_rows, BLOCK_K=block_k, BLOCK_DO=block_do,
             SINGLE_K=single_k, REUSE_X=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
-            PREFETCH=cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED,
+            PREFETCH=_prefetch_ok(cfg, single_k, block_k, x), D64=wide_d(D, x, weight),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
