@@ -127,6 +127,10 @@ def compile_calls(calls, arch: int):
             cc = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=opts)
             row.update(_resources(cc.asm["cubin"], arch))
             row["shared"] = cc.metadata.shared  # dynamic shared memory (what triton allocates), bytes
+            # approximate sqrt / division (sqrt.approx.ftz, div.full: what tl.sqrt and / compile to); the
+            # kernels use tl.sqrt_rn / tl.div_rn so that the GPU rounds as the interpreter does
+            row["approx_sqrt_div"] = len(re.findall(r"\b(?:sqrt\.approx|div\.full|div\.approx|rcp\.approx)",
+                                                    cc.asm["ptx"]))
             row["mma_layouts"] = sorted(set(re.findall(r"warpsPerCTA = \[\d+, \d+\], instrShape = \[[\d, ]+\]",
                                                        cc.asm["ttgir"])))
         except Exception as e:  # report, do not stop: the point is to see every kernel

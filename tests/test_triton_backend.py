@@ -360,8 +360,8 @@ def test_compile_traces_both_ops_without_graph_break(K, dynamic):
 def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
     """The GPU tiles (B=1024, D=512, bf16; with the plain options also the variants the GPU benchmark
     times) compile for sm_90 with no GPU present (triton's bundled ptxas): no compile error, shared
-    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, and spills bounded
-    (benchmarks/compile_report.py reports them all)."""
+    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, spills bounded, and no
+    approximate sqrt or division (benchmarks/compile_report.py reports them all)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "report.json"
@@ -378,6 +378,7 @@ def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
         assert "error" not in r, r
         assert r["shared"] <= 227 * 1024, r
         assert r["stack"] <= 1024, r  # a few spilled registers at most, never the accumulator
+        assert r["approx_sqrt_div"] == 0, r  # norms and per-row divisions correctly rounded, as interpreted
         if r["kernel"] in ("_fwd_split_kernel", "_bwd_dw_kernel"):
             assert r["hgmma"] > 0, r
 

@@ -68,7 +68,10 @@ mixed allowed; W is never copied or cast in memory: tiles are converted in regis
   mixed (e.g. fp32 master W with bf16 features): tf32 (the 16-bit operand is exact in tf32).
   fp32 x and W: IEEE fp32 (as torch's default fp32 matmul), tf32 when
     torch.get_float32_matmul_precision() is "high" or "medium".
-Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN.
+Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN. Norms,
+their reciprocals and the per-row divisions use correctly rounded sqrt / division (tl.sqrt_rn, tl.div_rn;
+off the hot path): the compiled default is an approximate sqrt that flushes subnormals and a 2-ulp
+division, which would differ from the interpreter's (CI's) exact numpy ones.
 
 Index arithmetic is int64 (rows and classes are promoted before multiplying by strides: C x D and
 B x C exceed 2^31 at the sizes this serves; D indices too where a non-unit D stride needs it, _didx).
@@ -226,7 +229,7 @@ def _log1p(v):
     """log(1 + v) for v in [0, 1], accurate for small v (Goldberg's trick: no libdevice needed, and
     it runs under the interpreter)."""
     w = 1.0 + v
-    return tl.where(w == 1.0, v, tl.log(w) * (v / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(w == 1.0, v, tl.log(w) * tl.div_rn(v, tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -244,9 +247,9 @@ def _margin(c, MARGIN: tl.constexpr, m, cos_m, sin_m, th, mm):
         fp = one
     else:
         cc = tl.minimum(tl.maximum(c, -1.0 + 1e-7), 1.0 - 1e-7)
-        sin_t = tl.sqrt(1.0 - cc * cc)
+        sin_t = tl.sqrt_rn(1.0 - cc * cc)
         phi = cc * cos_m - sin_t * sin_m
-        dphi = cos_m + cc * sin_m / sin_t
+        dphi = cos_m + tl.div_rn(cc * sin_m, sin_t)
         hard = c > th
         f = tl.where(hard, phi, c - mm)
         fp = tl.where(hard, dphi, one)
@@ -280,7 +283,7 @@ def _inv_norm_kernel(
         v = tl.load(v_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
                     mask=rmask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
         acc += tl.sum(v * v, 1)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(acc), eps), mask=rmask)
+    tl.store(out_ptr + rows, tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(acc), eps)), mask=rmask)
 
 
 @triton.jit
@@ -482,8 +485,8 @@ def _fwd_combine_kernel(
     loss_t = tl.where(lead, l1p, dlt + l1p)
     loss_t = tl.where(lse_nt == float("-inf"), 0.0, loss_t)
     loss_t = tl.where(z_y == float("inf"), float("nan"), loss_t)  # as eager: inf - inf
-    p_y = tl.where(lead, 1.0 / (1.0 + v), v / (1.0 + v))
-    q = tl.where(lead, v / (1.0 + v), 1.0 / (1.0 + v))
+    p_y = tl.where(lead, tl.div_rn(1.0, 1.0 + v), tl.div_rn(v, 1.0 + v))
+    q = tl.where(lead, tl.div_rn(v, 1.0 + v), tl.div_rn(1.0, 1.0 + v))
     lse = tl.where(has_t, lse_t, lse_nt)
     p_y = tl.where(has_t, p_y, 0.0)
     q = tl.where(has_t, q, 1.0)
@@ -583,8 +586,8 @@ def _bwd_rows_kernel(
                 wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd, mask=has_t[:, None] & dm,
                              other=0.0).to(tl.float32)
                 wsq += tl.sum(wr * wr, 1)
-    x_norm = tl.sqrt(xsq)
-    inv_nx = 1.0 / tl.maximum(x_norm, eps)
+    x_norm = tl.sqrt_rn(xsq)
+    inv_nx = tl.div_rn(1.0, tl.maximum(x_norm, eps))
     rv = rowv_ptr + rows * _NROWV
     tl.store(rv + RV_INVNX, inv_nx, mask=rmask)
     tl.store(rv + RV_WP, w_p, mask=rmask)
@@ -608,7 +611,7 @@ def _bwd_rows_kernel(
         if SMOOTH:
             cy += tl.where(has_t, alpha * wts, 0.0)
         if NORM_W:
-            cy = cy / tl.maximum(tl.sqrt(wsq), eps)
+            cy = tl.div_rn(cy, tl.maximum(tl.sqrt_rn(wsq), eps))
         cs = -alpha * wts
         # normalization backward: dx = (dx_hat - x_hat (x_hat . dx_hat)) / |x| where |x| >= eps,
         # dx_hat / eps below (eager.normalize_rows_backward); two sweeps over D
@@ -620,7 +623,9 @@ def _bwd_rows_kernel(
                 dm = rmask[:, None] & (d[None, :] < D)
                 xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=dm,
                              other=0.0).to(tl.float32)
-                x_hat = xr / x_den[:, None]  # a division, as eager: D = 1 gives x_hat = +-1 exactly
+                # a correctly rounded division of a correctly rounded norm, as eager: D = 1 gives
+                # x_hat = +-1 exactly (sqrt_rn(fl(x^2)) = |x|) on the GPU as under the interpreter
+                x_hat = tl.div_rn(xr, x_den[:, None])
                 o = tl.load(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], mask=dm, other=0.0)
                 wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd,
                              mask=has_t[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
@@ -630,7 +635,7 @@ def _bwd_rows_kernel(
                 if sweep == 0:
                     proj += tl.sum(x_hat * g, 1)
                 else:
-                    dx = tl.where((x_norm >= eps)[:, None], g - x_hat * proj[:, None], g) / x_den[:, None]
+                    dx = tl.div_rn(tl.where((x_norm >= eps)[:, None], g - x_hat * proj[:, None], g), x_den[:, None])
                     tl.store(dx_ptr + rows[:, None] * D + d[None, :], _out(dx, dx_ptr, EMU), mask=dm)
 
 
@@ -673,8 +678,8 @@ def _bwd_dw_kernel(
                 wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
                              other=0.0).to(tl.float32)
                 wsq += tl.sum(wk * wk, 1)
-            w_norm = tl.sqrt(wsq)
-            inv_nw = 1.0 / tl.maximum(w_norm, eps)
+            w_norm = tl.sqrt_rn(wsq)
+            inv_nw = tl.div_rn(1.0, tl.maximum(w_norm, eps))
         if HAS_BIAS:
             bias = tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)
 
