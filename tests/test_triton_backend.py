@@ -277,6 +277,30 @@ def test_confident_rows_exact_target_gradient(K, dev):
     check_case(case, "triton", torch.ones(6, device=dev))
 
 
+@pytest.mark.parametrize("C", [1, 3])
+def test_all_logits_neg_inf_give_nan(K, dev, C):
+    """A row whose every logit is -inf (every bias -inf, the target's too) has loss -inf - -inf = NaN,
+    as in torch: F.cross_entropy on such logits gives NaN, and so does the float64 reference. Only a row
+    with no non-target column (C = 1) and a finite target logit has loss 0. An ignored row's loss stays 0,
+    its gradients are NaN (p = exp(-inf - -inf)), as torch's log_softmax backward and eager.py give."""
+    import math
+    assert torch.isnan(torch.nn.functional.cross_entropy(torch.full((1, C), -math.inf), torch.tensor([0])))
+    case = make_case(5, 8, C, device=dev, seed=11, bias=True, alpha_grad=True, normalize_weight=True,
+                     ignore_rows=1, reduction="none")
+    with torch.no_grad():
+        case.bias.fill_(-math.inf)
+    out, _ = run(case, "triton", torch.ones(5, device=dev))
+    ref, _ = run_reference(case, True)
+    assert torch.isnan(ref[1:]).all() and ref[0] == 0
+    assert torch.isnan(out[1:]).all() and out[0] == 0, out
+    check_case(case, "triton", torch.ones(5, device=dev))  # gradients: the same NaN pattern as float64
+    if C == 1:  # a finite target logit with no other column: loss 0, as torch
+        with torch.no_grad():
+            case.bias.fill_(0.0)
+        out, _ = run(case, "triton", torch.ones(5, device=dev))
+        assert torch.equal(out, torch.zeros(5, device=dev))
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------

@@ -483,7 +483,9 @@ def _fwd_combine_kernel(
     lse_t = tl.where(lead, z_y, lse_nt) + l1p
     lse_t = tl.where(lse_nt == float("-inf"), z_y, lse_t)
     loss_t = tl.where(lead, l1p, dlt + l1p)
-    loss_t = tl.where(lse_nt == float("-inf"), 0.0, loss_t)
+    # no non-target column (C = 1, or all masked by -inf): loss 0, unless the target's z is -inf too
+    # (every logit -inf): then NaN, as torch's -inf - -inf (dlt is NaN there, and so is loss_t)
+    loss_t = tl.where((lse_nt == float("-inf")) & (z_y > float("-inf")), 0.0, loss_t)
     loss_t = tl.where(z_y == float("inf"), float("nan"), loss_t)  # as eager: inf - inf
     p_y = tl.where(lead, tl.div_rn(1.0, 1.0 + v), tl.div_rn(v, 1.0 + v))
     q = tl.where(lead, tl.div_rn(v, 1.0 + v), tl.div_rn(1.0, 1.0 + v))
@@ -504,13 +506,14 @@ def _fwd_combine_kernel(
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(lse_ptr + rows, lse, mask=rmask)
 
-    # each split's sums are relative to its own max m_s: its weight in p is exp(m_s - lse)
-    lse_use = tl.where(lse == float("-inf"), 0.0, lse)
+    # each split's sums are relative to its own max m_s: its weight in p is exp(m_s - lse). A row whose
+    # every logit is -inf has lse = -inf and p = exp(-inf - -inf) = NaN, so O' and PC are NaN there
+    # (its gradients NaN even when ignored), as in eager.py and torch's log_softmax backward
     pc = tl.zeros([BLOCK_R], tl.float32)
     if ACC_PC:
         for sp in range(0, n_splits):
             base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-            f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse_use)
+            f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse)
             pc += f_s * tl.load(base + 2, mask=rmask, other=0.0)
     st = aux_ptr + rows * _NSTAT
     tl.store(st + ST_CY, c_y, mask=rmask)
@@ -525,7 +528,7 @@ def _fwd_combine_kernel(
             acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
             for sp in range(0, n_splits):
                 base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-                f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse_use)
+                f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse)
                 acc += f_s[:, None] * tl.load(base[:, None] + _NPART + d[None, :], mask=dm, other=0.0)
             tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
