@@ -139,22 +139,24 @@ class _RecordAllocations(TorchDispatchMode):
         return out
 
 
+def _unrecorded(kernel):
+    """A launch wrapper: the launches themselves (the interpreter copies its arguments) are not ours."""
+    class _Grid:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                with _disable_current_modes():
+                    return kernel[grid](*args, **kwargs)
+            return call
+    return _Grid()
+
+
 def test_no_bxc_buffer_and_no_weight_copy(K, dev):
     """fp32 master weights with bf16 features: every tensor the launchers create is far below B x C
     and C x D, except the gradient of W itself (once, fp32); W is never cast or copied."""
     B, D, C = 40, 24, 300  # B x C = 12000 > C x D = 7200 > everything else
     inp = _inputs(B, D, C, dev, dtype=torch.bfloat16, wdtype=torch.float32, seed=4)
-    def unrecorded(kernel):  # the launches themselves (the interpreter copies its arguments) are not ours
-        class _Grid:
-            def __getitem__(self, grid):
-                def call(*args, **kwargs):
-                    with _disable_current_modes():
-                        return kernel[grid](*args, **kwargs)
-                return call
-        return _Grid()
-
     with _RecordAllocations() as rec:
-        out = _fwd_bwd(K, inp, launch=unrecorded)
+        out = _fwd_bwd(K, inp, launch=_unrecorded)
     big = [s for s in rec.shapes if torch.Size(s[1]).numel() >= C * D]
     assert [s[1:] for s in big] == [((C, D), torch.float32)], big  # dW, allocated once
     assert out[3].shape == (C, D) and out[3].dtype == torch.float32 and out[2].dtype == torch.bfloat16
@@ -218,9 +220,16 @@ def test_backward_without_forward_hints_recomputes_aux(K, dev):
     full = _fwd_bwd(K, inp)
     loss, lse, aux = K.forward(x, w, t, alpha, b, *OPTS, False, False, False, False)
     assert aux.numel() < 13 * 20  # no O' without the dX hint
-    grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *OPTS, True, True, True, True)
+    with _RecordAllocations() as rec:
+        grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *OPTS, True, True, True, True,
+                           launch=_unrecorded)
     for a, r in zip((loss, lse) + tuple(grads), full):
         assert torch.equal(a, r)
+    # peak memory: the rerun forward's split partials (B x splits x (4 + D), 3-dim) are allocated, and
+    # freed, before the gradients (dW is the first (C, D) tensor)
+    shapes = [s[1] for s in rec.shapes]
+    assert (70, 20) in shapes and any(len(s) == 3 for s in shapes), shapes
+    assert max(i for i, s in enumerate(shapes) if len(s) == 3) < shapes.index((70, 20)), shapes
 
 
 def test_aux_layout(K):

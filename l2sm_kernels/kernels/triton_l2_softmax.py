@@ -53,7 +53,7 @@ Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independe
     n_splits <= max(1, 2 P / row_blocks), P = SMs x programs resident per SM (num_splits): at most
     (2 P x BLOCK_B + B) x (4 + D) x 4 bytes (H100, B = 1024, D = 512: 16 splits, 32 MiB); the chain-break
     scratch, 2 slots x BLOCK_B x BLOCK_C per program (4.1 MiB there); both freed when the forward returns,
-    before the backward allocates dW, so they
+    before the backward allocates dW (also when the backward reruns the forward), so they
     do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
     column-sum pass over W (D floats kept in aux).
   backward: per-row values (B x 5 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
@@ -1091,11 +1091,15 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
     dev = x.device
     s = float(label_smoothing)
     need_bias = need_bias and bias is not None
-    dx = torch.empty((B, D) if need_x else (0,), device=dev, dtype=x.dtype)
-    dw = torch.empty((C, D) if need_weight else (0,), device=dev, dtype=weight.dtype)
     bdt = bias.dtype if bias is not None else x.dtype
-    db = torch.empty((C,) if need_bias else (0,), device=dev, dtype=bdt)
+
+    def outputs():
+        return (torch.empty((B, D) if need_x else (0,), device=dev, dtype=x.dtype),
+                torch.empty((C, D) if need_weight else (0,), device=dev, dtype=weight.dtype),
+                torch.empty((C,) if need_bias else (0,), device=dev, dtype=bdt))
+
     if B == 0 or not (need_x or need_weight or need_bias or need_alpha):
+        dx, dw, db = outputs()
         if need_weight:
             dw.zero_()
         if need_bias:
@@ -1105,10 +1109,13 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
 
     has_o, has_pc, has_ws = aux_flags(B, D, aux)
     if (need_x and not has_o) or (need_alpha and not has_pc):
-        # the forward ran without these hints: rerun it to get O' / PC (ops.py's contract)
+        # the forward ran without these hints: rerun it to get O' / PC (ops.py's contract). Before the
+        # gradients are allocated: its split partials and scratch are freed when it returns, so they
+        # never coexist with dW
         _, _, aux = forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
                             s, eps, need_x, False, False, need_alpha, launch=launch, config=fwd_config)
         has_o, has_pc, has_ws = aux_flags(B, D, aux)
+    dx, dw, db = outputs()
     _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws)
     if need_x and s > 0:
         if has_ws:
