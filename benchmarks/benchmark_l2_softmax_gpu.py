@@ -14,8 +14,11 @@ Each: median time (triton.testing.do_bench, CUDA events), peak memory allocated 
 during one forward + backward (gradients included), and the relative error of loss, dX, dW against
 float64 at B=256, C=8192. Memory measured the way the anchors measured it.
 
-Writes every number to <out>/l2_softmax_gpu.json (out: --out, else $OUT, else results/) and prints a short
-table last. Meant to take a few minutes; each section is skipped once --budget seconds have passed.
+Order: the baselines first (bf16 mm peak, floor, eager, compile, cce, liger; accuracy, then every shape),
+then triton, then its variants: a fault in a triton kernel that kills the CUDA context cannot take the
+baselines along (the rows after it are marked as skipped). Writes every number to <out>/l2_softmax_gpu.json
+(out: --out, else $OUT, else results/) as it comes and prints a short table last. Meant to take a few
+minutes; the optional rows (cce, liger, variants) are skipped once --budget seconds have passed.
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ def _bench(fn, warmup, rep):
         ts.append((time.perf_counter() - t) * 1e3)
     return sorted(ts)[1]
 VARIANTS = ["fused_prefetch", "fused_chained", "split_d"]  # besides the default ("fused" for bf16 at D <= 512)
+ESSENTIAL = {"floor", "eager", "compile", "triton", "triton_ops"}  # rows measured whatever the time budget
 
 
 def _l2(x):
@@ -238,41 +242,46 @@ def main():
         with open(os.path.join(a.out, "l2_softmax_gpu.json"), "w") as f:
             json.dump(res, f, indent=1)
 
-    def guarded(fn, *args):
-        try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
-            traceback.print_exc()
-            return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        finally:
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
+    lost = []  # the CUDA error that killed the context (illegal address etc. are sticky), once one has
 
-    res["bf16_mm_tflops_8192"] = peak_mm()
-    for name, fn in fns.items():
-        res["checks"][name] = guarded(accuracy, fn)
-        print("check", name, res["checks"][name], f"t={time.time() - t0:.0f}s", flush=True)
-    save()
-    passes = [list(fns.items())]
-    if not a.no_variants:  # other tiles, after every main row (they are the first to go when time runs out)
-        passes.append([(f"triton:{v}", None) for v in VARIANTS])
-    for rows in passes:
+    def guarded(fn, *args):
+        """fn(*args), or {"error": ...}: one failing row must not lose the others. A fault that kills the
+        CUDA context makes every later GPU call fail: the rows after it are marked, not attempted."""
+        if lost:
+            return {"error": f"skipped: the CUDA context was lost earlier ({lost[0]})"}
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            out = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if DEV == "cuda":
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - an asynchronous fault surfaces here
+                lost.append(f"{type(e).__name__}: {str(e)[:200]}")
+                print("CUDA context lost:", lost[0], flush=True)
+                out = {"error": f"CUDA fault during this row: {lost[0]}"}
+        return out
+
+    def run_rows(rows):
+        """rows: (name, fn) measured at every shape. floor, eager, compile, triton and its ops always run;
+        the others are skipped once the budget is spent."""
         for (B, D, C) in SHAPES:
             key = f"B{B}_D{D}_C{C}"
             r = res["runs"].setdefault(key, {})
-            if "floor" not in r:
-                r["floor"] = guarded(gemm_floor, B, D, C)
-                print(key, "floor", r["floor"], flush=True)
-                r["triton_ops"] = guarded(bench_ops, B, D, C)
-                print(key, "triton_ops", r["triton_ops"], flush=True)
             for name, fn in rows:
-                if time.time() - t0 > a.budget:
+                if name not in ESSENTIAL and time.time() - t0 > a.budget:
                     r[name] = {"error": "skipped: time budget"}
                     continue
                 if name == "liger" and C > 200_000:
                     r[name] = {"error": "skipped: ~2 s per step at this size (anchors: 1797 ms)"}
                     continue
-                if fn is None:  # a triton variant: the whole step (backward too) under its tiles
+                if name == "floor":
+                    r[name] = guarded(gemm_floor, B, D, C)
+                elif name == "triton_ops":
+                    r[name] = guarded(bench_ops, B, D, C)
+                elif fn is None:  # a triton variant: the whole step (backward too) under its tiles
                     with _Variant(name.split(":", 1)[1]):
                         r[name] = guarded(bench, lambda x, w, y: L.l2_softmax_loss(x, w, y, ALPHA, backend="triton"),
                                           B, D, C)
@@ -280,21 +289,43 @@ def main():
                     r[name] = guarded(bench, fn, B, D, C)
                 print(key, name, r[name], f"t={time.time() - t0:.0f}s", flush=True)
                 save()
+
+    def check(name, fn):
+        res["checks"][name] = guarded(accuracy, fn)
+        print("check", name, res["checks"][name], f"t={time.time() - t0:.0f}s", flush=True)
+        save()
+
+    # the baselines first (peak mm, floor, eager, compile, ...), all shapes, saved as they come: this is the
+    # kernels' first run on a GPU, and a fault there (sticky: the CUDA context is lost) must not take them along
+    res["bf16_mm_tflops_8192"] = guarded(peak_mm)
+    baselines = [(n, f) for n, f in fns.items() if n != "triton"]
+    for name, fn in baselines:
+        check(name, fn)
+    run_rows([("floor", None)] + baselines)
+    # then triton: accuracy, the whole step, the ops apart; other tiles last (the first to go when time runs out)
+    check("triton", fns["triton"])
+    run_rows([("triton", fns["triton"]), ("triton_ops", None)])
+    if not a.no_variants:
+        run_rows([(f"triton:{v}", None) for v in VARIANTS])
     res["wall_s"] = time.time() - t0
     save()
 
     # the short table, last
-    print(f"\n{res['device']}, torch {res['torch']}, triton {res['triton']}; bf16 mm {res['bf16_mm_tflops_8192']:.0f} "
-          f"TFLOP/s; bf16 alpha=16, forward+backward, median; peak memory beyond the inputs")
+    mm = res["bf16_mm_tflops_8192"]
+    mm = f"{mm:.0f} TFLOP/s" if isinstance(mm, float) else str(mm)[:100]
+    print(f"\n{res['device']}, torch {res['torch']}, triton {res['triton']}; bf16 mm {mm}; "
+          f"bf16 alpha=16, forward+backward, median; peak memory beyond the inputs")
     for key, r in res["runs"].items():
-        fl = r["floor"].get("ms")
-        print(f"== {key}: 3-GEMM floor {fl:.3f} ms" if fl else f"== {key}: floor {r['floor']}")
+        fl = r.get("floor", {}).get("ms")
+        print(f"== {key}: 3-GEMM floor {fl:.3f} ms" if fl else f"== {key}: floor {r.get('floor')}")
         ops = r.get("triton_ops", {})
         if "fwd_ms" in ops:
             print(f"   triton ops: forward {ops['fwd_ms']:.3f} ms (lse only {ops['fwd_lse_only_ms']:.3f}), "
                   f"backward {ops['bwd_ms']:.3f} ms")
+        elif "error" in ops:
+            print(f"   triton ops: {ops['error'][:100]}")
         for name, v in r.items():
-            if name in ("floor", "triton_ops"):
+            if name in ("floor", "triton_ops") or not isinstance(v, dict):
                 continue
             if "ms" in v:
                 ratio = f"x{v['ms'] / fl:5.2f}" if fl else ""

@@ -127,6 +127,10 @@ def compile_calls(calls, arch: int):
             cc = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=opts)
             row.update(_resources(cc.asm["cubin"], arch))
             row["shared"] = cc.metadata.shared  # dynamic shared memory (what triton allocates), bytes
+            # approximate sqrt / division (sqrt.approx.ftz, div.full: what tl.sqrt and / compile to); the
+            # kernels use tl.sqrt_rn / tl.div_rn so that the GPU rounds as the interpreter does
+            row["approx_sqrt_div"] = len(re.findall(r"\b(?:sqrt\.approx|div\.full|div\.approx|rcp\.approx)",
+                                                    cc.asm["ptx"]))
             row["mma_layouts"] = sorted(set(re.findall(r"warpsPerCTA = \[\d+, \d+\], instrShape = \[[\d, ]+\]",
                                                        cc.asm["ttgir"])))
         except Exception as e:  # report, do not stop: the point is to see every kernel
@@ -175,11 +179,11 @@ def main():
     fcfg = cfg(a.fwd_config, K.forward_config(a.D, xdt, wdt, True, gpu=True))
     wcfg = cfg(a.dw_config, K.dw_config(a.D, xdt, wdt, gpu=True))
     rec = Recorder()
-    splits = K.num_splits(a.B, a.C, fcfg, a.sms)
+    splits = K.forward_splits(a.B, a.C, a.D, True, fcfg, a.sms)
     loss, lse, aux = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=fcfg, splits=splits)
     lse_only = K.forward_config(a.D, xdt, wdt, False, gpu=True)
     K.forward(x, w, t, alpha, bias, *opts, False, False, False, False, launch=rec, config=lse_only,
-              splits=K.num_splits(a.B, a.C, lse_only, a.sms))
+              splits=K.forward_splits(a.B, a.C, a.D, False, lse_only, a.sms))
     g = torch.empty(a.B, device=dev, dtype=torch.float32)
     K.backward(g, g, x, w, t, alpha, bias, lse, aux, *opts, *needs, launch=rec, config=wcfg)
     if a.variants:
@@ -187,7 +191,7 @@ def main():
         for v in ("fused_prefetch", "fused_chained", "split_d"):
             vc = K.GPU_CONFIGS[v](d_pad)
             _, lse_v, aux_v = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=vc,
-                                        splits=K.num_splits(a.B, a.C, vc, a.sms))
+                                        splits=K.forward_splits(a.B, a.C, a.D, True, vc, a.sms))
             K.backward(g, g, x, w, t, alpha, bias, lse_v, aux_v, *opts, *needs, launch=rec, config=vc)
     calls = [c for c in rec.calls if not a.only or a.only in c[0].__name__]
     rows = compile_calls(calls, a.arch)

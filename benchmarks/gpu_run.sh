@@ -21,13 +21,16 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 # 1. tests on CUDA, triton only: the backend's own tests (D = 512 tiles, compile, memory) and the shared
 #    suite; the 216-combination option matrix gets what is left of its time box (CI runs its all-pairs
-#    subset under the interpreter)
-L2SM_TEST_BACKENDS=triton L2SM_REQUIRE_BACKENDS=triton timeout -s INT -k 15 110 $PY -m pytest -q -x $XDIST -p no:cacheprovider \
-  tests/test_triton_backend.py tests/test_l2_softmax.py -k "not test_options_match_reference" \
+#    subset under the interpreter). --maxfail, not -x: one marginal failure must not stop every xdist
+#    worker and hide the rest of this (the only GPU) run. Deselected: the checks that compile for sm_90 in
+#    a CPU subprocess (no GPU involved; CI runs them), which would only eat into the time box.
+CPU_ONLY="test_compile_traces_both_ops_without_graph_break or test_gpu_tiles_compile_for_hopper or test_wide_d_offsets_are_64bit_in_compiled_kernels"
+L2SM_TEST_BACKENDS=triton L2SM_REQUIRE_BACKENDS=triton timeout -s INT -k 15 110 $PY -m pytest -q --maxfail=30 $XDIST -p no:cacheprovider \
+  tests/test_triton_backend.py tests/test_l2_softmax.py -k "not test_options_match_reference and not ($CPU_ONLY)" \
   > "$OUTDIR/tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$OUTDIR/tests.log"))"
-grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20
-L2SM_TEST_BACKENDS=triton timeout -s INT -k 15 40 $PY -m pytest -q -x $XDIST -p no:cacheprovider tests/test_l2_softmax.py \
+grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -30
+L2SM_TEST_BACKENDS=triton timeout -s INT -k 15 40 $PY -m pytest -q --maxfail=30 $XDIST -p no:cacheprovider tests/test_l2_softmax.py \
   -k "test_options_match_reference" > "$OUTDIR/tests_options.log" 2>&1
 echo "option-matrix tests: exit $? (124 = time box; $(tail -1 "$OUTDIR/tests_options.log"))"
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_options.log" | head -10

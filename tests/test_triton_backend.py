@@ -139,22 +139,24 @@ class _RecordAllocations(TorchDispatchMode):
         return out
 
 
+def _unrecorded(kernel):
+    """A launch wrapper: the launches themselves (the interpreter copies its arguments) are not ours."""
+    class _Grid:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                with _disable_current_modes():
+                    return kernel[grid](*args, **kwargs)
+            return call
+    return _Grid()
+
+
 def test_no_bxc_buffer_and_no_weight_copy(K, dev):
     """fp32 master weights with bf16 features: every tensor the launchers create is far below B x C
     and C x D, except the gradient of W itself (once, fp32); W is never cast or copied."""
     B, D, C = 40, 24, 300  # B x C = 12000 > C x D = 7200 > everything else
     inp = _inputs(B, D, C, dev, dtype=torch.bfloat16, wdtype=torch.float32, seed=4)
-    def unrecorded(kernel):  # the launches themselves (the interpreter copies its arguments) are not ours
-        class _Grid:
-            def __getitem__(self, grid):
-                def call(*args, **kwargs):
-                    with _disable_current_modes():
-                        return kernel[grid](*args, **kwargs)
-                return call
-        return _Grid()
-
     with _RecordAllocations() as rec:
-        out = _fwd_bwd(K, inp, launch=unrecorded)
+        out = _fwd_bwd(K, inp, launch=_unrecorded)
     big = [s for s in rec.shapes if torch.Size(s[1]).numel() >= C * D]
     assert [s[1:] for s in big] == [((C, D), torch.float32)], big  # dW, allocated once
     assert out[3].shape == (C, D) and out[3].dtype == torch.float32 and out[2].dtype == torch.bfloat16
@@ -162,19 +164,49 @@ def test_no_bxc_buffer_and_no_weight_copy(K, dev):
 
 
 def test_forward_workspace_is_bounded(K):
-    """The module docstring's bound: the split partials stay under (2 SMs x BLOCK_B + B) x (4 + D)
-    x 4 bytes whatever C is; the dW pass runs one persistent program per multiprocessor."""
+    """The module docstring's bound: the split partials stay under (2 slots x BLOCK_B + B) x (4 + D)
+    x 4 bytes whatever C is (slots = SMs x programs per SM); the dW pass runs one persistent program
+    per multiprocessor."""
     sms = 132
-    for D in (64, 512):
+    for D in (64, 512, 1024):
         cfg = K.forward_config(D, torch.bfloat16, torch.bfloat16, True, gpu=True)
         for B in (1, 64, 1000, 1024, 4096, 65536):
             for C in (1, 1000, 131072, 1048576, 4_200_000):
                 got = K.forward_workspace_bytes(B, C, D, True, cfg, sms)
-                assert got <= (2 * sms * cfg.block_rows + B) * (K.NPART + D) * 4, (B, C, D, got)
+                assert got <= (2 * sms * cfg.ctas_per_sm * cfg.block_rows + B) * (K.NPART + D) * 4, (B, C, D, got)
         assert K.dw_programs(sms) == sms
-    # B = 1024, D = 512: 17 splits, 34 MiB
+    # B = 1024, D = 512: 16 splits, 32 MiB
     assert K.forward_workspace_bytes(1024, 1048576, 512, True, K.forward_config(512, torch.bfloat16,
-                                     torch.bfloat16, True, gpu=True), sms) == 17 * 1024 * 516 * 4
+                                     torch.bfloat16, True, gpu=True), sms) == 16 * 1024 * 516 * 4
+
+
+def test_forward_grid_is_whole_waves(K):
+    """Every forward program does the same work, so a grid that ends in a partial wave costs a whole
+    extra wave: the splits fill at most two waves of resident programs (SMs x ctas_per_sm), D chunks
+    (split_d) counted; one split per row block when the row blocks alone fill more."""
+    for sms in (132, 114, 78):
+        for D, xdt, wdt, acc_o in ((512, torch.bfloat16, torch.bfloat16, True),
+                                   (1024, torch.bfloat16, torch.bfloat16, True),  # split_d, 4 D chunks
+                                   (512, torch.bfloat16, torch.bfloat16, False),
+                                   (512, torch.float16, torch.float16, True),
+                                   (512, torch.float32, torch.float32, True),
+                                   (512, torch.bfloat16, torch.float32, True)):
+            cfg = K.forward_config(D, xdt, wdt, acc_o, gpu=True)
+            slots = sms * cfg.ctas_per_sm
+            n_d = K.d_chunks(D, cfg, acc_o)
+            for B in (1, 64, 300, 1024, 4096, 65536):
+                per_split = -(-B // cfg.block_rows) * n_d
+                for C in (1, 1000, 131072, 1048576):
+                    n = K.forward_splits(B, C, D, acc_o, cfg, sms)
+                    assert 1 <= n <= -(-C // cfg.block_cols)
+                    assert n == 1 or n * per_split <= 2 * slots, (sms, D, B, C, n, per_split, slots)
+    # the GPU benchmark's shape on an H100 / H200 (132 SMs): 16 splits x 16 row blocks = 256 programs
+    # for 264 slots (17 splits gave 272: two waves and 8 programs, i.e. three waves)
+    fused = K.forward_config(512, torch.bfloat16, torch.bfloat16, True, gpu=True)
+    assert [K.forward_splits(1024, C, 512, True, fused, 132) for C in (131072, 1048576)] == [16, 16]
+    split_d = K.forward_config(1024, torch.bfloat16, torch.bfloat16, True, gpu=True)
+    assert split_d.ctas_per_sm == 2 and K.d_chunks(1024, split_d, True) == 4
+    assert K.forward_splits(1024, 1048576, 1024, True, split_d, 132) == 8  # 8 x 16 x 4 = 512 of 528 slots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +220,16 @@ def test_backward_without_forward_hints_recomputes_aux(K, dev):
     full = _fwd_bwd(K, inp)
     loss, lse, aux = K.forward(x, w, t, alpha, b, *OPTS, False, False, False, False)
     assert aux.numel() < 13 * 20  # no O' without the dX hint
-    grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *OPTS, True, True, True, True)
+    with _RecordAllocations() as rec:
+        grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *OPTS, True, True, True, True,
+                           launch=_unrecorded)
     for a, r in zip((loss, lse) + tuple(grads), full):
         assert torch.equal(a, r)
+    # peak memory: the rerun forward's split partials (B x splits x (4 + D), 3-dim) are allocated, and
+    # freed, before the gradients (dW is the first (C, D) tensor)
+    shapes = [s[1] for s in rec.shapes]
+    assert (70, 20) in shapes and any(len(s) == 3 for s in shapes), shapes
+    assert max(i for i, s in enumerate(shapes) if len(s) == 3) < shapes.index((70, 20)), shapes
 
 
 def test_aux_layout(K):
@@ -245,6 +284,30 @@ def test_confident_rows_exact_target_gradient(K, dev):
     ref, _ = run_reference(case, True)
     assert ref.max() < 1e-5  # 1 - p_y below fp32's resolution near 1
     check_case(case, "triton", torch.ones(6, device=dev))
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_all_logits_neg_inf_give_nan(K, dev, C):
+    """A row whose every logit is -inf (every bias -inf, the target's too) has loss -inf - -inf = NaN,
+    as in torch: F.cross_entropy on such logits gives NaN, and so does the float64 reference. Only a row
+    with no non-target column (C = 1) and a finite target logit has loss 0. An ignored row's loss stays 0,
+    its gradients are NaN (p = exp(-inf - -inf)), as torch's log_softmax backward and eager.py give."""
+    import math
+    assert torch.isnan(torch.nn.functional.cross_entropy(torch.full((1, C), -math.inf), torch.tensor([0])))
+    case = make_case(5, 8, C, device=dev, seed=11, bias=True, alpha_grad=True, normalize_weight=True,
+                     ignore_rows=1, reduction="none")
+    with torch.no_grad():
+        case.bias.fill_(-math.inf)
+    out, _ = run(case, "triton", torch.ones(5, device=dev))
+    ref, _ = run_reference(case, True)
+    assert torch.isnan(ref[1:]).all() and ref[0] == 0
+    assert torch.isnan(out[1:]).all() and out[0] == 0, out
+    check_case(case, "triton", torch.ones(5, device=dev))  # gradients: the same NaN pattern as float64
+    if C == 1:  # a finite target logit with no other column: loss 0, as torch
+        with torch.no_grad():
+            case.bias.fill_(0.0)
+        out, _ = run(case, "triton", torch.ones(5, device=dev))
+        assert torch.equal(out, torch.zeros(5, device=dev))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +393,8 @@ def test_compile_traces_both_ops_without_graph_break(K, dynamic):
 def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
     """The GPU tiles (B=1024, D=512, bf16; with the plain options also the variants the GPU benchmark
     times) compile for sm_90 with no GPU present (triton's bundled ptxas): no compile error, shared
-    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, and spills bounded
-    (benchmarks/compile_report.py reports them all)."""
+    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, spills bounded, and no
+    approximate sqrt or division (benchmarks/compile_report.py reports them all)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "report.json"
@@ -348,8 +411,116 @@ def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
         assert "error" not in r, r
         assert r["shared"] <= 227 * 1024, r
         assert r["stack"] <= 1024, r  # a few spilled registers at most, never the accumulator
+        assert r["approx_sqrt_div"] == 0, r  # norms and per-row divisions correctly rounded, as interpreted
         if r["kernel"] in ("_fwd_split_kernel", "_bwd_dw_kernel"):
             assert r["hgmma"] > 0, r
+
+
+_WIDE_D_SCRIPT = textwrap.dedent(r"""
+    import json, os, re, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+    import compile_report as CR
+    from l2sm_kernels.kernels import triton_l2_softmax as K
+
+    # W stored (D, C) and passed as .T (stride (1, C)), features likewise (stride (1, BIG)): the D-axis
+    # offset reaches BIG * (D - 1) > 2^31 elements while each stride still fits an i32 argument.
+    # Meta tensors: nothing is allocated, nothing runs.
+    B, D, C, BIG = 64, 512, 4_300_000, 4_300_000
+    meta = torch.device("meta")
+    x = torch.empty(D, BIG, device=meta, dtype=torch.bfloat16)[:, :B].T
+    w = torch.empty(D, C, device=meta, dtype=torch.bfloat16).T
+    t = torch.empty(B, device=meta, dtype=torch.int64)
+    alpha = torch.empty((), device=meta)
+    bias = torch.empty(C, device=meta, dtype=torch.bfloat16)
+    opts = (True, "arcface", 0.5, -100, 0.1, 1e-12)
+    needs = (True, True, True, True)
+    rec = CR.Recorder()
+    fcfg = K.forward_config(D, x.dtype, w.dtype, True, gpu=True)
+    loss, lse, aux = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=fcfg,
+                               splits=K.forward_splits(B, C, D, True, fcfg, 132))
+    g = torch.empty(B, device=meta)
+    K.backward(g, g, x, w, t, alpha, bias, lse, aux, *opts, *needs, launch=rec,
+               config=K.dw_config(D, x.dtype, w.dtype, gpu=True))
+
+    STRIDES = {"stride_d", "stride_xd", "stride_wd"}  # D-axis strides of x / W in every kernel
+    PASS = ("tt.splat", "tt.broadcast", "tt.expand_dims", "arith.extsi", "arith.extui", "tt.reshape")
+    report = {}
+    for kernel, grid, args, kwargs in rec.calls:
+        sig, const, attrs, o = CR._spec(kernel, args, kwargs)
+        ttir = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=o).asm["ttir"]
+        # values derived from a D stride (splat / broadcast / sign extension of it), then every
+        # multiply that takes one: its result type must be 64-bit
+        tainted = {"%" + n for n in STRIDES if n in sig and sig[n] != "constexpr"}
+        muls = []
+        for line in ttir.splitlines():
+            m = re.match(r"\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)", line.split(" loc(")[0])
+            if not m:
+                continue
+            res, op, rest = m.groups()
+            operands = set(re.findall(r"%[\w.]+", rest.split(" : ")[0]))
+            if not operands & tainted:
+                continue
+            if op in PASS:
+                tainted.add(res)
+            elif op == "arith.muli":
+                muls.append((rest.rsplit(" : ", 1)[1], re.search(r"(: i64|xi64>)$", rest) is not None))
+        report.setdefault(kernel.__name__, []).append(
+            {"strides": sorted(n for n in STRIDES if n in sig and sig[n] != "constexpr"), "muls": muls,
+             "D64": const.get("D64")})
+    # _prefetch_l1 assumes rows of 2-byte elements with a unit D stride: the launchers switch it off otherwise
+    pf = []
+    for wt in (w, torch.empty(C, D, device=meta, dtype=torch.bfloat16), torch.empty(C, D, device=meta)):
+        rec = CR.Recorder()
+        K.forward(x, wt, t, alpha, None, *opts, *needs, launch=rec, config=K.GPU_CONFIGS["fused_prefetch"](D))
+        pf.append([c[3]["PREFETCH"] for c in rec.calls if c[0].__name__ == "_fwd_split_kernel"])
+    report["prefetch"] = pf
+    print("REPORT", json.dumps(report))
+""")
+
+
+def test_wide_d_offsets_are_64bit_in_compiled_kernels(K):
+    """RELIABILITY 1 x 14: a W of 4.3M x 512 stored (D, C) and passed as .T (features likewise) puts D-axis
+    offsets past 2^31 elements while the stride itself fits i32, the width Triton gives it. Every kernel
+    the launchers start for that case is compiled (sm_90 TTIR, no GPU: meta tensors, nothing runs) and
+    every multiply of a D index by a D stride must be 64-bit. This proves the generated address
+    arithmetic cannot wrap; it does not run the kernels (that needs an 8 GB W on a GPU)."""
+    import json
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _WIDE_D_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("REPORT")][-1][len("REPORT "):])
+    # the L1 prefetch variant: on for contiguous bf16 W only (not W.T, not fp32 W)
+    assert report.pop("prefetch") == [[False], [True], [False]]
+    assert set(report) >= {"_inv_norm_kernel", "_colsum_kernel", "_fwd_split_kernel", "_fwd_combine_kernel",
+                           "_bwd_rows_kernel", "_bwd_dw_kernel"}, sorted(report)
+    for name, launches in report.items():
+        for r in launches:
+            assert r["strides"], (name, r)  # the transposed layout reached the kernel as a runtime stride
+            assert r["muls"], (name, r)  # ... which it multiplies by a D index
+            narrow = [ty for ty, wide in r["muls"] if not wide]
+            assert not narrow, f"{name}: D index x stride multiplied in 32 bits: {narrow}"
+
+
+def test_wide_d_path_runs_and_matches(K, dev, monkeypatch):
+    """The 64-bit D-index path (D64, taken only past 2^31-element offsets) runs and gives bit-identical
+    results on a column-major W and features, all options and a K loop (D = 40 > the interpreter's
+    32-wide K tiles)."""
+    x, w, t, alpha, b, gl, gs = _inputs(11, 40, 70, dev, seed=12)
+    inp = (x.T.contiguous().T, w.T.contiguous().T, t, alpha, b, gl, gs)  # strides (1, B) and (1, C)
+    assert inp[1].stride() == (1, 70) and not K.wide_d(40, inp[0], inp[1])
+    base = _fwd_bwd(K, inp)
+    calls = []
+    monkeypatch.setattr(K, "wide_d", lambda D, *tensors: calls.append(D) or True)
+    for u, v in zip(_fwd_bwd(K, inp), base):
+        assert torch.equal(u, v)
+    assert len(calls) >= 6  # every kernel that takes x or W: both norms, split, combine, column sum, rows, dW
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -50,9 +50,10 @@ per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, 
 
 Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independently of C except as noted:
   forward: the class-split partials, n_splits x B x (4 + D) fp32 (4 + 0 without the dX hint), with
-    n_splits <= max(1, ceil(2 SMs / row_blocks)): at most (2 SMs x BLOCK_B + B) x (4 + D) x 4 bytes
-    (H100, B = 1024, D = 512: 17 splits, 34 MiB); the chain-break scratch, 2 slots x BLOCK_B x BLOCK_C per
-    program (4.5 MiB there); both freed when the forward returns, before the backward allocates dW, so they
+    n_splits <= max(1, 2 P / row_blocks), P = SMs x programs resident per SM (num_splits): at most
+    (2 P x BLOCK_B + B) x (4 + D) x 4 bytes (H100, B = 1024, D = 512: 16 splits, 32 MiB); the chain-break
+    scratch, 2 slots x BLOCK_B x BLOCK_C per program (4.1 MiB there); both freed when the forward returns,
+    before the backward allocates dW (also when the backward reruns the forward), so they
     do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
     column-sum pass over W (D floats kept in aux).
   backward: per-row values (B x 5 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
@@ -67,11 +68,14 @@ mixed allowed; W is never copied or cast in memory: tiles are converted in regis
   mixed (e.g. fp32 master W with bf16 features): tf32 (the 16-bit operand is exact in tf32).
   fp32 x and W: IEEE fp32 (as torch's default fp32 matmul), tf32 when
     torch.get_float32_matmul_precision() is "high" or "medium".
-Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN.
+Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN. Norms,
+their reciprocals and the per-row divisions use correctly rounded sqrt / division (tl.sqrt_rn, tl.div_rn;
+off the hot path): the compiled default is an approximate sqrt that flushes subnormals and a 2-ulp
+division, which would differ from the interpreter's (CI's) exact numpy ones.
 
 Index arithmetic is int64 (rows and classes are promoted before multiplying by strides: C x D and
-B x C exceed 2^31 at the sizes this serves). Ragged edges are masked: padded classes get z = -inf,
-padded rows are zeroed before they can reach a product.
+B x C exceed 2^31 at the sizes this serves; D indices too where a non-unit D stride needs it, _didx).
+Ragged edges are masked: padded classes get z = -inf, padded rows are zeroed before they can reach a product.
 
 Under the Triton interpreter (CI), two of its gaps are bridged in the kernels, nowhere else: its bf16 dot
 multiplies raw bits and its fp32 -> bf16 cast truncates, so bf16 operands and outputs are rounded to
@@ -202,6 +206,7 @@ def _prefetch_l1(base, rows, stride_row, D, BLOCK_D: tl.constexpr):
     """Hint the L1 cache to fetch the rows (clamped to valid ones by the caller) of a (rows x D) tile:
     one prefetch per 128-byte line of bf16 (64 elements), a couple per thread. The default tiles'
     scratch barrier stops Triton's software pipelining, so without this each tile's load waits on L2.
+    Assumes rows of 2-byte elements with a unit D stride: the launchers enable it only then (_prefetch_ok).
     GPU only (the interpreter has no inline assembly)."""
     ptrs = base + rows[:, None] * stride_row + (tl.arange(0, BLOCK_D // 64) * 64)[None, :]
     ptrs = tl.where((tl.arange(0, BLOCK_D // 64) * 64 < D)[None, :], ptrs, base + rows[:, None] * stride_row)
@@ -210,11 +215,21 @@ def _prefetch_l1(base, rows, stride_row, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _didx(i, D64: tl.constexpr):
+    """A D-axis index ready to multiply a runtime D stride: int64 when D64 (the launchers set it when
+    stride x (D - 1) reaches 2^31 elements, e.g. W stored (D, C) and passed as .T: Triton gives a stride
+    below 2^31 an i32, so the product would wrap); contiguous rows keep 32-bit offsets."""
+    if D64:
+        i = i.to(tl.int64)
+    return i
+
+
+@triton.jit
 def _log1p(v):
     """log(1 + v) for v in [0, 1], accurate for small v (Goldberg's trick: no libdevice needed, and
     it runs under the interpreter)."""
     w = 1.0 + v
-    return tl.where(w == 1.0, v, tl.log(w) * (v / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(w == 1.0, v, tl.log(w) * tl.div_rn(v, tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -232,9 +247,9 @@ def _margin(c, MARGIN: tl.constexpr, m, cos_m, sin_m, th, mm):
         fp = one
     else:
         cc = tl.minimum(tl.maximum(c, -1.0 + 1e-7), 1.0 - 1e-7)
-        sin_t = tl.sqrt(1.0 - cc * cc)
+        sin_t = tl.sqrt_rn(1.0 - cc * cc)
         phi = cc * cos_m - sin_t * sin_m
-        dphi = cos_m + cc * sin_m / sin_t
+        dphi = cos_m + tl.div_rn(cc * sin_m, sin_t)
         hard = c > th
         f = tl.where(hard, phi, c - mm)
         fp = tl.where(hard, dphi, one)
@@ -257,18 +272,18 @@ def _inv_norm_kernel(
     v_ptr, out_ptr,  # pointers: (N, D) input, (N,) fp32 output
     N, D, eps,  # sizes, eps
     stride_n, stride_d,  # strides of v
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out_i = 1 / max(|v_i|, eps) in fp32 (a zero row gives 1 / eps, so v_hat = v / eps = 0: no NaN)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     acc = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = d0 + _didx(tl.arange(0, BLOCK_D), D64)
         v = tl.load(v_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
                     mask=rmask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
         acc += tl.sum(v * v, 1)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(acc), eps), mask=rmask)
+    tl.store(out_ptr + rows, tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(acc), eps)), mask=rmask)
 
 
 @triton.jit
@@ -276,10 +291,10 @@ def _colsum_kernel(
     w_ptr, inv_nw_ptr, part_ptr,  # pointers: W (C, D), 1/|W_j| (C,), partial sums (n_parts, D) fp32
     C, D, rows_per_part,  # sizes
     stride_wc, stride_wd,  # strides of W
-    NORM_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORM_W: tl.constexpr, D64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial column sums of W_hat over a slice of classes (summed afterwards in a fixed order)."""
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = _didx(tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D), D64)
     part = tl.program_id(1).to(tl.int64)
     lo = part * rows_per_part
     hi = tl.minimum(lo + rows_per_part, C)
@@ -310,6 +325,7 @@ def _fwd_split_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_W: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
+    D64: tl.constexpr,
 ):
     """One (row block, class split, D chunk): online logsumexp over the split's non-target columns,
     and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max."""
@@ -326,8 +342,8 @@ def _fwd_split_kernel(
     c_lo = pid_s * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, C)
 
-    dk = tl.arange(0, BLOCK_K)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dk = _didx(tl.arange(0, BLOCK_K), D64)
+    do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
     x_rows = x_ptr + rows[:, None] * stride_xb
     if SINGLE_K:  # all of D in one tile: the row block's features stay on chip for the whole walk
         x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D), other=0.0)
@@ -412,7 +428,7 @@ def _fwd_combine_kernel(
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
     ws_stride_s, ws_stride_b, aux_o_off,  # workspace strides; where O' starts in aux
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
-    ACC_O: tl.constexpr, ACC_PC: tl.constexpr,
+    ACC_O: tl.constexpr, ACC_PC: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: merge the splits, add the target column with its margin, write loss, lse and aux."""
@@ -439,7 +455,7 @@ def _fwd_combine_kernel(
     lse_nt = mx_use + tl.log(l_nt)  # -inf when every column is the target's or masked
 
     # the target column: c_iy = x_hat_i . W_hat_y as one fp32 dot per row (reads B rows of W)
-    dd = tl.arange(0, BLOCK_D)
+    dd = _didx(tl.arange(0, BLOCK_D), D64)
     dot = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dd
@@ -467,10 +483,12 @@ def _fwd_combine_kernel(
     lse_t = tl.where(lead, z_y, lse_nt) + l1p
     lse_t = tl.where(lse_nt == float("-inf"), z_y, lse_t)
     loss_t = tl.where(lead, l1p, dlt + l1p)
-    loss_t = tl.where(lse_nt == float("-inf"), 0.0, loss_t)
+    # no non-target column (C = 1, or all masked by -inf): loss 0, unless the target's z is -inf too
+    # (every logit -inf): then NaN, as torch's -inf - -inf (dlt is NaN there, and so is loss_t)
+    loss_t = tl.where((lse_nt == float("-inf")) & (z_y > float("-inf")), 0.0, loss_t)
     loss_t = tl.where(z_y == float("inf"), float("nan"), loss_t)  # as eager: inf - inf
-    p_y = tl.where(lead, 1.0 / (1.0 + v), v / (1.0 + v))
-    q = tl.where(lead, v / (1.0 + v), 1.0 / (1.0 + v))
+    p_y = tl.where(lead, tl.div_rn(1.0, 1.0 + v), tl.div_rn(v, 1.0 + v))
+    q = tl.where(lead, tl.div_rn(v, 1.0 + v), tl.div_rn(1.0, 1.0 + v))
     lse = tl.where(has_t, lse_t, lse_nt)
     p_y = tl.where(has_t, p_y, 0.0)
     q = tl.where(has_t, q, 1.0)
@@ -488,13 +506,14 @@ def _fwd_combine_kernel(
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(lse_ptr + rows, lse, mask=rmask)
 
-    # each split's sums are relative to its own max m_s: its weight in p is exp(m_s - lse)
-    lse_use = tl.where(lse == float("-inf"), 0.0, lse)
+    # each split's sums are relative to its own max m_s: its weight in p is exp(m_s - lse). A row whose
+    # every logit is -inf has lse = -inf and p = exp(-inf - -inf) = NaN, so O' and PC are NaN there
+    # (its gradients NaN even when ignored), as in eager.py and torch's log_softmax backward
     pc = tl.zeros([BLOCK_R], tl.float32)
     if ACC_PC:
         for sp in range(0, n_splits):
             base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-            f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse_use)
+            f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse)
             pc += f_s * tl.load(base + 2, mask=rmask, other=0.0)
     st = aux_ptr + rows * _NSTAT
     tl.store(st + ST_CY, c_y, mask=rmask)
@@ -509,7 +528,7 @@ def _fwd_combine_kernel(
             acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
             for sp in range(0, n_splits):
                 base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-                f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse_use)
+                f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse)
                 acc += f_s[:, None] * tl.load(base[:, None] + _NPART + d[None, :], mask=dm, other=0.0)
             tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
@@ -526,7 +545,7 @@ def _bwd_rows_kernel(
     stride_gl, stride_gs, stride_xb, stride_xd, stride_wc, stride_wd, stride_t,  # input strides
     aux_o_off,  # where O' starts in aux
     NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: the upstream weights, the target column's dz, dx (from O'), and d alpha's row term."""
@@ -556,7 +575,7 @@ def _bwd_rows_kernel(
     dz_y = tl.where(has_t, dz_y, 0.0)
     dc_y = alpha * dz_y * fp_y  # dloss/dc_iy
 
-    dd = tl.arange(0, BLOCK_D)
+    dd = _didx(tl.arange(0, BLOCK_D), D64)
     xsq = tl.zeros([BLOCK_R], tl.float32)
     wsq = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -570,8 +589,8 @@ def _bwd_rows_kernel(
                 wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd, mask=has_t[:, None] & dm,
                              other=0.0).to(tl.float32)
                 wsq += tl.sum(wr * wr, 1)
-    x_norm = tl.sqrt(xsq)
-    inv_nx = 1.0 / tl.maximum(x_norm, eps)
+    x_norm = tl.sqrt_rn(xsq)
+    inv_nx = tl.div_rn(1.0, tl.maximum(x_norm, eps))
     rv = rowv_ptr + rows * _NROWV
     tl.store(rv + RV_INVNX, inv_nx, mask=rmask)
     tl.store(rv + RV_WP, w_p, mask=rmask)
@@ -595,7 +614,7 @@ def _bwd_rows_kernel(
         if SMOOTH:
             cy += tl.where(has_t, alpha * wts, 0.0)
         if NORM_W:
-            cy = cy / tl.maximum(tl.sqrt(wsq), eps)
+            cy = tl.div_rn(cy, tl.maximum(tl.sqrt_rn(wsq), eps))
         cs = -alpha * wts
         # normalization backward: dx = (dx_hat - x_hat (x_hat . dx_hat)) / |x| where |x| >= eps,
         # dx_hat / eps below (eager.normalize_rows_backward); two sweeps over D
@@ -607,7 +626,9 @@ def _bwd_rows_kernel(
                 dm = rmask[:, None] & (d[None, :] < D)
                 xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=dm,
                              other=0.0).to(tl.float32)
-                x_hat = xr / x_den[:, None]  # a division, as eager: D = 1 gives x_hat = +-1 exactly
+                # a correctly rounded division of a correctly rounded norm, as eager: D = 1 gives
+                # x_hat = +-1 exactly (sqrt_rn(fl(x^2)) = |x|) on the GPU as under the interpreter
+                x_hat = tl.div_rn(xr, x_den[:, None])
                 o = tl.load(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], mask=dm, other=0.0)
                 wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd,
                              mask=has_t[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
@@ -617,7 +638,7 @@ def _bwd_rows_kernel(
                 if sweep == 0:
                     proj += tl.sum(x_hat * g, 1)
                 else:
-                    dx = tl.where((x_norm >= eps)[:, None], g - x_hat * proj[:, None], g) / x_den[:, None]
+                    dx = tl.div_rn(tl.where((x_norm >= eps)[:, None], g - x_hat * proj[:, None], g), x_den[:, None])
                     tl.store(dx_ptr + rows[:, None] * D + d[None, :], _out(dx, dx_ptr, EMU), mask=dm)
 
 
@@ -632,6 +653,7 @@ def _bwd_dw_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_X: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
+    D64: tl.constexpr,
 ):
     """Persistent over class blocks (pid, pid + programs, ...), one D chunk per grid column. For each
     class block: walk every row block, recompute S, form dz (the target entry from the per-row value),
@@ -640,8 +662,8 @@ def _bwd_dw_kernel(
     prog = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_d
     alpha = tl.load(alpha_ptr).to(tl.float32)
     cl = tl.arange(0, BLOCK_C)
-    dk = tl.arange(0, BLOCK_K)
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dk = _didx(tl.arange(0, BLOCK_K), D64)
+    do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
     it = 0
     for cb in range(tl.program_id(0).to(tl.int64), n_cblocks, tl.num_programs(0)):  # int64 induction
         c_lo = cb * BLOCK_C
@@ -655,12 +677,12 @@ def _bwd_dw_kernel(
             # tile in registers next to the accumulator would spill)
             wsq = tl.zeros([BLOCK_C], tl.float32)
             for k0 in range(0, D, 64):
-                kk = k0 + tl.arange(0, 64)
+                kk = k0 + _didx(tl.arange(0, 64), D64)
                 wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
                              other=0.0).to(tl.float32)
                 wsq += tl.sum(wk * wk, 1)
-            w_norm = tl.sqrt(wsq)
-            inv_nw = 1.0 / tl.maximum(w_norm, eps)
+            w_norm = tl.sqrt_rn(wsq)
+            inv_nw = tl.div_rn(1.0, tl.maximum(w_norm, eps))
         if HAS_BIAS:
             bias = tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)
 
@@ -761,6 +783,9 @@ class Config:
     num_stages: int = 2
     chain_break: bool = False  # p / dz through scratch (see _through_scratch)
     prefetch: bool = False  # L1 prefetch of the next tile (GPU, one tile over D, bf16/fp16 rows)
+    # programs of this kernel one multiprocessor holds at once (sm_90, from the registers and shared
+    # memory benchmarks/compile_report.py reports): sizes the forward grid to whole waves
+    ctas_per_sm: int = 1
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -811,13 +836,13 @@ GPU_CONFIGS = {
     "fused_chained": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=False),
     # one warpgroup (no redundant S, no scratch), a K loop of 64 and a 256-wide accumulator chunk per
     # program (S computed once per chunk: 3 GEMM-equivalents per pass), two programs per multiprocessor
-    "split_d": lambda d: Config(64, 64, 64, min(d, 256), num_warps=4, num_stages=2),
+    "split_d": lambda d: Config(64, 64, 64, min(d, 256), num_warps=4, num_stages=2, ctas_per_sm=2),
     # logsumexp only (no accumulator): the split kernel DESIGN.md measured at 1.02x cuBLAS's logits
     "lse": lambda d: Config(128, 256, 64, 16, num_warps=8, num_stages=3),
     "lse_fp16": lambda d: Config(128, 128, 64, 16, num_warps=8, num_stages=3),
     # fp32 operands: tf32 takes twice the shared memory of bf16; IEEE runs on the FMA units
     "tf32": lambda d: Config(64, 64, min(d, 64), min(d, 256), num_warps=8, num_stages=2),
-    "ieee_fwd": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=4, num_stages=2),
+    "ieee_fwd": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=4, num_stages=2, ctas_per_sm=3),
     "ieee_dw": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=8, num_stages=2),
 }
 
@@ -854,15 +879,31 @@ def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None, C: int = 
     return GPU_CONFIGS["tf32"](d_pad)
 
 
-def num_splits(B: int, C: int, cfg: Config, sms: int | None) -> int:
-    """Class splits of the forward grid: about two waves of programs (sms given), 2 under the
-    interpreter; never more than there are class tiles, and none empty. The workspace bound of the
-    module docstring follows: n_splits <= max(1, ceil(2 sms / row_blocks))."""
+WAVES = 2  # the forward grid: at most this many full waves of resident programs
+
+
+def num_splits(B: int, C: int, cfg: Config, sms: int | None, n_d: int = 1) -> int:
+    """Class splits of the forward grid (row blocks x splits x n_d D chunks): as many as fit in WAVES
+    full waves of resident programs (sms x cfg.ctas_per_sm slots), rounded down, so that the grid never
+    ends in a partial wave (every program does the same work: a partial wave costs a whole one); at
+    least 1, never more than there are class tiles, none empty; 2 under the interpreter (sms None).
+    E.g. B = 1024 with the 64-row bf16 tiles on 132 SMs: 16 splits, 256 programs for 264 slots.
+    The workspace bound of the module docstring follows: n_splits <= max(1, 2 slots / row_blocks)."""
     row_blocks = triton.cdiv(B, cfg.block_rows)
     tiles = triton.cdiv(C, cfg.block_cols)
-    want = 2 if sms is None else triton.cdiv(2 * sms, row_blocks)
+    want = 2 if sms is None else (WAVES * sms * cfg.ctas_per_sm) // (row_blocks * n_d)
     want = max(1, min(want, tiles))
     return triton.cdiv(tiles, triton.cdiv(tiles, want))
+
+
+def d_chunks(D: int, cfg: Config, acc_o: bool) -> int:
+    """D chunks of the forward's O' accumulator (its grid's third dimension)."""
+    return triton.cdiv(D, min(cfg.block_do, _pow2(D))) if acc_o else 1
+
+
+def forward_splits(B: int, C: int, D: int, acc_o: bool, cfg: Config, sms: int | None) -> int:
+    """num_splits as the forward launcher computes it."""
+    return num_splits(B, C, cfg, sms, d_chunks(D, cfg, acc_o))
 
 
 def dw_programs(sms: int | None) -> int:
@@ -876,7 +917,7 @@ _P_TORCH = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 
 def forward_workspace_bytes(B: int, C: int, D: int, acc_o: bool, cfg: Config, sms: int | None) -> int:
     """Bytes of the forward's split partials (the only workspace that grows with B x D)."""
-    return num_splits(B, C, cfg, sms) * B * (NPART + (D if acc_o else 0)) * 4
+    return forward_splits(B, C, D, acc_o, cfg, sms) * B * (NPART + (D if acc_o else 0)) * 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -930,6 +971,19 @@ def _margin_args(margin_type: str, margin: float):
     return (MARGIN_CODES[margin_type], m, math.cos(m), math.sin(m), math.cos(math.pi - m), m * math.sin(m))
 
 
+def _prefetch_ok(cfg: Config, single_k: bool, block_k: int, t: torch.Tensor) -> bool:
+    """PREFETCH of the tensor t's rows (W in the forward, x in the dW pass): _prefetch_l1's lines are 64
+    elements of 2 bytes along a unit D stride; compiled kernels only."""
+    return (cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED and t.stride(1) == 1
+            and t.element_size() == 2)
+
+
+def wide_d(D: int, *tensors) -> bool:
+    """Whether a D-axis offset (index x D stride) of one of these (N, D) tensors can reach 2^31
+    elements: the kernels' D64 (see _didx)."""
+    return any(t is not None and t.stride(1) * (D - 1) >= 2**31 for t in tensors)
+
+
 def inv_norms(v: torch.Tensor, eps: float, launch=_identity) -> torch.Tensor:
     """1 / max(|v_i|, eps) per row, fp32."""
     N, D = v.shape
@@ -938,7 +992,7 @@ def inv_norms(v: torch.Tensor, eps: float, launch=_identity) -> torch.Tensor:
         return out
     BN, BD = 16 if (N <= 4096 or not INTERPRETED) else 1024, min(_pow2(D), 128)
     launch(_inv_norm_kernel)[(triton.cdiv(N, BN),)](v, out, N, D, eps, v.stride(0), v.stride(1),
-                                                   BLOCK_N=BN, BLOCK_D=BD)
+                                                   D64=wide_d(D, v), BLOCK_N=BN, BLOCK_D=BD)
     return out
 
 
@@ -953,7 +1007,7 @@ def column_sum(weight: torch.Tensor, inv_nw, launch=_identity) -> torch.Tensor:
     part = torch.empty((parts, D), device=weight.device, dtype=torch.float32)
     launch(_colsum_kernel)[(triton.cdiv(D, BD), parts)](
         weight, inv_nw if inv_nw is not None else part, part, C, D, rows_per, weight.stride(0), weight.stride(1),
-        NORM_W=inv_nw is not None, BLOCK_C=BC, BLOCK_D=BD)
+        NORM_W=inv_nw is not None, D64=wide_d(D, weight), BLOCK_C=BC, BLOCK_D=BD)
     return part.sum(dim=0)
 
 
@@ -980,15 +1034,16 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
     emu = INTERPRETED
     inv_nx = inv_norms(x, eps, launch)
     inv_nw = inv_norms(weight, eps, launch) if normalize_weight else inv_nx  # (unused when not normalizing)
-    n_split = splits or num_splits(B, C, cfg, num_sms(dev))
-    tiles = triton.cdiv(C, cfg.block_cols)
-    cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
-    n_split = triton.cdiv(C, cols_per_split)
     d_pad = _pow2(D)
     single_k = cfg.block_k >= d_pad
     block_k = d_pad if single_k else cfg.block_k
     block_do = min(cfg.block_do, d_pad)
-    n_d = triton.cdiv(D, block_do) if has_o else 1
+    n_d = d_chunks(D, cfg, has_o)
+    d64 = wide_d(D, x, weight)
+    n_split = splits or num_splits(B, C, cfg, num_sms(dev), n_d)
+    tiles = triton.cdiv(C, cfg.block_cols)
+    cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
+    n_split = triton.cdiv(C, cols_per_split)
     width = NPART + (D if has_o else 0)
     ws = torch.empty((n_split, B, width), device=dev, dtype=torch.float32)
     b_arg = bias if bias is not None else inv_nx
@@ -1007,7 +1062,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         S_DT=s_dt, S_TF32=s_tf32, P_DT=p_dt, P_TF32=p_tf32, EMU=emu,
         BLOCK_B=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_K=block_k, BLOCK_DO=block_do,
         SINGLE_K=single_k, REUSE_W=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
-        PREFETCH=cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED,
+        PREFETCH=_prefetch_ok(cfg, single_k, block_k, weight), D64=d64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     bsum = bias.float().sum() if (bias is not None and s > 0) else inv_nx
@@ -1021,7 +1076,7 @@ def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_b, target.stride(0),
         ws.stride(0), ws.stride(1), o_off,
         HAS_BIAS=bias is not None, NORM_W=normalize_weight, MARGIN=mcode, SMOOTH=s > 0,
-        ACC_O=has_o, ACC_PC=has_pc, BLOCK_R=BR, BLOCK_D=BD)
+        ACC_O=has_o, ACC_PC=has_pc, D64=d64, BLOCK_R=BR, BLOCK_D=BD)
     if has_ws:
         aux[ws_off:ws_off + D] = column_sum(weight, inv_nw if normalize_weight else None, launch)
     return loss, lse, aux
@@ -1036,11 +1091,15 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
     dev = x.device
     s = float(label_smoothing)
     need_bias = need_bias and bias is not None
-    dx = torch.empty((B, D) if need_x else (0,), device=dev, dtype=x.dtype)
-    dw = torch.empty((C, D) if need_weight else (0,), device=dev, dtype=weight.dtype)
     bdt = bias.dtype if bias is not None else x.dtype
-    db = torch.empty((C,) if need_bias else (0,), device=dev, dtype=bdt)
+
+    def outputs():
+        return (torch.empty((B, D) if need_x else (0,), device=dev, dtype=x.dtype),
+                torch.empty((C, D) if need_weight else (0,), device=dev, dtype=weight.dtype),
+                torch.empty((C,) if need_bias else (0,), device=dev, dtype=bdt))
+
     if B == 0 or not (need_x or need_weight or need_bias or need_alpha):
+        dx, dw, db = outputs()
         if need_weight:
             dw.zero_()
         if need_bias:
@@ -1050,10 +1109,13 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
 
     has_o, has_pc, has_ws = aux_flags(B, D, aux)
     if (need_x and not has_o) or (need_alpha and not has_pc):
-        # the forward ran without these hints: rerun it to get O' / PC (ops.py's contract)
+        # the forward ran without these hints: rerun it to get O' / PC (ops.py's contract). Before the
+        # gradients are allocated: its split partials and scratch are freed when it returns, so they
+        # never coexist with dW
         _, _, aux = forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
                             s, eps, need_x, False, False, need_alpha, launch=launch, config=fwd_config)
         has_o, has_pc, has_ws = aux_flags(B, D, aux)
+    dx, dw, db = outputs()
     _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws)
     if need_x and s > 0:
         if has_ws:
@@ -1076,7 +1138,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
         grad_loss.stride(0), grad_lse.stride(0), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         target.stride(0), o_off,
         NORM_W=normalize_weight, MARGIN=mcode, SMOOTH=s > 0, NEED_X=need_x, NEED_ALPHA=need_alpha, EMU=emu,
-        BLOCK_R=BR, BLOCK_D=BD)
+        D64=wide_d(D, x, weight), BLOCK_R=BR, BLOCK_D=BD)
 
     if need_weight or need_bias:
         gpu = on_gpu(dev)
@@ -1102,7 +1164,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
             S_DT=s_dt, S_TF32=s_tf32, P_DT=p_dt, P_TF32=p_tf32, EMU=emu,
             BLOCK_C=cfg.block_cols, BLOCK_B=cfg.block_rows, BLOCK_K=block_k, BLOCK_DO=block_do,
             SINGLE_K=single_k, REUSE_X=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
-            PREFETCH=cfg.prefetch and single_k and block_k >= 64 and not INTERPRETED,
+            PREFETCH=_prefetch_ok(cfg, single_k, block_k, x), D64=wide_d(D, x, weight),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
