@@ -20,8 +20,10 @@
 // be converted), cc from a byte budget (set_workspace_bytes) or fixed (set_chunk_classes).
 //
 // Numerics: everything is computed in the compute dtype T (float64 if any of x, W, b is float64,
-// else float32; fp16 / bf16 inputs are converted a chunk at a time); norms, per-row exp sums and the
-// alpha gradient accumulate in double. Every output element is computed in a fixed order that
+// else float32; fp16 / bf16 inputs are converted a chunk at a time). Accumulated in double: the
+// norms, the per-row sums of exponentials (and of logits, for label smoothing), and the sums over the
+// B rows of the bias gradient and of the alpha gradient's per-class terms (and their sum over the
+// classes). The BLAS products (logits, dX, dW) accumulate in T, as plain torch's do. Every output element is computed in a fixed order that
 // depends only on the chunk size and the number of threads: results are bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -308,8 +310,8 @@ struct BwdArgs {
   const T* w_p;      // (B) grad_loss + grad_lse (grad_loss taken as 0 on ignored rows)
   const T* w_k;      // (B) grad_loss * s / C: subtracted from every column
   const T* w_t;      // (B) grad_loss * (1 - s): subtracted from the target column as well
-  T* db;             // (cc) sum_i dz_ij
-  T* da;             // (cc) sum_i dz_ij g_ij
+  double* db;        // (cc) sum_i dz_ij, accumulated in double (B rows one at a time: fp32 would drift)
+  double* da;        // (cc) sum_i dz_ij g_ij, in double
 };
 
 // dz_ij = w_p p_ij - w_k - [j = y_i] w_t (ops.py), p = exp(z - lse);
@@ -320,15 +322,15 @@ L2SM_INLINE void backward_span(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t j
   const T* inv = a.inv_wn;
   const T* b = a.bias;
   const T al = a.alpha;
-  T* db = a.db;
-  T* da = a.da;
+  double* db = a.db;
+  double* da = a.da;
 #pragma omp simd
   for (int64_t j = ja; j < jb; ++j) {
     const T c = Lr[j] * inv[j];
     const T p = vexp<T>(al * c + b[j] - lse);
     const T dz = wp * p - wk;
-    if (DB) db[j] += dz;
-    if (DA) da[j] += dz * c;
+    if (DB) db[j] += double(dz);
+    if (DA) da[j] += double(dz) * double(c);
     if (DC) Lr[j] = al * dz * inv[j];
   }
 }
@@ -351,8 +353,8 @@ L2SM_INLINE void backward_cols_impl(const BwdArgs<T>& a, int64_t j0, int64_t j1)
         a.margin->apply(c, f, slope);
         const T p = vexp<T>(a.alpha * f + a.bias[t] - lse);
         const T dz = (wp * p - wk) - a.w_t[i];  // p - 1 formed in T (fp32 at least): RELIABILITY 12
-        if (DB) a.db[t] += dz;
-        if (DA) a.da[t] += dz * f;
+        if (DB) a.db[t] += double(dz);
+        if (DA) a.da[t] += double(dz) * double(f);
         if (DC) Lr[t] = a.alpha * dz * slope * a.inv_wn[t];
         backward_span<T, DC, DB, DA>(Lr, a, t + 1, jb1, lse, wp, wk);
       } else {
@@ -715,7 +717,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   split.run([&](int64_t w) {
     ChunkBuffers<T> buf(weight, B, D, split.chunk, opt);
     at::Tensor gbuf = (need_weight && !gw_direct) ? at::empty({split.chunk, D}, opt) : at::Tensor();
-    at::Tensor db = at::empty({split.chunk}, opt), da = at::empty({split.chunk}, opt);
+    // per-column sums over the B rows, in double: db, and sum_i dz_ij g_ij of d alpha
+    const auto opt64 = opt.dtype(at::kDouble);
+    at::Tensor db = at::empty({split.chunk}, opt64), da = at::empty({split.chunk}, opt64);
     at::Tensor dxw;
     if (need_x) dxw = w == 0 ? dx_hat : at::zeros({B, D}, opt);
     dx_part[w] = dxw;
@@ -724,10 +728,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       const int64_t cc = std::min(split.chunk, range.second - c0);
       at::Tensor Lv;
       at::Tensor wc = buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv);  // recompute
-      T* dbp = db.data_ptr<T>();
-      T* dap = da.data_ptr<T>();
-      std::fill(dbp, dbp + cc, T(0));
-      std::fill(dap, dap + cc, T(0));
+      double* dbp = db.data_ptr<double>();
+      double* dap = da.data_ptr<double>();
+      std::fill(dbp, dbp + cc, 0.0);
+      std::fill(dap, dap + cc, 0.0);
       const T* inv = buf.inv_wn.template data_ptr<T>();
       BwdArgs<T> a{Lv.data_ptr<T>(), B, cc, c0, inv, buf.bbuf.template data_ptr<T>(), al, tcol.data_ptr<int64_t>(),
                    &margin, lse.data_ptr<T>(), w_p.data(), w_k.data(), w_t.data(), dbp, dap};
@@ -736,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       });
       if (need_bias) gb.narrow(0, c0, cc).copy_(db.narrow(0, 0, cc));
       if (need_alpha) {
-        for (int64_t j = 0; j < cc; ++j) dalpha[w] += double(dap[j]);  // z = alpha g + b: dalpha = sum dz g
+        for (int64_t j = 0; j < cc; ++j) dalpha[w] += dap[j];  // z = alpha g + b: dalpha = sum dz g
       }
       if (need_x) dxw.addmm_(Lv, wc);  // dX_hat += dC' W_c  (= dC W_hat_c)
       if (need_weight) {

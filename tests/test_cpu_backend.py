@@ -125,6 +125,15 @@ def test_chunk_size_independence(chunk, dtype, wdtype):
             assert max_err(g, base_g[k]) <= rel * base_g[k].abs().max() + 1e-30, (n, k)
 
 
+def test_bias_and_alpha_grads_at_large_batch():
+    """db and d alpha sum B = 65536 rows per class (C = 16, mean reduction: grad_loss = 1/B): the
+    per-class sums are accumulated in double, so their error stays at plain torch's (summed in fp32
+    they were 100-1000x plain torch's error, failing the relation)."""
+    case = make_case(65536, 8, 16, seed=40, bias=True, alpha_grad=True, normalize_weight=True, weight_scale=1.0,
+                     alpha=10.0, reduction="mean")
+    check_case(case, "cpu")
+
+
 def test_bitwise_deterministic(chunk):
     """RELIABILITY 21: the same inputs twice give bitwise-identical outputs, whatever the chunk size
     (several threads' shares included)."""
