@@ -54,6 +54,13 @@ def load():
     except ModuleNotFoundError as e:
         if e.name != "l2sm_kernels._C":
             raise
+        note = _build_error()
+        if note:
+            raise BackendUnavailable(
+                f"compiling l2sm_kernels._C failed when the package was built ({note}); "
+                "`pip install -v --no-build-isolation -e .` shows the compiler's error "
+                "(L2SM_REQUIRE_EXT=1 makes it fail the install)"
+            ) from None
         raise BackendUnavailable(
             "l2sm_kernels._C is not built: run `pip install --no-build-isolation -e .` "
             "(or `python setup.py build_ext --inplace`) with torch installed; "
@@ -82,6 +89,16 @@ def load():
     register_backend_ops("cpu", fwd, bwd)
     _OPS = (fwd, bwd)
     return _OPS
+
+
+def _build_error() -> str:
+    """The note setup.py leaves next to this module when compiling the extension failed, or ''."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.build_error.txt")
+    try:
+        with open(path) as f:
+            return " ".join(f.read().split())[:500]
+    except OSError:
+        return ""
 
 
 def set_chunk_classes(n: int) -> None:
