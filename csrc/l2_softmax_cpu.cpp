@@ -13,11 +13,12 @@
 //             in place; dX_hat += dC' W_c (at::addmm_), dW_c = dC'^T X_hat (at::mm straight into the
 //             output rows), then the normalization backward of W on those rows.
 // That is 4 GEMM-equivalents (forward logits; backward recompute + dX + dW) and no B x C buffer.
-// Threads (at::parallel_for): each thread takes a contiguous share of the chunks with its own
-// workspace and runs single-threaded BLAS and epilogues on it (one parallel region per call; see
-// Split); with fewer chunks than threads, one share runs and BLAS and the epilogues are threaded
-// inside each chunk. Workspace per thread: B x cc values of the compute dtype (+ cc x D when W must
-// be converted), cc from a byte budget (set_workspace_bytes) or fixed (set_chunk_classes).
+// Threads (at::parallel_for): each thread takes an equal contiguous share of the classes (at least
+// kWorkerAlign of them) and walks it in chunks with its own workspace, running single-threaded BLAS
+// and epilogues (one parallel region per call; see Split). Only when C < 2 kWorkerAlign does a
+// single share run, and BLAS and the epilogues are threaded inside each chunk. Workspace per thread:
+// B x cc values of the compute dtype (+ cc x D when W must be converted), cc from a byte budget
+// (set_workspace_bytes) or fixed (set_chunk_classes).
 //
 // Numerics: everything is computed in the compute dtype T (float64 if any of x, W, b is float64,
 // else float32; fp16 / bf16 inputs are converted a chunk at a time). Accumulated in double: the
@@ -505,26 +506,38 @@ struct KernelGuard {
 };
 
 // ---------------------------------------------------------------------------------------------
-// work split: the chunks are dealt out to `workers` contiguous ranges, one per thread
+// work split: the classes are dealt out to `workers` contiguous ranges, one per thread
 // ---------------------------------------------------------------------------------------------
-// With at least as many chunks as threads, each thread walks its own range of classes with its own
-// workspace, calling single-threaded BLAS and epilogues: one parallel region per call instead of
-// several per chunk (fork / join barriers cost little on an idle machine and a lot on a busy one).
-// Per-row statistics (forward) and dX_hat (backward) are combined across workers in worker order.
-// With fewer chunks than threads a single worker runs, and BLAS and the epilogues are threaded
-// inside each chunk instead (at::parallel_for nested in a parallel region runs inline).
+// Each worker takes an equal share of the classes (whole units of kWorkerAlign classes, the last
+// share also the C mod kWorkerAlign left over) and walks it in chunks of at most `chunk` classes with its own workspace,
+// calling single-threaded BLAS and epilogues: one parallel region per call instead of several per
+// chunk (fork / join barriers cost little on an idle machine and a lot on a busy one), and every
+// thread has work whenever C >= threads x kWorkerAlign, whatever the chunk size. Per-row statistics
+// (forward) and dX_hat (backward) are combined across workers in worker order. With fewer than
+// 2 kWorkerAlign classes a single worker runs, and BLAS and the epilogues are threaded inside each
+// chunk instead (at::parallel_for nested in a parallel region runs inline). The split depends only on
+// C and the number of threads, the chunk boundaries also on the chunk size: for a given chunk size
+// and thread count every sum has a fixed order.
+constexpr int64_t kWorkerAlign = 16;  // classes per unit of a worker's share
+
+int64_t default_threads() { return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads()); }
+
 struct Split {
-  int64_t chunk, n_chunks, workers;
-  Split(int64_t B, int64_t C, int64_t D, int64_t esize) {
+  int64_t chunk, units, workers;
+  Split(int64_t B, int64_t C, int64_t D, int64_t esize, int64_t threads = default_threads()) {
     chunk = chunk_classes(B, C, D, esize);
-    n_chunks = C > 0 ? (C + chunk - 1) / chunk : 0;
-    const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    workers = std::max<int64_t>(1, std::min(threads, n_chunks));
+    units = std::max<int64_t>(C, 0) / kWorkerAlign;  // whole units; the last share also takes the rest
+    workers = std::max<int64_t>(1, std::min(threads, units));
   }
   // [first class, end class) of worker w
   std::pair<int64_t, int64_t> classes(int64_t w, int64_t C) const {
-    const int64_t k0 = n_chunks * w / workers, k1 = n_chunks * (w + 1) / workers;
-    return {std::min(C, k0 * chunk), std::min(C, k1 * chunk)};
+    const auto edge = [&](int64_t k) { return k >= workers ? C : std::min(C, units * k / workers * kWorkerAlign); };
+    return {edge(w), edge(w + 1)};
+  }
+  // the widest chunk worker w walks (its buffers' size)
+  int64_t max_chunk(int64_t w, int64_t C) const {
+    const auto r = classes(w, C);
+    return std::max<int64_t>(1, std::min(chunk, r.second - r.first));
   }
   template <typename F>
   void run(const F& f) const {  // f(worker index)
@@ -597,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
   std::vector<double> row_sum(nw * B, 0.0), row_zsum(nw * B, 0.0);
 
   split.run([&](int64_t w) {
-    ChunkBuffers<T> buf(weight, B, D, split.chunk, opt);
+    ChunkBuffers<T> buf(weight, B, D, split.max_chunk(w, C), opt);
     const auto range = split.classes(w, C);
     for (int64_t c0 = range.first; c0 < range.second; c0 += split.chunk) {
       const int64_t cc = std::min(split.chunk, range.second - c0);
@@ -715,11 +728,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<double> dalpha(nw, 0.0);
 
   split.run([&](int64_t w) {
-    ChunkBuffers<T> buf(weight, B, D, split.chunk, opt);
-    at::Tensor gbuf = (need_weight && !gw_direct) ? at::empty({split.chunk, D}, opt) : at::Tensor();
+    const int64_t wc_max = split.max_chunk(w, C);
+    ChunkBuffers<T> buf(weight, B, D, wc_max, opt);
+    at::Tensor gbuf = (need_weight && !gw_direct) ? at::empty({wc_max, D}, opt) : at::Tensor();
     // per-column sums over the B rows, in double: db, and sum_i dz_ij g_ij of d alpha
     const auto opt64 = opt.dtype(at::kDouble);
-    at::Tensor db = at::empty({split.chunk}, opt64), da = at::empty({split.chunk}, opt64);
+    at::Tensor db = at::empty({wc_max}, opt64), da = at::empty({wc_max}, opt64);
     at::Tensor dxw;
     if (need_x) dxw = w == 0 ? dx_hat : at::zeros({B, D}, opt);
     dx_part[w] = dxw;
@@ -856,6 +870,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The chunk size (classes) of a call with B rows, C classes, D features and a compute dtype of "
       "element_size bytes.");
   m.attr("DEFAULT_WORKSPACE_BYTES") = l2sm_cpu::kDefaultWorkspaceBytes;
+  m.def(
+      "_split",
+      [](int64_t B, int64_t C, int64_t D, int64_t element_size, int64_t threads) {
+        TORCH_CHECK(threads >= 1, "threads must be >= 1");
+        const l2sm_cpu::Split sp(B, C, D, element_size, threads);
+        std::vector<std::pair<int64_t, int64_t>> out;
+        for (int64_t w = 0; w < sp.workers; ++w) out.push_back(sp.classes(w, C));
+        return std::make_pair(sp.chunk, out);
+      },
+      "(chunk, [(first class, end class) per worker]) of a call with B rows, C classes, D features, "
+      "a compute dtype of element_size bytes and `threads` threads (for tests).");
   m.def(
       "_exp_f32",
       [](const std::vector<float>& in) {

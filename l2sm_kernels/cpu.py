@@ -5,8 +5,10 @@ C++, CPU kernels); load() attaches the shared fake kernels and autograd formula 
 
 The kernels walk the classes in chunks: per chunk, a BLAS product gives the chunk's B x chunk logits
 in a workspace buffer and fused epilogues (online logsumexp; softmax gradient) run on it while it is
-in cache. Each thread walks its own contiguous share of the chunks with its own workspace (one
-parallel region per call; per-row statistics and dX are combined in thread order afterwards).
+in cache. Each thread takes an equal contiguous share of the classes (in units of 16 classes, so
+every thread has work once C >= 16 x threads, whatever the chunk size) and walks it in chunks with
+its own workspace and single-threaded BLAS (one parallel region per call; per-row statistics and dX
+are combined in thread order afterwards). Below 32 classes one share runs, with threaded BLAS.
 
 Workspace, per thread: B x chunk values of the compute dtype (4 bytes, 8 for float64), plus
 chunk x D values when the weight is not a contiguous matrix of the compute dtype (bf16 / fp16 /

@@ -230,6 +230,28 @@ def test_chunk_knobs(chunk):
         cpu.set_workspace_bytes(old)
 
 
+@pytest.mark.parametrize("C,threads,chunk_size", [
+    (10000, 16, 0),    # 8 default chunks of 1344 for 16 threads: every thread still gets a share
+    (4032, 2, 0),      # 3 chunks for 2 threads: equal shares, not 1 chunk and 2
+    (65536, 2, 0), (65536, 16, 0), (257, 4, 7), (100, 16, 0), (31, 8, 0), (33, 8, 0), (16, 4, 0), (1, 4, 0),
+    (0, 4, 0),
+])
+def test_every_thread_gets_an_equal_share(chunk, C, threads, chunk_size):
+    """The classes are split into one contiguous share per thread (in units of 16 classes) whatever
+    the chunk size; only below 2 units per call does a single worker run (with threaded BLAS)."""
+    chunk(chunk_size)
+    size, ranges = cpu._ext()._split(256, C, 512, 4, threads)
+    assert size == cpu.chunk_for(256, C, 512)
+    assert len(ranges) == max(1, min(threads, C // 16))
+    assert ranges[0][0] == 0 and ranges[-1][1] == C
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [e - s for s, e in ranges]
+    if C >= 16:
+        # whole units of 16 classes each, the last share also takes the C mod 16 left over
+        assert min(sizes) >= 16 and max(sizes) - min(sizes) < 32, sizes
+        assert all(n % 16 == 0 for n in sizes[:-1])
+
+
 def _subprocess(code: str, **env) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
     e.pop("L2SM_REQUIRE_BACKENDS", None)
