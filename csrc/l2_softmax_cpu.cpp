@@ -774,8 +774,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
               double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
               for (int64_t k = 0; k < D; ++k) acc += double(wr[k]) * double(gr[k]);
-              const T coef = T(acc) * inv[j] * inv[j];  // W_hat (W_hat . G) = W (W . G) / |W|^2
-              for (int64_t k = 0; k < D; ++k) gr[k] -= wr[k] * coef;
+              // W_hat (W_hat . G), formed through W_hat = W / |W| (as eager does): inv^2 would underflow
+              // in fp32 for |W| >~ 1e19
+              const T proj = T(acc * double(inv[j]));
+              const T iv = inv[j];
+              for (int64_t k = 0; k < D; ++k) gr[k] -= (wr[k] * iv) * proj;
             }
           });
         }

@@ -20,7 +20,7 @@ import torch
 
 import l2sm_kernels as L
 from l2sm_kernels import backends, ops
-from l2sm_kernels.testing import check_case, make_case, max_err, run
+from l2sm_kernels.testing import ATOL_REL, check_case, make_case, max_err, run, run_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_INFO = L.available_backends()["cpu"]
@@ -132,6 +132,29 @@ def test_bias_and_alpha_grads_at_large_batch():
     case = make_case(65536, 8, 16, seed=40, bias=True, alpha_grad=True, normalize_weight=True, weight_scale=1.0,
                      alpha=10.0, reduction="mean")
     check_case(case, "cpu")
+
+
+def test_weight_rows_of_huge_norm():
+    """normalize_weight with weight rows of norm 1e25 and 1e20 (targets of some rows): their dW (about
+    1e-25 / 1e-20) keeps fp32's relative accuracy, row by row: the normalization backward goes
+    through W_hat, never through 1 / |W|^2 (which underflowed in fp32, losing the projection: relative
+    error 0.4). Plain torch in fp32 returns zero rows there (|W|^2 overflows), so these rows are held to
+    the relation's atol alone, relative to each row's own scale, as assert_accurate does when plain
+    torch breaks; the rest of the call to the accuracy relation."""
+    case = make_case(12, 32, 53, seed=41, bias=True, normalize_weight=True, reduction="none")
+    rows = {5: 1e25, 17: 1e20}
+    with torch.no_grad():
+        for j, n in rows.items():
+            case.weight[j] *= n / case.weight[j].norm()
+    case.target[:3] = torch.tensor([5, 17, 5])
+    go = torch.randn(12, generator=torch.Generator().manual_seed(5))
+    check_case(case, "cpu", go)
+    _, grads = run(case, "cpu", go)
+    _, ref = run_reference(case, True, go)
+    for j in rows:
+        scale = float(ref["weight"][j].abs().max())
+        assert scale > 0
+        assert max_err(grads["weight"][j], ref["weight"][j]) <= ATOL_REL[torch.float32] * scale, j
 
 
 def test_bitwise_deterministic(chunk):
