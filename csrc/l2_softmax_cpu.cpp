@@ -410,8 +410,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ta
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "l2sm::cpu: target must be (", x.size(0),
               ",), got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "l2sm::cpu: target must be int64, got ", target.scalar_type());
-  TORCH_CHECK(alpha.numel() == 1 && at::isFloatingType(alpha.scalar_type()),
-              "l2sm::cpu: alpha must be a 0-d floating tensor");
+  // 0-d exactly: grad_alpha is 0-d, like the fake kernel's empty_like(alpha)
+  TORCH_CHECK(alpha.dim() == 0 && at::isFloatingType(alpha.scalar_type()),
+              "l2sm::cpu: alpha must be a 0-d floating tensor, got shape ", alpha.sizes(), " and dtype ",
+              alpha.scalar_type());
   for (const at::Tensor* t : {&x, &w}) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), "l2sm::cpu: x and weight must be floating, got ",
                 t->scalar_type());

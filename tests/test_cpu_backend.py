@@ -77,6 +77,15 @@ def test_op_rejects_bad_arguments_clearly():
         fwd(x, w, t, a, torch.randn(4), *opts)
     with pytest.raises(RuntimeError, match="margin_type must be"):
         fwd(x, w, t, a, None, False, "sphereface", *opts[2:])
+    # alpha of one element but not 0-d: grad_alpha would not have alpha's shape (the fake kernel's)
+    with pytest.raises(RuntimeError, match=r"alpha must be a 0-d floating tensor, got shape \[1\]"):
+        fwd(x, w, t, a.reshape(1), None, *opts)
+    with pytest.raises(RuntimeError, match="alpha must be a 0-d floating tensor"):
+        fwd(x, w, t, torch.tensor(2), None, *opts)
+    loss, lse, aux = fwd(x, w, t, a, None, *opts)
+    with pytest.raises(RuntimeError, match=r"alpha must be a 0-d floating tensor, got shape \[1\]"):
+        torch.ops.l2sm.cpu_backward.default(torch.ones(3), torch.zeros(3), x, w, t, a.reshape(1), None, lse, aux,
+                                            *opts[:6], True, True, False, True)
 
 
 # ---------------------------------------------------------------------------------------------
