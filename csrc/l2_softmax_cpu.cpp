@@ -81,8 +81,11 @@ int64_t chunk_classes(int64_t B, int64_t C, int64_t D, int64_t esize) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp: float32 in vectorizable plain C++ (Cephes' expf polynomial; <= 1 ulp, tests/test_cpu_backend.py);
-// float64 through std::exp (gradcheck precision, speed does not matter there).
+// exp: float32 in vectorizable plain C++ (Cephes' expf polynomial); float64 through std::exp
+// (gradcheck precision, speed does not matter there). Accuracy: at most 0.992 ulp over every float
+// input in [-110, 90] with a normal result (swept exhaustively against a double exp, GCC 12, baseline
+// and x86-64-v4 code alike). That needs setup.py's -ffp-contract=off: with a * b + c contracted to
+// FMAs in the AVX2 / AVX-512 clones it reaches 1.023 ulp (tests/test_cpu_backend.py checks such points).
 // ---------------------------------------------------------------------------------------------
 L2SM_INLINE float bits_to_float(int32_t i) {
   float f;
