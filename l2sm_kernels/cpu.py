@@ -5,8 +5,10 @@ C++, CPU kernels); load() attaches the shared fake kernels and autograd formula 
 
 The kernels walk the classes in chunks: per chunk, a BLAS product gives the chunk's B x chunk logits
 in a workspace buffer and fused epilogues (online logsumexp; softmax gradient) run on it while it is
-in cache. Each thread walks its own contiguous share of the chunks with its own workspace (one
-parallel region per call; per-row statistics and dX are combined in thread order afterwards).
+in cache. Each thread takes an equal contiguous share of the classes (in units of 16 classes, so
+every thread has work once C >= 16 x threads, whatever the chunk size) and walks it in chunks with
+its own workspace and single-threaded BLAS (one parallel region per call; per-row statistics and dX
+are combined in thread order afterwards). Below 32 classes one share runs, with threaded BLAS.
 
 Workspace, per thread: B x chunk values of the compute dtype (4 bytes, 8 for float64), plus
 chunk x D values when the weight is not a contiguous matrix of the compute dtype (bf16 / fp16 /
@@ -54,6 +56,13 @@ def load():
     except ModuleNotFoundError as e:
         if e.name != "l2sm_kernels._C":
             raise
+        note = _build_error()
+        if note:
+            raise BackendUnavailable(
+                f"compiling l2sm_kernels._C failed when the package was built ({note}); "
+                "`pip install -v --no-build-isolation -e .` shows the compiler's error "
+                "(L2SM_REQUIRE_EXT=1 makes it fail the install)"
+            ) from None
         raise BackendUnavailable(
             "l2sm_kernels._C is not built: run `pip install --no-build-isolation -e .` "
             "(or `python setup.py build_ext --inplace`) with torch installed; "
@@ -82,6 +91,16 @@ def load():
     register_backend_ops("cpu", fwd, bwd)
     _OPS = (fwd, bwd)
     return _OPS
+
+
+def _build_error() -> str:
+    """The note setup.py leaves next to this module when compiling the extension failed, or ''."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.build_error.txt")
+    try:
+        with open(path) as f:
+            return " ".join(f.read().split())[:500]
+    except OSError:
+        return ""
 
 
 def set_chunk_classes(n: int) -> None:
