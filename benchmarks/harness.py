@@ -56,6 +56,7 @@ from l2sm_kernels import available_backends, l2_softmax_loss
 from l2sm_kernels.backends import resolve, triton_interpreted
 from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.reference import l2_softmax_loss_ref, plain_formula
+from l2sm_kernels.testing import allocator_peak_bytes, available_bytes  # noqa: F401 (available_bytes: harness API)
 
 OPS = ("forward", "forward_backward")
 BASELINES = ("plain", "eager", "compile")
@@ -367,7 +368,6 @@ def cpu_memory(fn: Callable[[], object]) -> Memory:
     every thread and every allocator, only pages actually touched, and also allocator slack (freed
     heap pages glibc keeps): an upper estimate, with page granularity and some run-to-run noise.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
@@ -382,16 +382,7 @@ def cpu_memory(fn: Callable[[], object]) -> Memory:
     finally:
         with _quiet_stderr_fd():
             prof.stop()
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    ]
-    events.sort(key=lambda ev: ev[0])  # stable: events of one timestamp keep their recorded order
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
+    peak = allocator_peak_bytes(prof)
     return Memory(int(peak), rss_peak)
 
 
@@ -434,21 +425,6 @@ def estimated_need_bytes(provider: str, op: str, case: Case) -> int:
     if provider in BC_BUFFERS:
         return BC_BUFFERS[provider] * bc + grads
     return grads + FUSED_WORKSPACE_BYTES
-
-
-def available_bytes(device: str) -> int:
-    """Memory a new allocation can get now: CUDA free memory, or MemAvailable of /proc/meminfo."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def fit_status(need: int, available: int) -> str:

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import BACKEND_CHOICES, ops_for, resolve
-from .loss import _alpha_tensor, _check_matrix
+from .loss import _alpha_tensor, check_inputs
 from .options import REDUCTIONS, L2SMOptions, compute_dtype
 from .reference import target_margin
 
@@ -303,30 +303,12 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    _check_matrix("features", features, 2, "(batch, in_features)")
-    _check_matrix("weight_shard", weight_shard, 2, "(shard_classes, in_features)")
+    check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
+                 classes="shard_classes", allow_no_classes=True)
     B, D = features.shape
     n = weight_shard.shape[0]
-    if D == 0:
-        raise ValueError("features must have at least one feature dimension, got D = 0")
-    if weight_shard.shape[1] != D:
-        raise ValueError(f"weight_shard must have shape (shard_classes, {D}) to match features of shape "
-                         f"{tuple(features.shape)}, got {tuple(weight_shard.shape)}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be an int64 tensor of class indices, got {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != B:
-        raise ValueError(f"target must have shape ({B},) to match features, got {tuple(target.shape)}")
-    if bias_shard is not None:
-        _check_matrix("bias_shard", bias_shard, 1, "(shard_classes,)")
-        if bias_shard.shape[0] != n:
-            raise ValueError(f"bias_shard must have shape ({n},) to match weight_shard, got {tuple(bias_shard.shape)}")
     class_start = _check_int("class_start", class_start, 0)
     device = features.device
-    for name, t in (("weight_shard", weight_shard), ("target", target), ("bias_shard", bias_shard)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but features are on {device}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if batch_sizes is not None:
         batch_sizes = [_check_int("batch_sizes[i]", b, 0) for b in batch_sizes]

@@ -30,6 +30,38 @@ def _check_matrix(name: str, t, ndim: int, what: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_inputs(features, weight, target, bias, *, weight_name="weight", bias_name="bias",
+                 classes="num_classes", allow_no_classes=False) -> None:
+    """Ranks, shapes, dtypes and devices of the tensor arguments (features (B, D), weight (C, D),
+    target (B,), bias (C,) or None); a TypeError / ValueError naming the argument otherwise."""
+    _check_matrix("features", features, 2, "(batch, in_features)")
+    _check_matrix(weight_name, weight, 2, f"({classes}, in_features)")
+    B, D = features.shape
+    C = weight.shape[0]
+    if weight.shape[1] != D:
+        raise ValueError(
+            f"{weight_name} must have shape ({classes}, {D}) to match features of shape {tuple(features.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if C == 0 and not allow_no_classes:
+        raise ValueError(f"{weight_name} must hold at least one class, got shape (0, D)")
+    if D == 0:
+        raise ValueError("features must have at least one feature dimension, got D = 0")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be an int64 tensor of class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != B:
+        raise ValueError(f"target must have shape ({B},) to match features, got {tuple(target.shape)}")
+    if bias is not None:
+        _check_matrix(bias_name, bias, 1, f"({classes},)")
+        if bias.shape[0] != C:
+            raise ValueError(f"{bias_name} must have shape ({C},) to match {weight_name}, got {tuple(bias.shape)}")
+    for name, t in ((weight_name, weight), ("target", target), (bias_name, bias)):
+        if t is not None and t.device != features.device:
+            raise ValueError(f"{name} is on {t.device} but features are on {features.device}")
+
+
 def _check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """A target outside [0, C) that is not ignore_index is an error, never a read out of bounds.
     CPU tensors: a ValueError naming the first offending row. CUDA tensors and torch.compile:
@@ -95,33 +127,9 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_matrix("features", features, 2, "(batch, in_features)")
-    _check_matrix("weight", weight, 2, "(num_classes, in_features)")
-    B, D = features.shape
-    C = weight.shape[0]
-    if weight.shape[1] != D:
-        raise ValueError(
-            f"weight must have shape (num_classes, {D}) to match features of shape {tuple(features.shape)}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if C == 0:
-        raise ValueError("weight must hold at least one class, got shape (0, D)")
-    if D == 0:
-        raise ValueError("features must have at least one feature dimension, got D = 0")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be an int64 tensor of class indices, got {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != B:
-        raise ValueError(f"target must have shape ({B},) to match features, got {tuple(target.shape)}")
-    if bias is not None:
-        _check_matrix("bias", bias, 1, "(num_classes,)")
-        if bias.shape[0] != C:
-            raise ValueError(f"bias must have shape ({C},) to match weight, got {tuple(bias.shape)}")
+    check_inputs(features, weight, target, bias)
     device = features.device
-    for name, t in (("weight", weight), ("target", target), ("bias", bias)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but features are on {device}")
+    C = weight.shape[0]
     target = target.long()
     cdt = compute_dtype(features, weight, bias)
     alpha_t = _alpha_tensor(alpha, device, cdt)

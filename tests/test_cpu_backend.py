@@ -6,12 +6,10 @@ a chunk that does not divide C, several threads' shares) beyond rounding and are
 reproducible; the workspace stays within its documented bound (no B x C buffer); the thread-local
 state (autograd, autocast) reaches the worker threads; the package works, and says why, without the
 extension."""
-import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,7 +18,8 @@ import torch
 
 import l2sm_kernels as L
 from l2sm_kernels import backends, ops
-from l2sm_kernels.testing import ATOL_REL, check_case, make_case, max_err, run, run_reference
+from l2sm_kernels.testing import (ATOL_REL, available_bytes, check_case, cpu_peak_bytes, make_case, max_err, run,
+                                  run_reference)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_INFO = L.available_backends()["cpu"]
@@ -366,22 +365,6 @@ def test_broken_extension_says_rebuild():
 # ---------------------------------------------------------------------------------------------
 # memory: the workspace, never a B x C buffer (RELIABILITY 22)
 # ---------------------------------------------------------------------------------------------
-def _peak_extra_bytes(fn) -> int:
-    """Peak of the CPU allocator's total during fn(), minus what was allocated before it, from the
-    profiler's memory events."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    assert mem, "no memory events recorded"
-    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in mem) - start
-
-
 def test_peak_memory_is_the_workspace(chunk):
     """Forward + backward allocate the gradients plus the documented workspace: per thread a B x chunk
     buffer, chunk-length vectors and (backward) a (B, D) dX accumulator, plus x_hat. With B x C four
@@ -398,7 +381,7 @@ def test_peak_memory_is_the_workspace(chunk):
 
     step()
     x.grad = w.grad = None
-    peak = _peak_extra_bytes(step)
+    peak = cpu_peak_bytes(step)
     grads = (x.numel() + w.numel()) * 4
     threads = torch.get_num_threads()
     # per thread and class of a chunk: inverse norm, norm, bias (4 bytes each), the db and d alpha
@@ -411,23 +394,12 @@ def test_peak_memory_is_the_workspace(chunk):
 # ---------------------------------------------------------------------------------------------
 # int64 indexing (RELIABILITY 1)
 # ---------------------------------------------------------------------------------------------
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @pytest.mark.slow
 def test_more_than_2_pow_31_weight_elements():
     """W of 4,194,320 x 512 bf16 (C * D > 2^31 elements, 4.3 GB): rows whose targets lie past element
     2^31 get the right loss and feature gradient (the reference is computed a slice at a time)."""
     C, D, B = 4_194_320, 512, 3
-    if _mem_available() < 12 * 2**30:
+    if available_bytes() < 12 * 2**30:
         pytest.skip("needs ~12 GiB of free memory")
     g = torch.Generator().manual_seed(37)
     w = torch.empty(C, D, dtype=torch.bfloat16).uniform_(-0.1, 0.1, generator=g)

@@ -29,6 +29,7 @@ from torch import nn
 import l2sm_kernels as L
 from l2sm_kernels.backends import available_backends, resolve
 from l2sm_kernels.reference import plain_formula
+from l2sm_kernels.testing import cpu_peak_bytes
 
 PROVIDERS = ("l2sm", "plain")
 
@@ -88,23 +89,6 @@ class _Model(nn.Module):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of the running sum of CPU allocation events (bytes) while fn() runs, relative to its
-    start, from torch.profiler's memory events (see the module docstring for what it can't see)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
 
 
 def peak_step_bytes(step, device: torch.device) -> tuple[int, str]:
