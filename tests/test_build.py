@@ -39,10 +39,23 @@ def _setup(project, *args, **env):
                           capture_output=True, text=True, timeout=600)
 
 
+# Imports the package from the copy: an editable install of the real package (CI's) puts a finder
+# on sys.meta_path that would resolve l2sm_kernels (and l2sm_kernels._C) to the real one instead.
+_IMPORT_COPY = """
+import sys
+sys.meta_path = [f for f in sys.meta_path
+                 if "__editable__" not in (f if isinstance(f, type) else type(f)).__module__]
+sys.path.insert(0, sys.argv[1])
+import l2sm_kernels as L
+assert L.__file__.startswith(sys.argv[1]), L.__file__
+print(L.available_backends()["cpu"].reason)
+"""
+
+
 def _cpu_reason(project) -> str:
-    e = dict(os.environ, PYTHONPATH=str(project))
+    e = dict(os.environ)
     e.pop("L2SM_REQUIRE_BACKENDS", None)
-    r = subprocess.run([sys.executable, "-c", "import l2sm_kernels as L; print(L.available_backends()['cpu'].reason)"],
+    r = subprocess.run([sys.executable, "-c", _IMPORT_COPY, str(project)],
                        cwd=project, env=e, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout
