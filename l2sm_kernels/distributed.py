@@ -577,11 +577,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         s = (f"in_features={self.in_features}, num_classes={self.num_classes}, "
              f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}, "
              f"alpha={float(self.alpha.detach()):g}, learn_alpha={isinstance(self.alpha, nn.Parameter)}, "
-             f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}")
-        if o.margin_type != "none":
-            s += f", margin_type={o.margin_type!r}, margin={o.margin:g}"
-        if o.label_smoothing:
-            s += f", label_smoothing={o.label_smoothing:g}"
+             f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}{o.repr_extras()}")
         if self.sample_rate < 1:
             s += f", sample_rate={self.sample_rate:g}"
         return s + f", reduction={self.reduction!r}, backend={self.backend!r}"

@@ -73,11 +73,5 @@ class L2SoftmaxLoss(nn.Module):
         o = self.options
         s = (f"in_features={self.in_features}, num_classes={self.num_classes}, alpha={float(self.alpha.detach()):g}, "
              f"learn_alpha={isinstance(self.alpha, nn.Parameter)}, bias={self.bias is not None}, "
-             f"normalize_weight={o.normalize_weight}")
-        if o.margin_type != "none":
-            s += f", margin_type={o.margin_type!r}, margin={o.margin:g}"
-        if o.label_smoothing:
-            s += f", label_smoothing={o.label_smoothing:g}"
-        if o.ignore_index != -100:
-            s += f", ignore_index={o.ignore_index}"
+             f"normalize_weight={o.normalize_weight}{o.repr_extras()}")
         return s + f", reduction={self.reduction!r}, backend={self.backend!r}"

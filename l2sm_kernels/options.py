@@ -57,6 +57,17 @@ class L2SMOptions:
         object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
         object.__setattr__(self, "eps", float(self.eps))
 
+    def repr_extras(self) -> str:
+        """The options that differ from the defaults, for a module's extra_repr (after normalize_weight)."""
+        s = ""
+        if self.margin_type != "none":
+            s += f", margin_type={self.margin_type!r}, margin={self.margin:g}"
+        if self.label_smoothing:
+            s += f", label_smoothing={self.label_smoothing:g}"
+        if self.ignore_index != -100:
+            s += f", ignore_index={self.ignore_index}"
+        return s
+
     def op_args(self) -> tuple:
         """The options in the order of the op schemas (ops.py)."""
         return (
