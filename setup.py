@@ -16,7 +16,7 @@ import sys
 from setuptools import find_packages, setup
 
 # next to the package's modules after a failed build of l2sm_kernels._C: <module name> + this suffix
-# (l2sm_kernels/cpu.py reads it)
+# (l2sm_kernels/backends/cpu.py reads it)
 BUILD_ERROR_SUFFIX = ".build_error.txt"
 
 
@@ -78,7 +78,7 @@ def get_extensions():
                 if os.environ.get("L2SM_REQUIRE_EXT", "0") == "1":
                     raise
                 # remove every older build (any suffix Python would import), and leave a note that
-                # l2sm_kernels.cpu puts in the backend's "unavailable" reason: pip shows this build's
+                # l2sm_kernels.backends.cpu puts in the backend's "unavailable" reason: pip shows this build's
                 # output only with -v, so the note is how the failure becomes visible
                 for folder, name in self._artifacts(extension):
                     for suffix in importlib.machinery.EXTENSION_SUFFIXES:

@@ -4,7 +4,7 @@ the cuBLAS floor and the baselines, all in one run on one GPU (torch 2.11+, trit
 Rows (B=1024, D=512, bf16 features and weights, alpha=16, mean loss, C = 131072 and 1048576):
   floor            the three cuBLAS GEMMs of the same shapes (logits, dX = dZ W, dW = dZ^T X), bf16
   triton           l2_softmax_loss(..., backend="triton") + backward (the default tiles)
-  triton:<variant> the same with other tiles (kernels.triton_l2_softmax.GPU_CONFIGS), to choose defaults
+  triton:<variant> the same with other tiles (l2sm_kernels/backends/triton/config.py: GPU_CONFIGS), to choose defaults
   triton fwd/bwd   the forward op alone and the backward op alone (default tiles)
   eager            reference.plain_formula: F.cross_entropy(alpha * F.normalize(x) @ W.T, y) in bf16
   compile          torch.compile of the same formula with fp32 logits (as shared/anchors/anchor_bench.py)
@@ -164,7 +164,7 @@ def bench_ops(B, D, C):
     x, w, y = inputs(B, D, C)
     x, w = x.detach(), w.detach()
     alpha = torch.tensor(ALPHA, device=DEV)
-    opts = (False, "none", 0.0, -100, 0.0, 1e-12)
+    opts = L.L2SMOptions().op_args()
     needs = (True, True, False, False)
     loss, lse, aux = fwd(x, w, y, alpha, None, *opts, *needs)
     g = torch.full_like(loss, 1.0 / B)
@@ -201,7 +201,8 @@ class _Variant:
     """Make the triton launchers use GPU_CONFIGS[name] for both main kernels (the benchmark only)."""
 
     def __init__(self, name):
-        from l2sm_kernels.kernels import triton_l2_softmax as K
+        from l2sm_kernels.backends.triton import kernel_namespace
+        K = kernel_namespace()
         self.K, self.name = K, name
 
     def __enter__(self):

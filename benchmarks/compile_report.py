@@ -2,7 +2,7 @@
 made of them: registers per thread, spills (local memory), shared memory, and whether the products
 use Hopper's warpgroup MMA (HGMMA in the SASS). Nothing runs; no timing; no GPU needed.
 
-It drives the real launchers (kernels/triton_l2_softmax.forward / backward) on meta tensors with a
+It drives the real launchers (l2sm_kernels/backends/triton: loss_forward.forward, loss_backward.backward) on meta tensors with a
 recording `launch`, so each kernel is compiled with exactly the arguments, constexprs and tiles the
 op would use at that shape; pointers are assumed 16-byte aligned and unit strides specialized, as
 triton's runtime does for contiguous tensors.
@@ -31,7 +31,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from l2sm_kernels.kernels import triton_l2_softmax as K  # noqa: E402
+from l2sm_kernels.backends.triton import kernel_namespace  # noqa: E402
+from l2sm_kernels.options import L2SMOptions  # noqa: E402
+
+K = kernel_namespace()
 
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
        torch.int32: "i32"}
@@ -166,8 +169,8 @@ def main():
     on = {"bias", "norm", "arcface", "smooth", "alpha"} if a.options == "all" else (
         set() if a.options == "plain" else set(a.options.split(",")))
     bias = torch.empty(a.C, device=dev, dtype=wdt) if "bias" in on else None
-    opts = ("norm" in on, "arcface" if "arcface" in on else "none", 0.5 if "arcface" in on else 0.0, -100,
-            0.1 if "smooth" in on else 0.0, 1e-12)
+    opts = L2SMOptions(normalize_weight="norm" in on, margin_type="arcface" if "arcface" in on else "none",
+                       margin=0.5 if "arcface" in on else 0.0, label_smoothing=0.1 if "smooth" in on else 0.0).op_args()
     needs = (True, True, "bias" in on, "alpha" in on)
     def cfg(text, default):
         if not text:

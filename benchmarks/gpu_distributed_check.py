@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import l2sm_kernels as L
 import l2sm_kernels.distributed as LD
-from l2sm_kernels.distributed_testing import assert_accurate_rank_sum
+from l2sm_kernels.testing.rank_rounding import assert_accurate_rank_sum
 from l2sm_kernels.testing import assert_accurate
 
 MARGINS = [("none", 0.0), ("cosface", 0.35), ("arcface", 0.5)]

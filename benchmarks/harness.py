@@ -56,7 +56,8 @@ from l2sm_kernels import available_backends, l2_softmax_loss
 from l2sm_kernels.backends import resolve, triton_interpreted
 from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.reference import l2_softmax_loss_ref, plain_formula
-from l2sm_kernels.testing import allocator_peak_bytes, available_bytes  # noqa: F401 (available_bytes: harness API)
+from l2sm_kernels.testing.memory import CUDA_METHOD
+from l2sm_kernels.testing import allocator_peak_bytes, available_bytes, cuda_peak_bytes  # noqa: F401 (available_bytes: harness API)
 
 OPS = ("forward", "forward_backward")
 BASELINES = ("plain", "eager", "compile")
@@ -391,7 +392,7 @@ def cpu_memory(fn: Callable[[], object]) -> Memory:
 
 def memory_method(device: str) -> str:
     if torch.device(device).type == "cuda":
-        return "cuda.max_memory_allocated"
+        return CUDA_METHOD
     return "torch CPU allocator events (profiler); rss: VmHWM"
 
 
@@ -399,13 +400,7 @@ def measure_memory(step: Callable[[], None], device: str) -> Memory:
     """Peak memory of one step beyond what was allocated when it started (drop old gradients first:
     freeing memory allocated before the step would lower the count)."""
     if torch.device(device).type == "cuda":
-        gc.collect()
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return Memory(int(torch.cuda.max_memory_allocated(device) - base))
+        return Memory(cuda_peak_bytes(step, device))
     return cpu_memory(step)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import l2sm_kernels as L
-from l2sm_kernels import backends
+from l2sm_kernels.backends import registry as backends
 from l2sm_kernels.testing import make_case, max_err
 
 

@@ -7,7 +7,7 @@ same full problem from a seed, takes its slices, runs the distributed loss, and 
 gradient slices with STYLE.md's accuracy relation: err(distributed) <= 2 err(single-process op) +
 atol, both errors against the float64 reference (in float64 that is the reference's atol, 1e-10 of
 the largest value: no loosened tolerance). fp16 / bf16 features' gradient adds exactly the rounding
-the op boundary applies to each rank's contribution (distributed_testing.py).
+the op boundary applies to each rank's contribution (l2sm_kernels/testing/rank_rounding.py).
 """
 import itertools
 import math
@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 
 import l2sm_kernels as L
 import l2sm_kernels.distributed as LD
-from l2sm_kernels.distributed_testing import assert_accurate_rank_sum
+import l2sm_kernels.distributed.class_parallel as LDC
+from l2sm_kernels.testing.rank_rounding import assert_accurate_rank_sum
 from l2sm_kernels.testing import assert_accurate
 
 from conftest import is_slow, supports_fp64
@@ -281,7 +282,7 @@ def _work_special(rank, world, backend, dtype):
     shards = [0, 13] + ([6] if world == 3 else [])
     _check(rank, combo, shards, [4] * world, dtype, backend, seed=1, tag="empty shard")
     # the feature gradient through gloo's reduce_scatter instead of all_reduce, uneven batches
-    LD.GLOO_FEATURE_GRAD = "reduce_scatter"
+    LDC.GLOO_FEATURE_GRAD = "reduce_scatter"
     try:
         lay = LAYOUTS[world]
         _check(rank, combo, lay["shards"], lay["uneven_batch"], dtype, backend, seed=2,
@@ -289,7 +290,7 @@ def _work_special(rank, world, backend, dtype):
         _check(rank, dict(combo, reduction="none"), lay["shards"], lay["batch"], dtype, backend, seed=3,
                tag="reduce_scatter")
     finally:
-        LD.GLOO_FEATURE_GRAD = "all_reduce"
+        LDC.GLOO_FEATURE_GRAD = "all_reduce"
     # every row ignored: mean is NaN as torch's, sum is 0 with zero gradients
     lay = LAYOUTS[world]
     x = torch.randn(lay["batch"][rank], D, dtype=dtype, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Checks specific to backend "cpu" (csrc/l2_softmax_cpu.cpp, l2sm_kernels/cpu.py); the shared suite
+"""Checks specific to backend "cpu" (csrc/l2_softmax_cpu.cpp, l2sm_kernels/backends/cpu.py); the shared suite
 (test_l2_softmax.py) runs it against the float64 reference like every backend.
 
 Here: the C++ schemas are the op boundary's; results do not depend on the chunk size (a tiny chunk,
@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import l2sm_kernels as L
-from l2sm_kernels import backends, ops
+from l2sm_kernels.backends import registry as backends
+from l2sm_kernels.backends import contract as ops
+from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.testing import (ATOL_REL, available_bytes, check_case, cpu_peak_bytes, make_case, max_err, run,
                                   run_reference)
 
@@ -67,7 +69,7 @@ def test_op_rejects_bad_arguments_clearly():
     """Called below the public API, the op still names what is wrong instead of reading out of bounds."""
     fwd = torch.ops.l2sm.cpu_forward.default
     x, w, t, a = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), torch.tensor(2.0)
-    opts = (False, "none", 0.0, -100, 0.0, 1e-12, False, False, False, False)
+    opts = L2SMOptions().op_args() + (False, False, False, False)  # no gradient hints
     with pytest.raises(RuntimeError, match="weight must be"):
         fwd(x, torch.randn(5, 3), t, a, None, *opts)
     with pytest.raises(RuntimeError, match="target must be int64"):

@@ -39,8 +39,8 @@ def K():
         if "triton" in _REQUIRED:
             pytest.fail(f"backend triton is required but unavailable: {info.reason}")
         pytest.skip(f"backend triton unavailable: {info.reason}")
-    from l2sm_kernels.kernels import triton_l2_softmax
-    return triton_l2_softmax
+    from l2sm_kernels.backends.triton import kernel_namespace
+    return kernel_namespace()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def dev(K):
     return "cpu" if triton_interpreted() else "cuda"
 
 
-OPTS = (True, "arcface", 0.4, -100, 0.1, 1e-12)  # normalize_weight, margin_type, margin, ignore, s, eps
+OPTS = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.4, label_smoothing=0.1).op_args()
+PLAIN = L.L2SMOptions().op_args()
 
 
 def _inputs(B, D, C, dev, dtype=torch.float32, wdtype=None, seed=0, bias=True, ignore_rows=2):
@@ -84,7 +85,7 @@ def _close(a, b, rel=2e-5):
 # ---------------------------------------------------------------------------------------------
 # tiles, splits, chunks (RELIABILITY 16)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("opts", [OPTS, (False, "none", 0.0, -100, 0.0, 1e-12)], ids=["all-options", "plain"])
+@pytest.mark.parametrize("opts", [OPTS, PLAIN], ids=["all-options", "plain"])
 def test_tiles_splits_and_paths_agree(K, dev, opts):
     """Tile sizes, the number of class splits, the K loop vs one tile over D, D chunks of the
     accumulator and the chain-break scratch change only the summation order."""
@@ -249,12 +250,12 @@ try:  # a module global, so that a test kernel can call the kernels' helpers
     import triton
     import triton.language as tl
 
-    from l2sm_kernels.kernels import triton_l2_softmax as _TK
+    from l2sm_kernels.backends.triton.common import _rne_bf16
 
     @triton.jit
     def _rne_bf16_test_kernel(src, dst, n, BLOCK: tl.constexpr):
         i = tl.arange(0, BLOCK)
-        tl.store(dst + i, _TK._rne_bf16(tl.load(src + i, mask=i < n)), mask=i < n)
+        tl.store(dst + i, _rne_bf16(tl.load(src + i, mask=i < n)), mask=i < n)
 except ImportError:  # the K fixture skips (or fails) with the reason
     pass
 
@@ -328,7 +329,7 @@ _TRACE_SCRIPT = textwrap.dedent('''
             return 0
 
     triton.runtime.driver.set_active(_NoGPU())
-    import l2sm_kernels.triton_l2_softmax as TB
+    import l2sm_kernels.backends.triton.op as TB
     from l2sm_kernels.backends import ops_for
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
@@ -424,7 +425,9 @@ _WIDE_D_SCRIPT = textwrap.dedent(r"""
     from triton.compiler import ASTSource
     sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
     import compile_report as CR
-    from l2sm_kernels.kernels import triton_l2_softmax as K
+    from l2sm_kernels.backends.triton import kernel_namespace
+    from l2sm_kernels.options import L2SMOptions
+    K = kernel_namespace()
 
     # W stored (D, C) and passed as .T (stride (1, C)), features likewise (stride (1, BIG)): the D-axis
     # offset reaches BIG * (D - 1) > 2^31 elements while each stride still fits an i32 argument.
@@ -436,7 +439,7 @@ _WIDE_D_SCRIPT = textwrap.dedent(r"""
     t = torch.empty(B, device=meta, dtype=torch.int64)
     alpha = torch.empty((), device=meta)
     bias = torch.empty(C, device=meta, dtype=torch.bfloat16)
-    opts = (True, "arcface", 0.5, -100, 0.1, 1e-12)
+    opts = L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1).op_args()
     needs = (True, True, True, True)
     rec = CR.Recorder()
     fcfg = K.forward_config(D, x.dtype, w.dtype, True, gpu=True)
@@ -516,11 +519,26 @@ def test_wide_d_path_runs_and_matches(K, dev, monkeypatch):
     inp = (x.T.contiguous().T, w.T.contiguous().T, t, alpha, b, gl, gs)  # strides (1, B) and (1, C)
     assert inp[1].stride() == (1, 70) and not K.wide_d(40, inp[0], inp[1])
     base = _fwd_bwd(K, inp)
-    calls = []
-    monkeypatch.setattr(K, "wide_d", lambda D, *tensors: calls.append(D) or True)
-    for u, v in zip(_fwd_bwd(K, inp), base):
+    from l2sm_kernels.backends.triton import loss_backward, loss_forward, norms
+    for mod in (loss_forward, loss_backward, norms):  # every launcher that decides D64
+        monkeypatch.setattr(mod, "wide_d", lambda D, *tensors: True)
+    launched = []
+
+    def launch(kernel):  # runs the kernel, recording its name and whether it took the D64 path
+        class _Grid:
+            def __getitem__(self, grid):
+                def call(**kwargs):
+                    launched.append((kernel.__name__, kwargs["D64"]))
+                    return kernel[grid](**kwargs)
+                return call
+        return _Grid()
+
+    for u, v in zip(_fwd_bwd(K, inp, launch=launch), base):
         assert torch.equal(u, v)
-    assert len(calls) >= 6  # every kernel that takes x or W: both norms, split, combine, column sum, rows, dW
+    # every kernel that takes x or W ran with 64-bit D indices
+    assert {name for name, _ in launched} == {"_inv_norm_kernel", "_fwd_split_kernel", "_fwd_combine_kernel",
+                                              "_colsum_kernel", "_bwd_rows_kernel", "_bwd_dw_kernel"}
+    assert all(d64 for _, d64 in launched), launched
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -565,7 +583,7 @@ def test_cuda_d512_configs_match_reference(K, xdt, wdt, variant):
         return
     inp = (case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(), case.bias.detach(), g,
            torch.zeros_like(g))
-    opts = (True, "arcface", 0.5, -100, 0.1, 1e-12)
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1).op_args()
     base = _fwd_bwd(K, inp, opts)
     cfg = K.forward_config(512, xdt, wdt, True, gpu=True, variant=variant)
     other = _fwd_bwd(K, inp, opts, config=cfg, dw_config=cfg)

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .options import compute_dtype
+from ..options import compute_dtype
 
 NAMESPACE = "l2sm"
 

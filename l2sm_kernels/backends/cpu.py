@@ -1,4 +1,4 @@
-"""Backend "cpu": the C++ kernels of csrc/l2_softmax_cpu.cpp, built as l2sm_kernels._C by setup.py.
+"""Backend "cpu": the C++ kernels of csrc/, built as l2sm_kernels._C by setup.py.
 
 Importing l2sm_kernels._C registers torch.ops.l2sm.cpu_forward / cpu_backward (TORCH_LIBRARY in
 C++, CPU kernels); load() attaches the shared fake kernels and autograd formula (ops.py).
@@ -30,9 +30,9 @@ import os
 
 import torch
 
-from .backends import BackendUnavailable
-from .ops import register_backend_ops
-from .options import FLOAT_DTYPES
+from ..options import FLOAT_DTYPES
+from .contract import register_backend_ops
+from .registry import BackendUnavailable
 
 DTYPES = FLOAT_DTYPES  # inputs are converted to the compute dtype (fp32 / fp64) a chunk at a time
 
@@ -42,7 +42,7 @@ _OPS = None  # (forward op, backward op) once registered
 
 def _ext():
     if _C is None:
-        raise BackendUnavailable("l2sm_kernels._C is not loaded (l2sm_kernels.cpu.load() failed or was not run)")
+        raise BackendUnavailable("l2sm_kernels._C is not loaded (l2sm_kernels.backends.cpu.load() failed or was not run)")
     return _C
 
 
@@ -95,7 +95,8 @@ def load():
 
 def _build_error() -> str:
     """The note setup.py leaves next to this module when compiling the extension failed, or ''."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.build_error.txt")
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # l2sm_kernels/, where _C lands
+    path = os.path.join(package_dir, "_C.build_error.txt")
     try:
         with open(path) as f:
             return " ".join(f.read().split())[:500]

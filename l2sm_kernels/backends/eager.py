@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .options import ARCFACE_CLAMP, compute_dtype
+from ..options import ARCFACE_CLAMP, compute_dtype
 
 
 def normalize_rows(v: torch.Tensor, eps: float):

@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..options import FLOAT_DTYPES
 from . import eager
-from .ops import OPS, define_python_backend
-from .options import FLOAT_DTYPES
+from .contract import OPS, define_python_backend
 
 BACKENDS = ("eager", "cpu", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -35,7 +35,7 @@ class BackendInfo(NamedTuple):
 
 
 # module that provides load() -> (forward op, backward op), per non-eager backend
-_MODULES = {"cpu": "l2sm_kernels.cpu", "triton": "l2sm_kernels.triton_l2_softmax"}
+_MODULES = {"cpu": "l2sm_kernels.backends.cpu", "triton": "l2sm_kernels.backends.triton.op"}
 _load_errors: dict[str, str] = {}
 _dtypes: dict[str, tuple] = {}  # input dtypes a loaded backend takes (module attribute DTYPES)
 _warned: set = set()

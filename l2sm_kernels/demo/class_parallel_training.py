@@ -2,8 +2,8 @@
 and the class matrix sharded over the ranks (ClassParallelL2SoftmaxLoss), on synthetic clustered
 data. Launch with torchrun (gloo on CPU, NCCL when CUDA is available):
 
-    torchrun --standalone --nproc_per_node 2 -m l2sm_kernels.distributed_example
-    torchrun --standalone --nproc_per_node 2 -m l2sm_kernels.distributed_example --sample-rate 0.3
+    torchrun --standalone --nproc_per_node 2 -m l2sm_kernels.demo.class_parallel_training
+    torchrun --standalone --nproc_per_node 2 -m l2sm_kernels.demo.class_parallel_training --sample-rate 0.3
 
 At the end rank 0 checks the sharded loss against the single-process L2SoftmaxLoss loaded from the
 gathered full matrix, on the same global batch.

@@ -6,14 +6,11 @@ and which backend actually ran (the eager fallback materializes B x C logits jus
 formula does; only the fused backends avoid them).
 
 Peak memory, measured per training step (forward, backward, optimizer step; gradients set to None
-before it, so they count as allocated by the step):
-- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory
-  allocated before the step.
-- CPU: torch's CPU allocator keeps no peak counter. The step runs once more under
-  torch.profiler.profile(profile_memory=True); its allocation and free events, in time order,
-  are summed, and the peak of that running sum is reported (bytes allocated by the step beyond what
-  existed before it). Frees of memory allocated before profiling are invisible to the profiler;
-  the step is arranged so that it frees none.
+before it, so they count as allocated by the step) with l2sm_kernels.testing.peak_bytes:
+torch.cuda.max_memory_allocated on CUDA; on CPU (whose allocator keeps no peak counter) the step runs
+once more under torch.profiler and the peak of the running sum of its allocation and free events is
+reported. Frees of memory allocated before profiling are invisible to the profiler; the step is
+arranged so that it frees none.
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ from torch import nn
 import l2sm_kernels as L
 from l2sm_kernels.backends import available_backends, resolve
 from l2sm_kernels.reference import plain_formula
-from l2sm_kernels.testing import cpu_peak_bytes
+from l2sm_kernels.testing import peak_bytes
 
 PROVIDERS = ("l2sm", "plain")
 
@@ -91,18 +88,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def peak_step_bytes(step, device: torch.device) -> tuple[int, str]:
-    """(peak bytes allocated by one call of step(), how it was measured)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
-    return cpu_peak_bytes(step), "torch.profiler memory events (running sum, peak)"
-
-
 def train_provider(provider: str, cfg: LargeConfig, device: torch.device, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = _Model(cfg, provider, device)
@@ -142,7 +127,7 @@ def train_provider(provider: str, cfg: LargeConfig, device: torch.device, progre
     # one more step, measured for memory only (its gradients start from None, as in every step)
     x, y = batch()
     opt.zero_grad(set_to_none=True)
-    peak, method = peak_step_bytes(lambda: step(x, y), device)
+    peak, method = peak_bytes(lambda: step(x, y), device)
     med = statistics.median(times) if times else float("nan")
     return {
         "provider": provider,

@@ -69,10 +69,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import BACKEND_CHOICES, ops_for, resolve
-from .loss import _alpha_tensor, check_inputs
-from .options import REDUCTIONS, L2SMOptions, compute_dtype
-from .reference import target_margin
+from ..backends import BACKEND_CHOICES, ops_for, resolve
+from ..loss import _alpha_tensor, check_inputs
+from ..options import REDUCTIONS, L2SMOptions, compute_dtype
+from ..reference import target_margin
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelL2SoftmaxLoss"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .loss import l2_softmax_loss
-from .reference import l2_softmax_loss_ref
+from ..loss import l2_softmax_loss
+from ..reference import l2_softmax_loss_ref
 
 # atol of the accuracy relation, relative to the largest reference value of the compared tensor
 ATOL_REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
@@ -136,47 +136,3 @@ def check_case(case: Case, backend: str, grad_output=None, dtype=None) -> None:
 
 def _any64(case: Case) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in (case.x, case.weight, case.bias))
-
-
-# ------------------------------------------------------------------------------------------ memory
-def allocator_peak_bytes(prof) -> int:
-    """Peak of the running sum of torch's CPU allocation (+bytes) and free (-bytes) events recorded by a
-    finished torch.profiler.profile(profile_memory=True), relative to when it started. It sees the
-    allocations of the profiled thread and of the threads it hands its state to (autograd's engine),
-    not those made inside at::parallel_for / OpenMP workers nor memory taken outside torch's
-    allocator (BLAS packing buffers). Frees of memory allocated before profiling count as negative."""
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda ev: ev[0])  # stable: events of one timestamp keep their recorded order
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak CPU memory torch's allocator holds during fn() beyond what it held at the start
-    (see allocator_peak_bytes for what it can and cannot see)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return allocator_peak_bytes(prof)
-
-
-def available_bytes(device="cpu") -> int:
-    """Memory a new allocation can get now: CUDA free memory, or MemAvailable of /proc/meminfo."""
-    import os
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import l2_softmax_logits_ref
-from .testing import ATOL_REL, max_err
+from ..reference import l2_softmax_logits_ref
+from .accuracy import ATOL_REL, max_err
 
 # unit roundoff (half an ulp, relative) of the half-precision feature dtypes
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

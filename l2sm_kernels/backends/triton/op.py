@@ -1,9 +1,9 @@
-"""Backend "triton": the fused GPU kernels (kernels/triton_l2_softmax.py) behind the op boundary.
+"""Backend "triton": the fused GPU kernels (loss_forward.py, loss_backward.py) behind the op boundary.
 
 l2sm::triton_forward / l2sm::triton_backward are torch.library.triton_op ops: torch.compile sees the
 Triton kernels inside them (wrap_triton), so a compiled training step traces through the loss with
-no graph break; ops.register_backend_ops attaches the shared fake kernels and the autograd formula.
-The backend loads wherever triton imports; backends.py decides which tensors it may take (CUDA
+no graph break; contract.register_backend_ops attaches the shared fake kernels and the autograd formula.
+The backend loads wherever triton imports; registry.py decides which tensors it may take (CUDA
 tensors, or CPU tensors under the Triton interpreter, TRITON_INTERPRET=1, which is how CI runs it).
 
 Inputs: float16, bfloat16, float32 (x, W and b may differ, e.g. bf16 features with fp32 master
@@ -15,8 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops
-from .backends import BackendUnavailable
+from .. import contract as ops
+from ..registry import BackendUnavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -47,7 +47,10 @@ def load():
         raise BackendUnavailable(f"triton is not importable ({e})") from e
     from torch.library import triton_op, wrap_triton
 
-    from .kernels import triton_l2_softmax as K
+    from .common import INTERPRETED
+    from .aux_layout import aux_meta
+    from .loss_backward import backward
+    from .loss_forward import forward
 
     def triton_forward(
         x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor,
@@ -55,8 +58,8 @@ def load():
         ignore_index: int, label_smoothing: float, eps: float, need_x: bool, need_weight: bool,
         need_bias: bool, need_alpha: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _check(x, weight, bias, K.INTERPRETED)
-        return K.forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
+        _check(x, weight, bias, INTERPRETED)
+        return forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
                          label_smoothing, eps, need_x, need_weight, need_bias, need_alpha, launch=wrap_triton)
 
     def triton_backward(
@@ -66,8 +69,8 @@ def load():
         label_smoothing: float, eps: float, need_x: bool, need_weight: bool, need_bias: bool,
         need_alpha: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        _check(x, weight, bias, K.INTERPRETED)
-        return K.backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight,
+        _check(x, weight, bias, INTERPRETED)
+        return backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight,
                           margin_type, margin, ignore_index, label_smoothing, eps, need_x, need_weight,
                           need_bias, need_alpha, launch=wrap_triton)
 
@@ -82,7 +85,7 @@ def load():
         want = str(torch._C.parse_schema(name + schema))
         if got != want:
             raise RuntimeError(f"triton op schema drifted from ops.py: {got} != {want}")
-    ops.register_backend_ops("triton", fwd, bwd, aux_meta=K.aux_meta)
+    ops.register_backend_ops("triton", fwd, bwd, aux_meta=aux_meta)
     _LOADED = (fwd, bwd)
     return _LOADED
 

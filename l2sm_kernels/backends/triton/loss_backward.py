@@ -1,0 +1,325 @@
+"""The triton backward: _bwd_rows_kernel (per row: the upstream weights, the target column's dz, dX
+from the forward's O', d alpha's row terms) and _bwd_dw_kernel (persistent over class blocks:
+recompute S, form dz, accumulate dW and db, W's normalization backward), and their launcher
+backward(). The derivation of every term is in this package's __init__ docstring."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_WP, RV_WTS, ST_CY, ST_PC,
+                         ST_PY, ST_Q, ST_SC, aux_flags, aux_layout)
+from .common import INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _through_scratch2d, wide_d
+from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta
+from .loss_forward import forward
+from .margin import _margin, _target_info, margin_kwargs
+from .norms import column_sum, inv_norms
+
+
+@triton.jit
+def _bwd_rows_kernel(
+    gl_ptr, gs_ptr, x_ptr, w_ptr, alpha_ptr, tgt_ptr, aux_ptr, wsum_ptr,  # inputs
+    rowv_ptr, dx_ptr, da_ptr,  # outputs: per-row values for the dW pass, dx, per-row d alpha terms
+    B, C, D, ignore_index,  # sizes
+    smoothing, inv_C, eps, margin, cos_m, sin_m, th, mm,  # options
+    stride_gl, stride_gs, stride_xb, stride_xd, stride_wc, stride_wd, stride_t,  # input strides
+    aux_o_off,  # where O' starts in aux
+    NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr, D64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per row: the upstream weights, the target column's dz, dx (from O'), and d alpha's row term."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    t = tl.load(tgt_ptr + rows * stride_t, mask=rmask, other=ignore_index)
+    valid, has_t, bad = _target_info(t, ignore_index, C)
+    ty = tl.where(has_t, t, 0)
+    alpha = tl.load(alpha_ptr).to(tl.float32)
+    g_loss = tl.load(gl_ptr + rows * stride_gl, mask=rmask, other=0.0).to(tl.float32)
+    g_lse = tl.load(gs_ptr + rows * stride_gs, mask=rmask, other=0.0).to(tl.float32)
+    # ignored rows: their loss is the constant 0 (w_t = 0), their lse still has a gradient;
+    # rows with an out-of-range target carry NaN, never a plausible gradient
+    w_t = tl.where(valid, g_loss, 0.0)
+    w_t = tl.where(bad, float("nan"), w_t)
+    w_p = w_t + g_lse
+    wts = w_t * smoothing * inv_C  # w_t s / C, the smoothing term of every column
+
+    st = aux_ptr + rows * _NSTAT
+    c_y = tl.load(st + ST_CY, mask=rmask, other=0.0)
+    p_y = tl.load(st + ST_PY, mask=rmask, other=0.0)
+    q = tl.load(st + ST_Q, mask=rmask, other=0.0)
+    f_y, fp_y = _margin(c_y, MARGIN, margin, cos_m, sin_m, th, mm)
+    # dz_iy = w_p p_y - w_t (1 - s + s/C) = -w_t q + g_lse p_y + w_t s (1 - 1/C), with q = 1 - p_y
+    # from the non-target mass: exact for confident rows (p_y - 1 would round to 0 in fp32 or bf16)
+    dz_y = -w_t * q + g_lse * p_y + w_t * smoothing * (1.0 - inv_C)
+    dz_y = tl.where(has_t, dz_y, 0.0)
+    dc_y = alpha * dz_y * fp_y  # dloss/dc_iy
+
+    dd = _didx(tl.arange(0, BLOCK_D), D64)
+    xsq = tl.zeros([BLOCK_R], tl.float32)
+    wsq = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + dd
+        dm = d[None, :] < D
+        xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=rmask[:, None] & dm,
+                     other=0.0).to(tl.float32)
+        xsq += tl.sum(xr * xr, 1)
+        if NEED_X:
+            if NORM_W:
+                wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd, mask=has_t[:, None] & dm,
+                             other=0.0).to(tl.float32)
+                wsq += tl.sum(wr * wr, 1)
+    x_norm = tl.sqrt_rn(xsq)
+    inv_nx = tl.div_rn(1.0, tl.maximum(x_norm, eps))
+    rv = rowv_ptr + rows * _NROWV
+    tl.store(rv + RV_INVNX, inv_nx, mask=rmask)
+    tl.store(rv + RV_WP, w_p, mask=rmask)
+    tl.store(rv + RV_WTS, wts, mask=rmask)
+    tl.store(rv + RV_DZY, dz_y, mask=rmask)
+    tl.store(rv + RV_DCY, dc_y, mask=rmask)
+
+    if NEED_ALPHA:
+        # sum_j dz_ij g_ij (z = alpha g + b): w_p PC - w_t (s/C) SC + dz_y f(c_y)
+        pc = tl.load(st + ST_PC, mask=rmask, other=0.0)
+        sc = tl.load(st + ST_SC, mask=rmask, other=0.0)
+        r = w_p * pc + tl.where(has_t, dz_y * f_y, 0.0)
+        if SMOOTH:
+            r -= wts * sc
+        tl.store(da_ptr + rows, tl.where(rmask, r, 0.0), mask=rmask)
+
+    if NEED_X:
+        # dx_hat = alpha [w_p O' - w_t (s/C) Wsum + (w_t s/C + dz_y f'(c_y)) W_hat_y]   (has_t rows)
+        co = alpha * w_p
+        cy = tl.where(has_t, dc_y, 0.0)
+        if SMOOTH:
+            cy += tl.where(has_t, alpha * wts, 0.0)
+        if NORM_W:
+            cy = tl.div_rn(cy, tl.maximum(tl.sqrt_rn(wsq), eps))
+        cs = -alpha * wts
+        # normalization backward: dx = (dx_hat - x_hat (x_hat . dx_hat)) / |x| where |x| >= eps,
+        # dx_hat / eps below (eager.normalize_rows_backward); two sweeps over D
+        x_den = tl.maximum(x_norm, eps)
+        proj = tl.zeros([BLOCK_R], tl.float32)
+        for sweep in tl.static_range(2):
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + dd
+                dm = rmask[:, None] & (d[None, :] < D)
+                xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=dm,
+                             other=0.0).to(tl.float32)
+                # a correctly rounded division of a correctly rounded norm, as eager: D = 1 gives
+                # x_hat = +-1 exactly (sqrt_rn(fl(x^2)) = |x|) on the GPU as under the interpreter
+                x_hat = tl.div_rn(xr, x_den[:, None])
+                o = tl.load(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], mask=dm, other=0.0)
+                wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd,
+                             mask=has_t[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+                g = co[:, None] * o + cy[:, None] * wr
+                if SMOOTH:
+                    g += cs[:, None] * tl.load(wsum_ptr + d, mask=d < D, other=0.0)[None, :]
+                if sweep == 0:
+                    proj += tl.sum(x_hat * g, 1)
+                else:
+                    dx = tl.div_rn(tl.where((x_norm >= eps)[:, None], g - x_hat * proj[:, None], g), x_den[:, None])
+                    tl.store(dx_ptr + rows[:, None] * D + d[None, :], _out(dx, dx_ptr, EMU), mask=dm)
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, lse_ptr, rowv_ptr,  # inputs
+    dw_ptr, db_ptr,  # outputs (dW contiguous (C, D) in W's dtype, db in the bias dtype)
+    scr_p_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of the dW product's operand (BLOCK_C x BLOCK_B)
+    B, C, D, ignore_index, eps, n_cblocks,  # sizes, target rule, eps, class blocks
+    stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t, stride_lse,  # input strides
+    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
+    D64: tl.constexpr,
+):
+    """Persistent over class blocks (pid, pid + programs, ...), one D chunk per grid column. For each
+    class block: walk every row block, recompute S, form dz (the target entry from the per-row value),
+    accumulate dW_hat (its D chunk), db and w_hat . dw_hat; then the normalization backward of W."""
+    pid_d = tl.program_id(1)
+    prog = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_d
+    alpha = tl.load(alpha_ptr).to(tl.float32)
+    cl = tl.arange(0, BLOCK_C)
+    dk = _didx(tl.arange(0, BLOCK_K), D64)
+    do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
+    it = 0
+    for cb in range(tl.program_id(0).to(tl.int64), n_cblocks, tl.num_programs(0)):  # int64 induction
+        c_lo = cb * BLOCK_C
+        cols = c_lo + cl
+        cmask = cols < C
+        w_rows = w_ptr + cols[:, None] * stride_wc
+        if SINGLE_K:  # the class block's weights stay on chip for the whole walk over the rows
+            w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
+        if NORM_W:
+            # |W_j| from 64-wide slices (a second read of the block, from L2: a whole fp32 copy of the
+            # tile in registers next to the accumulator would spill)
+            wsq = tl.zeros([BLOCK_C], tl.float32)
+            for k0 in range(0, D, 64):
+                kk = k0 + _didx(tl.arange(0, 64), D64)
+                wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
+                             other=0.0).to(tl.float32)
+                wsq += tl.sum(wk * wk, 1)
+            w_norm = tl.sqrt_rn(wsq)
+            inv_nw = tl.div_rn(1.0, tl.maximum(w_norm, eps))
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)
+
+        acc = tl.zeros([BLOCK_C, BLOCK_DO], tl.float32)
+        db = tl.zeros([BLOCK_C], tl.float32)
+        proj = tl.zeros([BLOCK_C], tl.float32)
+        for r0 in range(0, B, BLOCK_B):
+            rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+            rmask = rows < B
+            x_rows = x_ptr + rows[:, None] * stride_xb
+            if PREFETCH:  # the next row tile's features, into L1 while this one computes
+                _prefetch_l1(x_ptr, tl.minimum(rows + BLOCK_B, B - 1), stride_xb, D, BLOCK_K)
+            rv = rowv_ptr + rows * _NROWV
+            inv_nx = tl.load(rv + RV_INVNX, mask=rmask, other=0.0)
+            w_p = tl.load(rv + RV_WP, mask=rmask, other=0.0)
+            wts = tl.load(rv + RV_WTS, mask=rmask, other=0.0)
+            dz_y = tl.load(rv + RV_DZY, mask=rmask, other=0.0)
+            dc_y = tl.load(rv + RV_DCY, mask=rmask, other=0.0)
+            lse = tl.load(lse_ptr + rows * stride_lse, mask=rmask, other=0.0)
+            t = tl.load(tgt_ptr + rows * stride_t, mask=rmask, other=ignore_index)
+            _, has_t, _ = _target_info(t, ignore_index, C)
+            # the target's column inside this class block, as a small int32 (-1: not in the block)
+            t_rel = tl.where(has_t & (t >= c_lo) & (t < c_lo + BLOCK_C), t - c_lo, -1).to(tl.int32)
+
+            # S = x W^T for (rows, classes): rows along the product's M (per-row vectors cost a few
+            # registers), the class block's weights as its B operand (they stay in shared memory)
+            s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+            if SINGLE_K:
+                x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D),
+                                 other=0.0)
+                s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
+            else:
+                for k0 in range(0, D, BLOCK_K):
+                    kk = k0 + dk
+                    xk = tl.load(x_rows + kk[None, :] * stride_xd, mask=rmask[:, None] & (kk[None, :] < D),
+                                 other=0.0)
+                    wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
+                                 other=0.0)
+                    s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
+            c = s * inv_nx[:, None]
+            if NORM_W:
+                c = c * inv_nw[None, :]
+            z = alpha * c
+            if HAS_BIAS:
+                z += bias[None, :]
+            p = tl.exp(z - lse[:, None])
+            # dz_ij = w_p p_ij - w_t s/C off the target column, the per-row dz_iy on it; padded rows: 0
+            is_t = cl[None, :] == t_rel[:, None]
+            dz = tl.where(is_t, dz_y[:, None], w_p[:, None] * p - wts[:, None])
+            dz = tl.where(rmask[:, None], dz, 0.0)
+            if NEED_B:
+                db += tl.sum(dz, 0)
+            if NEED_W:
+                # dloss/dc_ij = alpha dz_ij, times f'(c_iy) on the target column (dc_y)
+                dc = tl.where(is_t, dc_y[:, None], alpha * dz)
+                dc = tl.where(rmask[:, None], dc, 0.0)
+                if NORM_W:
+                    proj += tl.sum(dc * c, 0)  # w_hat_j . dw_hat_j = sum_i dc_ij c_ij
+                # dW_hat_j += sum_i dc_ij x_hat_i = sum_i (dc_ij / |x_i|) x_i: raw x rows, scaled derived operand
+                a = tl.trans(_operand(dc * inv_nx[:, None], P_DT, EMU))
+                if CHAIN_BREAK:
+                    slot = it % 2
+                    a = _through_scratch2d(a, scr_p_ptr + (prog * 2 + slot) * (BLOCK_B * BLOCK_C), BLOCK_C, BLOCK_B)
+                if REUSE_TILE:
+                    xo = x_tile
+                else:
+                    xo = tl.load(x_rows + do[None, :] * stride_xd, mask=rmask[:, None] & (do[None, :] < D),
+                                 other=0.0)
+                acc = _mma(a, xo, acc, P_DT, P_TF32, EMU)
+            it += 1
+
+        dmask = cmask[:, None] & (do[None, :] < D)
+        if NEED_W:
+            if NORM_W:
+                # dW_j = (dw_hat_j - w_hat_j (w_hat_j . dw_hat_j)) / |W_j| where |W_j| >= eps, dw_hat_j / eps below
+                shrink = tl.where(w_norm >= eps, proj * inv_nw * inv_nw, 0.0)
+                wo = tl.load(w_rows + do[None, :] * stride_wd, mask=dmask, other=0.0).to(tl.float32)
+                acc = acc * inv_nw[:, None] - shrink[:, None] * wo
+            tl.store(dw_ptr + cols[:, None] * D + do[None, :], _out(acc, dw_ptr, EMU), mask=dmask)
+        if NEED_B:
+            if pid_d == 0:
+                tl.store(db_ptr + cols, _out(db, db_ptr, EMU), mask=cmask)
+
+
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight, margin_type,
+             margin, ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha, *,
+             launch=_identity, config: Config | None = None, fwd_config: Config | None = None):
+    """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed."""
+    B, D = x.shape
+    C = weight.shape[0]
+    dev = x.device
+    s = float(label_smoothing)
+    need_bias = need_bias and bias is not None
+    bdt = bias.dtype if bias is not None else x.dtype
+
+    def outputs():
+        return (torch.empty((B, D) if need_x else (0,), device=dev, dtype=x.dtype),
+                torch.empty((C, D) if need_weight else (0,), device=dev, dtype=weight.dtype),
+                torch.empty((C,) if need_bias else (0,), device=dev, dtype=bdt))
+
+    if B == 0 or not (need_x or need_weight or need_bias or need_alpha):
+        dx, dw, db = outputs()
+        if need_weight:
+            dw.zero_()
+        if need_bias:
+            db.zero_()
+        dalpha = torch.zeros((), device=dev, dtype=alpha.dtype) if need_alpha else alpha.new_empty((0,))
+        return dx, dw, db, dalpha
+
+    has_o, has_pc, has_ws = aux_flags(B, D, aux)
+    if (need_x and not has_o) or (need_alpha and not has_pc):
+        # the forward ran without these hints: rerun it to get O' / PC (the op contract allows it). Before
+        # the gradients are allocated: its split partials and scratch are freed when it returns, so they
+        # never coexist with dW
+        _, _, aux = forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
+                            s, eps, need_x, False, False, need_alpha, launch=launch, config=fwd_config)
+        has_o, has_pc, has_ws = aux_flags(B, D, aux)
+    dx, dw, db = outputs()
+    _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws)
+    if need_x and s > 0:
+        if has_ws:
+            wsum = aux[ws_off:ws_off + D]
+        else:
+            wsum = column_sum(weight, inv_norms(weight, eps, launch) if normalize_weight else None, launch)
+    else:
+        wsum = aux  # a placeholder pointer (SMOOTH is off)
+
+    rowv = torch.empty((B, NROWV), device=dev, dtype=torch.float32)
+    da = torch.empty((B,) if need_alpha else (0,), device=dev, dtype=torch.float32)
+    d64 = wide_d(D, x, weight)
+    BR, BD = row_tiles(D)
+    launch(_bwd_rows_kernel)[(triton.cdiv(B, BR),)](
+        gl_ptr=grad_loss, gs_ptr=grad_lse, x_ptr=x, w_ptr=weight, alpha_ptr=alpha, tgt_ptr=target, aux_ptr=aux,
+        wsum_ptr=wsum, rowv_ptr=rowv, dx_ptr=dx if need_x else rowv, da_ptr=da if need_alpha else rowv,
+        B=B, C=C, D=D, ignore_index=ignore_index, smoothing=s, inv_C=1.0 / C, eps=eps,
+        stride_gl=grad_loss.stride(0), stride_gs=grad_lse.stride(0), stride_xb=x.stride(0), stride_xd=x.stride(1),
+        stride_wc=weight.stride(0), stride_wd=weight.stride(1), stride_t=target.stride(0), aux_o_off=o_off,
+        NORM_W=normalize_weight, SMOOTH=s > 0, NEED_X=need_x, NEED_ALPHA=need_alpha,
+        EMU=INTERPRETED, D64=d64, BLOCK_R=BR, BLOCK_D=BD, **margin_kwargs(margin_type, margin))
+
+    if need_weight or need_bias:
+        cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C)
+        meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=x, chain_break=cfg.chain_break and need_weight)
+        n_d = triton.cdiv(D, meta["BLOCK_DO"]) if need_weight else 1
+        n_cblocks = triton.cdiv(C, cfg.block_cols)
+        programs = min(n_cblocks, dw_programs(num_sms(dev)))
+        n_prog = programs * n_d if meta["CHAIN_BREAK"] else 0
+        scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
+        launch(_bwd_dw_kernel)[(programs, n_d)](
+            x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target,
+            lse_ptr=lse, rowv_ptr=rowv, dw_ptr=dw if need_weight else rowv, db_ptr=db if need_bias else rowv,
+            scr_p_ptr=scr_p, B=B, C=C, D=D, ignore_index=ignore_index, eps=eps, n_cblocks=n_cblocks,
+            stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
+            stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0), stride_lse=lse.stride(0),
+            HAS_BIAS=bias is not None, NORM_W=normalize_weight, NEED_W=need_weight, NEED_B=need_bias, D64=d64,
+            **meta)
+
+    dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
+    return dx, dw, db, dalpha
