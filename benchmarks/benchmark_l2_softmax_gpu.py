@@ -2,19 +2,19 @@
 the cuBLAS floor and the baselines, all in one run on one GPU (torch 2.11+, triton 3.6; nothing to install).
 
 Rows (B=1024, D=512, bf16 features and weights, alpha=16, mean loss, C = 131072 and 1048576):
-  floor            the three cuBLAS GEMMs of the same shapes (logits, dX = dZ W, dW = dZ^T X), bf16
+  gemm_floor       the three cuBLAS GEMMs of the same shapes (logits, dX = dZ W, dW = dZ^T X), bf16
   triton           l2_softmax_loss(..., backend="triton") + backward (the default tiles)
   triton:<variant> the same with other tiles (l2sm_kernels/backends/triton/config.py: GPU_CONFIGS), to choose defaults
   triton fwd/bwd   the forward op alone and the backward op alone (default tiles)
-  eager            reference.plain_formula: F.cross_entropy(alpha * F.normalize(x) @ W.T, y) in bf16
-  compile          torch.compile of the same formula with fp32 logits (as shared/anchors/anchor_bench.py)
+  plain            reference.plain_formula: F.cross_entropy(alpha * F.normalize(x) @ W.T, y) in bf16
+  compile          torch.compile of the same formula with fp32 logits (as the H200 anchors were measured, docs/design.md, "The roofline")
   cce, cce_exact   Cut Cross-Entropy (default filtering / filter_eps=None), when importable
   liger            Liger-Kernel's fused linear cross-entropy, when importable (skipped at C=1M: ~2 s a step)
 Each: median time (triton.testing.do_bench, CUDA events), peak memory allocated beyond the inputs
 during one forward + backward (gradients included), and the relative error of loss, dX, dW against
 float64 at B=256, C=8192. Memory measured the way the anchors measured it.
 
-Order: the baselines first (bf16 mm peak, floor, eager, compile, cce, liger; accuracy, then every shape),
+Order: the baselines first (bf16 mm peak, gemm_floor, plain, compile, cce, liger; accuracy, then every shape),
 then triton, then its variants: a fault in a triton kernel that kills the CUDA context cannot take the
 baselines along (the rows after it are marked as skipped). Writes every number to <out>/l2_softmax_gpu.json
 (out: --out, else $OUT, else results/) as it comes and prints a short table last. Meant to take a few
@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import l2sm_kernels as L  # noqa: E402
 from l2sm_kernels.reference import plain_formula  # noqa: E402
+from l2sm_kernels.testing import peak_bytes  # noqa: E402
 
 ALPHA = 16.0
 SHAPES = [(1024, 512, 131072), (1024, 512, 1048576)]
@@ -48,19 +49,6 @@ DEV = "cuda"
 def _sync():
     if DEV == "cuda":
         torch.cuda.synchronize()
-
-
-def _mem():
-    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
-
-
-def _reset_peak():
-    if DEV == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak():
-    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
 
 
 def _bench(fn, warmup, rep):
@@ -75,7 +63,7 @@ def _bench(fn, warmup, rep):
         ts.append((time.perf_counter() - t) * 1e3)
     return sorted(ts)[1]
 VARIANTS = ["fused_prefetch", "fused_chained", "split_d"]  # besides the default ("fused" for bf16 at D <= 512)
-ESSENTIAL = {"floor", "eager", "compile", "triton", "triton_ops"}  # rows measured whatever the time budget
+ESSENTIAL = {"gemm_floor", "plain", "compile", "triton", "triton_ops"}  # rows measured whatever the time budget
 
 
 def _l2(x):
@@ -86,7 +74,7 @@ def methods():
     """name -> fn(x, w, y) returning the mean loss; baselines that cannot load give their reason."""
     out, missing = {}, {}
     out["triton"] = lambda x, w, y: L.l2_softmax_loss(x, w, y, ALPHA, backend="triton")
-    out["eager"] = lambda x, w, y: plain_formula(x, w, y, ALPHA)
+    out["plain"] = lambda x, w, y: plain_formula(x, w, y, ALPHA)
 
     def fp32_logits(x, w, y):
         return F.cross_entropy((_l2(x) @ w.T).float(), y)
@@ -145,12 +133,7 @@ def bench(fn, B, D, C, warmup=100, rep=400):
     _sync()
     x.grad = None
     w.grad = None
-    _sync()
-    base = _mem()
-    _reset_peak()
-    fn(x, w, y).backward()
-    _sync()
-    peak = _peak() - base
+    peak, _ = peak_bytes(lambda: fn(x, w, y).backward(), DEV)
     x.grad = None
     w.grad = None
     ms = _bench(step, warmup, rep)
@@ -266,7 +249,7 @@ def main():
         return out
 
     def run_rows(rows):
-        """rows: (name, fn) measured at every shape. floor, eager, compile, triton and its ops always run;
+        """rows: (name, fn) measured at every shape. gemm_floor, plain, compile, triton and its ops always run;
         the others are skipped once the budget is spent."""
         for (B, D, C) in SHAPES:
             key = f"B{B}_D{D}_C{C}"
@@ -278,7 +261,7 @@ def main():
                 if name == "liger" and C > 200_000:
                     r[name] = {"error": "skipped: ~2 s per step at this size (anchors: 1797 ms)"}
                     continue
-                if name == "floor":
+                if name == "gemm_floor":
                     r[name] = guarded(gemm_floor, B, D, C)
                 elif name == "triton_ops":
                     r[name] = guarded(bench_ops, B, D, C)
@@ -296,13 +279,13 @@ def main():
         print("check", name, res["checks"][name], f"t={time.time() - t0:.0f}s", flush=True)
         save()
 
-    # the baselines first (peak mm, floor, eager, compile, ...), all shapes, saved as they come: this is the
+    # the baselines first (peak mm, gemm_floor, plain, compile, ...), all shapes, saved as they come: this is the
     # kernels' first run on a GPU, and a fault there (sticky: the CUDA context is lost) must not take them along
     res["bf16_mm_tflops_8192"] = guarded(peak_mm)
     baselines = [(n, f) for n, f in fns.items() if n != "triton"]
     for name, fn in baselines:
         check(name, fn)
-    run_rows([("floor", None)] + baselines)
+    run_rows([("gemm_floor", None)] + baselines)
     # then triton: accuracy, the whole step, the ops apart; other tiles last (the first to go when time runs out)
     check("triton", fns["triton"])
     run_rows([("triton", fns["triton"]), ("triton_ops", None)])
@@ -317,8 +300,8 @@ def main():
     print(f"\n{res['device']}, torch {res['torch']}, triton {res['triton']}; bf16 mm {mm}; "
           f"bf16 alpha=16, forward+backward, median; peak memory beyond the inputs")
     for key, r in res["runs"].items():
-        fl = r.get("floor", {}).get("ms")
-        print(f"== {key}: 3-GEMM floor {fl:.3f} ms" if fl else f"== {key}: floor {r.get('floor')}")
+        fl = r.get("gemm_floor", {}).get("ms")
+        print(f"== {key}: 3-GEMM floor {fl:.3f} ms" if fl else f"== {key}: floor {r.get('gemm_floor')}")
         ops = r.get("triton_ops", {})
         if "fwd_ms" in ops:
             print(f"   triton ops: forward {ops['fwd_ms']:.3f} ms (lse only {ops['fwd_lse_only_ms']:.3f}), "
@@ -326,7 +309,7 @@ def main():
         elif "error" in ops:
             print(f"   triton ops: {ops['error'][:100]}")
         for name, v in r.items():
-            if name in ("floor", "triton_ops") or not isinstance(v, dict):
+            if name in ("gemm_floor", "triton_ops") or not isinstance(v, dict):
                 continue
             if "ms" in v:
                 ratio = f"x{v['ms'] / fl:5.2f}" if fl else ""

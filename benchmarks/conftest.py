@@ -1,6 +1,6 @@
 """pytest set-up of the benchmarks.
 
-Benchmark files are named benchmark_*.py (STYLE.md #1: one base name with the op's kernel and test
+Benchmark files are named benchmark_*.py (docs/conventions.md, "One base name per op": one base name with the op's kernel and test
 files); this hook collects them when pytest is pointed at benchmarks/ (`python -m pytest benchmarks/`).
 The test command `python -m pytest tests` (and a bare `python -m pytest`, whose testpaths is tests/)
 never collects them. Unlike tests/conftest.py this does not set TRITON_INTERPRET: interpreted
@@ -11,7 +11,6 @@ After the pytest-benchmark tables, a summary lists each benchmark's peak memory 
 """
 import pytest
 
-from benchmarks import harness as H
 
 MiB = 2**20
 _RESULTS: list[dict] = []

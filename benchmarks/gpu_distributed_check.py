@@ -9,7 +9,7 @@
 
 Part 1 (correctness): every rank builds the same full problem from a seed, takes its rows of the
 batch and its shard of the classes (uneven split), and compares the loss and every gradient slice
-with the single-process l2_softmax_loss on the concatenated batch (same backend) by STYLE.md's
+with the single-process l2_softmax_loss on the concatenated batch (same backend) by the accuracy relation
 accuracy relation against the float64 reference, for margins, normalize_weight, bias, smoothing,
 ignored rows, reductions, a learnable alpha and Partial FC sampling, in float32 and bf16.
 Part 2 (timing, rank 0 prints): forward + backward of the class-parallel loss vs the single-process

@@ -1,7 +1,7 @@
 """The one place the benchmarks share: providers, timing, memory measurement, the fit check, tidy rows,
 the table and the plot. Used by benchmark_l2_softmax.py (pytest-benchmark) and sweep.py (the sweep).
 
-Providers (what is measured; baselines are imported from the package, never rewritten, STYLE.md #11):
+Providers (what is measured; baselines are imported from the package, never rewritten; docs/conventions.md, "Benchmark rows"):
 - "plain":      l2sm_kernels.reference.plain_formula, `F.cross_entropy(alpha * F.normalize(x) @ W.T, y)`,
                 in the input dtype (with non-default loss options: reference.l2_softmax_loss_ref(upcast=False)).
 - "eager":      l2_softmax_loss(backend="eager"), the hand-written backward in plain torch.

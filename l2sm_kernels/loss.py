@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from .backends import ops_for, resolve
-from .options import FLOAT_DTYPES, REDUCTIONS, L2SMOptions, compute_dtype
+from .options import FLOAT_DTYPES, L2SMOptions, check_alpha, check_reduction, compute_dtype
 
 
 def alpha_lower_bound(num_classes: int, p: float = 0.9) -> float:
@@ -77,7 +77,7 @@ def _check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) ->
             )
     else:
         torch._assert_async(
-            ~bad.any(), f"l2sm_kernels: a target is outside [0, num_classes) and is not ignore_index"
+            ~bad.any(), "l2sm_kernels: a target is outside [0, num_classes) and is not ignore_index"
         )
 
 
@@ -92,11 +92,7 @@ def _alpha_tensor(alpha, device, dtype) -> torch.Tensor:
                 raise ValueError(f"alpha is on {alpha.device} but features are on {device}")
             alpha = alpha.to(device)  # a 0-d CPU scalar moves along (differentiably)
         return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a Python number or a 0-d tensor, got {type(alpha).__name__}")
-    if alpha <= 0:  # NaN passes this check on purpose: NaN propagates into the loss
-        raise ValueError(f"alpha must be > 0 (the radius of the feature hypersphere), got {alpha!r}")
-    return torch.full((), float(alpha), dtype=dtype, device=device)
+    return torch.full((), check_alpha(alpha), dtype=dtype, device=device)
 
 
 def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
@@ -125,8 +121,7 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     """
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     check_inputs(features, weight, target, bias)
     device = features.device
     C = weight.shape[0]

@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from .backends import BACKEND_CHOICES
+from .backends.registry import check_backend
 from .loss import l2_softmax_loss
-from .options import REDUCTIONS, L2SMOptions
+from .options import L2SMOptions, check_alpha, check_int, check_reduction
 
 
 class L2SoftmaxLoss(nn.Module):
@@ -26,14 +26,11 @@ class L2SoftmaxLoss(nn.Module):
                  margin_type: str = "none", reduction: str = "mean", ignore_index: int = -100,
                  label_smoothing: float = 0.0, backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        if in_features < 1 or num_classes < 1:
-            raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
-        if not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        in_features = check_int("in_features", in_features, 1)
+        num_classes = check_int("num_classes", num_classes, 1)
+        alpha = check_alpha(alpha)
+        check_reduction(reduction)
+        check_backend(backend)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing)
         self.in_features, self.num_classes = in_features, num_classes

@@ -1,7 +1,8 @@
-"""The op's options as one small dataclass (STYLE.md #3), and the dtype rules every backend shares."""
+"""The op's options as one small dataclass (docs/conventions.md, "Options as one dataclass"), and the dtype rules every backend shares."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,38 @@ class L2SMOptions:
             self.label_smoothing,
             self.eps,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the arguments that are not options, checked the same way by the functional API and the modules
+# ---------------------------------------------------------------------------------------------
+def check_int(name: str, v, minimum: int) -> int:
+    """An int (not a bool) >= minimum, else a ValueError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def check_alpha(alpha) -> float:
+    """alpha given as a Python number: a real > 0, not a bool (NaN passes: it propagates into the loss)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a Python number or a 0-d tensor, got {type(alpha).__name__}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (the radius of the feature hypersphere), got {alpha!r}")
+    return float(alpha)
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_sample_rate(sample_rate) -> float:
+    """Partial FC's share of the classes: a real in (0, 1]."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

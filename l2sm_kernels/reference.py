@@ -2,8 +2,8 @@
 
 This is the reference every backend is tested against (``upcast=True``: the whole computation in
 float64) and the baseline "eager torch in the input dtype" that defines the accuracy relation of
-STYLE.md (``upcast=False``). It builds the full B x C logits matrix; it is not a backend.
-Tests and benchmarks import it from here rather than re-deriving it (STYLE.md #6).
+docs/conventions.md (``upcast=False``). It builds the full B x C logits matrix; it is not a backend.
+Tests and benchmarks import it from here rather than re-deriving it (docs/conventions.md, "Reference in the package").
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def arcface_target(c: torch.Tensor, m: float) -> torch.Tensor:
     """f(c) = cos(arccos(c~) + m) while c > cos(pi - m), else c - m sin(m); c~ = clamp(c, -1+1e-7, 1-1e-7).
 
     The clamp is applied "straight through": the value uses c~ and the derivative is f'(c~)
-    (= cos m + c~ sin m / sqrt(1 - c~^2)), which is what DESIGN.md asks ("its derivative uses the
-    same clamp") and what every backend computes by hand.
+    (= cos m + c~ sin m / sqrt(1 - c~^2)), which is what the contract asks (docs/design.md, "The operation": its derivative uses the
+    same clamp) and what every backend computes by hand.
     """
     c_cl = c + (c.clamp(-1 + ARCFACE_CLAMP, 1 - ARCFACE_CLAMP) - c).detach()
     phi = torch.cos(torch.acos(c_cl) + m) if m != 0 else c_cl
@@ -57,7 +57,7 @@ def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normali
 def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                         margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
                         label_smoothing=0.0, eps=1e-12, upcast=True):
-    """The loss by its definition (DESIGN.md "The operation"), through F.normalize and F.cross_entropy.
+    """The loss by its definition (docs/design.md, "The operation"), through F.normalize and F.cross_entropy.
 
     upcast=True computes everything in float64 (the reference); upcast=False computes in the
     promoted input dtype, as a user writing it in plain torch would (the accuracy baseline).

@@ -1,4 +1,4 @@
-"""Test set-up: the backend is a test parameter (STYLE.md #8).
+"""Test set-up: the backend is a test parameter (docs/conventions.md, "Backends as a test parameter").
 
 Without CUDA, the triton backend runs under the Triton interpreter on CPU tensors: TRITON_INTERPRET=1
 must be set before triton is first imported, which is why it is set here, before l2sm_kernels loads.

@@ -176,13 +176,15 @@ def test_module_init_repr_and_state_dict():
 
 
 def test_module_bad_arguments():
-    with pytest.raises(ValueError, match="alpha must be a number > 0"):
+    with pytest.raises(ValueError, match="alpha must be > 0"):
         L.L2SoftmaxLoss(4, 3, alpha=0.0)
+    with pytest.raises(TypeError, match="alpha must be a Python number"):  # as the functional form
+        L.L2SoftmaxLoss(4, 3, alpha=True)
     with pytest.raises(ValueError, match="margin_type must be one of"):
         L.L2SoftmaxLoss(4, 3, margin_type="x")
     with pytest.raises(ValueError, match="reduction must be one of"):
         L.L2SoftmaxLoss(4, 3, reduction="x")
-    with pytest.raises(ValueError, match="in_features and num_classes must be >= 1"):
+    with pytest.raises(ValueError, match="in_features must be an int >= 1"):
         L.L2SoftmaxLoss(0, 3)
 
 
@@ -209,7 +211,7 @@ def test_alpha_lower_bound():
 
 
 def test_reference_matches_cross_entropy_definition():
-    """The reference itself against DESIGN.md's per-row formula written out independently."""
+    """The reference itself against the per-row formula of docs/design.md written out independently."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64)
     b = torch.randn(7, generator=g, dtype=torch.float64)

@@ -4,7 +4,7 @@ single-process op on the concatenated batch and the full matrix, and the float64
 The processes (torch.multiprocessing spawn, gloo on a free port of 127.0.0.1) start once per world
 size and serve every test of this file; each test runs many cases inside them. Every rank builds the
 same full problem from a seed, takes its slices, runs the distributed loss, and checks its own
-gradient slices with STYLE.md's accuracy relation: err(distributed) <= 2 err(single-process op) +
+gradient slices with the accuracy relation (docs/conventions.md): err(distributed) <= 2 err(single-process op) +
 atol, both errors against the float64 reference (in float64 that is the reference's atol, 1e-10 of
 the largest value: no loosened tolerance). fp16 / bf16 features' gradient adds exactly the rounding
 the op boundary applies to each rank's contribution (l2sm_kernels/testing/rank_rounding.py).

@@ -5,12 +5,11 @@ Here: the C++ schemas are the op boundary's; results do not depend on the chunk 
 a chunk that does not divide C, several threads' shares) beyond rounding and are bitwise
 reproducible; the workspace stays within its documented bound (no B x C buffer); the thread-local
 state (autograd, autocast) reaches the worker threads; the package works, and says why, without the
-extension."""
+extension. "Reliability case N" refers to the numbered cases of docs/reliability.md."""
 import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -90,7 +89,7 @@ def test_op_rejects_bad_arguments_clearly():
 
 
 # ---------------------------------------------------------------------------------------------
-# chunking: results independent of the chunk size (RELIABILITY 16), deterministic (21)
+# chunking: results independent of the chunk size (reliability case 16), deterministic (21)
 # ---------------------------------------------------------------------------------------------
 CHUNKS = [1, 7, 64, 0]  # 1 class; 7 does not divide C = 257; 64; the default (one chunk here)
 
@@ -168,7 +167,7 @@ def test_weight_rows_of_huge_norm():
 
 
 def test_bitwise_deterministic(chunk):
-    """RELIABILITY 21: the same inputs twice give bitwise-identical outputs, whatever the chunk size
+    """Reliability case 21: the same inputs twice give bitwise-identical outputs, whatever the chunk size
     (several threads' shares included)."""
     case = make_case(16, 24, 301, seed=33, bias=True, alpha_grad=True, normalize_weight=True,
                      margin_type="arcface", margin=0.4, label_smoothing=0.1, ignore_rows=2)
@@ -365,7 +364,7 @@ def test_broken_extension_says_rebuild():
 
 
 # ---------------------------------------------------------------------------------------------
-# memory: the workspace, never a B x C buffer (RELIABILITY 22)
+# memory: the workspace, never a B x C buffer (reliability case 22)
 # ---------------------------------------------------------------------------------------------
 def test_peak_memory_is_the_workspace(chunk):
     """Forward + backward allocate the gradients plus the documented workspace: per thread a B x chunk
@@ -394,7 +393,7 @@ def test_peak_memory_is_the_workspace(chunk):
 
 
 # ---------------------------------------------------------------------------------------------
-# int64 indexing (RELIABILITY 1)
+# int64 indexing (reliability case 1)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_more_than_2_pow_31_weight_elements():

@@ -1,6 +1,7 @@
 """The suite every backend runs (backend is a fixture, see conftest.py): each backend against the
-float64 reference (l2sm_kernels.reference) by STYLE.md's accuracy relation, for every option and
-their combinations, plus the cases of ../shared/RELIABILITY.md that the op boundary owns.
+float64 reference (l2sm_kernels.reference) by the accuracy relation (docs/conventions.md), for every option and
+their combinations, plus the numbered cases of docs/reliability.md that the op boundary owns
+("reliability case N" below).
 
 Interpreted backends (triton without CUDA) get small shapes and a covering subset of the option
 combinations (every pair of option values appears together at least once)."""
@@ -121,7 +122,7 @@ def test_mixed_dtypes(backend, device, xdt, wdt):
 
 
 # ---------------------------------------------------------------------------------------------
-# shapes: ragged, tiny, empty (RELIABILITY 2, 3)
+# shapes: ragged, tiny, empty (reliability cases 2, 3)
 # ---------------------------------------------------------------------------------------------
 SHAPES = [(3, 127, 1), (1, 1, 2), (3, 5, 2), (4, 16, 97), (5, 33, 257), (2, 8, 65537), (0, 8, 5), (7, 1, 13)]
 
@@ -144,7 +145,7 @@ def test_empty_batch_mean_is_nan_with_zero_grads(backend, device):
 
 
 def test_all_ignored_mean_is_nan_with_zero_grads(backend, device):
-    """RELIABILITY 5: NaN like torch, zero gradients, no crash."""
+    """Reliability case 5: NaN like torch, zero gradients, no crash."""
     case = make_case(6, 8, 5, device=device, bias=True, ignore_rows=6, alpha_grad=True)
     out, grads = run(case, backend)
     ref, _ = run_reference(case, True)
@@ -167,7 +168,7 @@ def test_ignore_index_values(backend, device, ignore_index):
 
 
 # ---------------------------------------------------------------------------------------------
-# targets out of range (RELIABILITY 4)
+# targets out of range (reliability case 4)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [-1, 7, 1000, -101])
 def test_target_out_of_range_is_an_error(backend, device, bad):
@@ -194,11 +195,11 @@ def test_op_gives_nan_for_out_of_range_target(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# numerics (RELIABILITY 6-12)
+# numerics (reliability cases 6-12)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_zero_feature_row(backend, device, dtype):
-    """RELIABILITY 6, 7: finite loss, the gradient F.normalize gives (dL/dx_hat / eps), no NaN.
+    """Reliability cases 6, 7: finite loss, the gradient F.normalize gives (dL/dx_hat / eps), no NaN.
     That gradient is ~1e10 here: finite in fp32 and bf16; in fp16 it overflows to +-inf, the
     correctly rounded value, so there the zero rows are compared for sign only."""
     case = make_case(5, 16, 11, dtype=dtype, device=device, seed=6, normalize_weight=True)
@@ -225,7 +226,7 @@ def test_zero_feature_row(backend, device, dtype):
 
 @pytest.mark.parametrize("scale", [1e-13, 5e-13, 2e-12, 1e-9, 1e-6])
 def test_norm_near_eps(backend, device, scale):
-    """RELIABILITY 8: both sides of max(|x|, eps) match the reference (eps = 1e-12)."""
+    """Reliability case 8: both sides of max(|x|, eps) match the reference (eps = 1e-12)."""
     dtype = torch.float64 if supports_fp64(backend) else torch.float32
     case = make_case(4, 8, 9, dtype=dtype, device=device, seed=7, normalize_weight=True)
     with torch.no_grad():
@@ -237,7 +238,7 @@ def test_norm_near_eps(backend, device, scale):
 @pytest.mark.parametrize("where", ["x", "weight", "bias", "alpha"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_nan_inf_propagate(backend, device, where, value):
-    """RELIABILITY 9: a NaN or inf input gives NaN (or inf), never a finite number."""
+    """Reliability case 9: a NaN or inf input gives NaN (or inf), never a finite number."""
     case = make_case(4, 8, 9, device=device, seed=8, bias=True, alpha_grad=True, reduction="none", grad=False)
     with torch.no_grad():
         if where == "x":
@@ -255,7 +256,7 @@ def test_nan_inf_propagate(backend, device, where, value):
 
 
 def test_neg_inf_bias(backend, device):
-    """RELIABILITY 10: -inf bias on some classes: finite loss and gradients unless a target's own bias is -inf."""
+    """Reliability case 10: -inf bias on some classes: finite loss and gradients unless a target's own bias is -inf."""
     case = make_case(6, 8, 9, device=device, seed=9, bias=True, reduction="none")
     with torch.no_grad():
         case.bias[[1, 5]] = -math.inf
@@ -272,7 +273,7 @@ def test_neg_inf_bias(backend, device):
 
 @pytest.mark.parametrize("alpha", [64.0, 1e3])
 def test_large_alpha_and_bias_offset(backend, device, alpha):
-    """RELIABILITY 11: shift-invariant (a common bias offset changes nothing), no overflow."""
+    """Reliability case 11: shift-invariant (a common bias offset changes nothing), no overflow."""
     case = make_case(8, 16, 23, device=device, seed=10, bias=True, alpha=alpha, normalize_weight=True)
     check_case(case, backend)
     out0, g0 = run(case, backend)
@@ -286,7 +287,7 @@ def test_large_alpha_and_bias_offset(backend, device, alpha):
 
 
 def test_confident_rows_bf16(backend, device):
-    """RELIABILITY 12: p_target in [0.999, 0.99999] in bf16: the target column's gradient (p - 1,
+    """Reliability case 12: p_target in [0.999, 0.99999] in bf16: the target column's gradient (p - 1,
     ~1e-4 here) stays accurate, which it does not if p is rounded to bf16 before subtracting 1."""
     case = make_case(8, 32, 29, dtype=torch.bfloat16, device=device, seed=11, alpha=16.0,
                      normalize_weight=True, reduction="none")
@@ -300,7 +301,7 @@ def test_confident_rows_bf16(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# alpha (RELIABILITY 13) and gradcheck
+# alpha (reliability case 13) and gradcheck
 # ---------------------------------------------------------------------------------------------
 GRADCHECK_COMBOS = [("none", 0.0, False, False, 0.0), ("cosface", 0.2, True, True, 0.1),
                     ("arcface", 0.5, True, True, 0.2), ("arcface", 0.3, False, True, 0.0)]
@@ -338,7 +339,7 @@ def test_alpha_rules(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# layouts (RELIABILITY 14), reductions and upstream gradients (16, 17)
+# layouts (reliability case 14), reductions and upstream gradients (16, 17)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["x_sliced", "x_transposed", "x_expanded", "w_transposed", "w_sliced"])
 def test_non_contiguous(backend, device, layout):
@@ -364,7 +365,7 @@ def test_non_contiguous(backend, device, layout):
 
 
 def test_batch_split_independence(backend, device):
-    """RELIABILITY 16: the sum over a batch equals the sum over its halves (and so does dW)."""
+    """Reliability case 16: the sum over a batch equals the sum over its halves (and so does dW)."""
     case = make_case(12, 16, 31, device=device, seed=15, bias=True, reduction="sum", normalize_weight=True)
     out, grads = run(case, backend)
     halves = [make_case(6, 16, 31, device=device, seed=15, bias=True, reduction="sum", normalize_weight=True)
@@ -383,7 +384,7 @@ def test_batch_split_independence(backend, device):
 
 
 def test_reduction_none_random_grad_and_scaled_loss(backend, device):
-    """RELIABILITY 17: any upstream gradient: reduction none with random grad_output, loss * 3."""
+    """Reliability case 17: any upstream gradient: reduction none with random grad_output, loss * 3."""
     case = make_case(9, 12, 19, device=device, seed=16, bias=True, alpha_grad=True, reduction="none",
                      ignore_rows=2, label_smoothing=0.1, margin_type="arcface", margin=0.4)
     check_case(case, backend, _grad_output(case))
@@ -409,7 +410,7 @@ class _RecordNeeds(TorchDispatchMode):
 
 
 def test_frozen_inputs_and_no_grad(backend, device):
-    """RELIABILITY 18: correct loss; no gradient work for what needs none."""
+    """Reliability case 18: correct loss; no gradient work for what needs none."""
     case = make_case(6, 8, 11, device=device, seed=17, bias=True)
     x0, w0, b0 = case.x.detach(), case.weight.detach(), case.bias.detach()
     ref, _ = run_reference(case, True)
@@ -491,7 +492,7 @@ def test_retain_graph_and_double_backward(backend, device):
 
 
 def test_inputs_untouched(backend, device):
-    """RELIABILITY 20: bit-identical inputs after forward and backward."""
+    """Reliability case 20: bit-identical inputs after forward and backward."""
     case = make_case(7, 12, 13, device=device, seed=19, bias=True, alpha_grad=True, normalize_weight=True,
                      margin_type="arcface", margin=0.5, label_smoothing=0.1, ignore_rows=1)
     before = [t.detach().clone() for t in (case.x, case.weight, case.bias, case.alpha, case.target)]
@@ -503,7 +504,7 @@ def test_inputs_untouched(backend, device):
 
 
 def test_deterministic(backend, device):
-    """RELIABILITY 21: the same inputs twice give bitwise-identical loss and gradients."""
+    """Reliability case 21: the same inputs twice give bitwise-identical loss and gradients."""
     case = make_case(16, 24, 67, device=device, seed=20, bias=True, alpha_grad=True)
     o1, g1 = run(case, backend)
     o2, g2 = run(case, backend)
@@ -531,7 +532,7 @@ def test_opcheck(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.compile (RELIABILITY 23) and autocast (15)
+# torch.compile (reliability case 23) and autocast (15)
 # ---------------------------------------------------------------------------------------------
 def test_compile_fullgraph(backend, device):
     if is_slow(backend):

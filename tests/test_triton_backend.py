@@ -3,6 +3,8 @@ option too). Without CUDA the kernels run under the Triton interpreter on CPU te
 TRITON_INTERPRET=1); with CUDA on the GPU, where the CUDA-only tests below also run.
 
 - results do not depend on tile sizes, class splits, K / D chunking or the chain-break scratch path
+"Reliability case N" refers to docs/reliability.md.
+
 - ragged shapes (C = 1, prime C, C = 65537, D = 127) against the float64 reference
 - no B x C buffer and no copy of W (fp32 master weights with bf16 features), by recording every
   tensor the launchers allocate
@@ -21,8 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import l2sm_kernels as L
-from l2sm_kernels.backends import ops_for, triton_interpreted
-from l2sm_kernels.testing import assert_accurate, check_case, make_case, max_err, run, run_reference
+from l2sm_kernels.backends import triton_interpreted
+from l2sm_kernels.testing import check_case, make_case, max_err, run, run_reference
 
 # the interpreter's numpy evaluates masked-out lanes too (log(0), 0/0 there are discarded by tl.where)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter",
@@ -83,7 +85,7 @@ def _close(a, b, rel=2e-5):
 
 
 # ---------------------------------------------------------------------------------------------
-# tiles, splits, chunks (RELIABILITY 16)
+# tiles, splits, chunks (reliability case 16)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opts", [OPTS, PLAIN], ids=["all-options", "plain"])
 def test_tiles_splits_and_paths_agree(K, dev, opts):
@@ -112,7 +114,7 @@ def test_many_splits_and_class_blocks_match_reference(K, dev):
 
 
 # ---------------------------------------------------------------------------------------------
-# ragged shapes (RELIABILITY 2, 3)
+# ragged shapes (reliability cases 2, 3)
 # ---------------------------------------------------------------------------------------------
 RAGGED = [(3, 127, 1), (5, 33, 257), (2, 8, 65537), (1, 1, 2), (17, 130, 61), (33, 16, 5)]
 
@@ -125,7 +127,7 @@ def test_ragged_shapes_match_reference(K, dev, B, D, C):
 
 
 # ---------------------------------------------------------------------------------------------
-# memory: no B x C buffer, no copy of W (RELIABILITY 22, DESIGN "fp32 master weights")
+# memory: no B x C buffer, no copy of W (reliability cases 22, 15: fp32 master weights are read as stored)
 # ---------------------------------------------------------------------------------------------
 class _RecordAllocations(TorchDispatchMode):
     def __init__(self):
@@ -487,7 +489,7 @@ _WIDE_D_SCRIPT = textwrap.dedent(r"""
 
 
 def test_wide_d_offsets_are_64bit_in_compiled_kernels(K):
-    """RELIABILITY 1 x 14: a W of 4.3M x 512 stored (D, C) and passed as .T (features likewise) puts D-axis
+    """Reliability case 1 x 14: a W of 4.3M x 512 stored (D, C) and passed as .T (features likewise) puts D-axis
     offsets past 2^31 elements while the stride itself fits i32, the width Triton gives it. Every kernel
     the launchers start for that case is compiled (sm_90 TTIR, no GPU: meta tensors, nothing runs) and
     every multiply of a D index by a D stride must be 64-bit. This proves the generated address
@@ -595,7 +597,7 @@ def test_cuda_d512_configs_match_reference(K, xdt, wdt, variant):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_peak_memory_is_gradients_plus_row_statistics(K):
-    """RELIABILITY 22: fwd + bwd peak beyond the inputs = the gradients + B x D fp32 (O') + small."""
+    """Reliability case 22: fwd + bwd peak beyond the inputs = the gradients + B x D fp32 (O') + small."""
     B, D, C = 1024, 512, 65536
     x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(C, D, device="cuda") * 0.05).bfloat16().requires_grad_()

@@ -4,7 +4,7 @@
     l2sm::{backend}_backward(grad_loss, grad_lse, x, weight, target, alpha, bias?, lse, aux, <options>, <needs>)
         -> (grad_x, grad_weight, grad_bias, grad_alpha)
 
-Contract every implementation honours (DESIGN.md "The operation"):
+Contract every implementation honours (docs/design.md, "The operation"):
 - x (B, D), weight (C, D), bias (C,) or None: float16 / bfloat16 / float32 / float64, any strides,
   dtypes may differ. target (B,) int64. alpha: 0-d floating tensor (on x's device).
 - loss (B,): per-row loss, 0 on rows whose target == ignore_index, NaN on rows whose target is

@@ -15,7 +15,7 @@ chunk x D values when the weight is not a contiguous matrix of the compute dtype
 transposed weights are converted a chunk at a time), plus a (B, D) dX accumulator per extra thread
 in the backward. No B x C buffer exists. The chunk size:
 
-- default: chunk = budget / ((B + D) x element size), a multiple of 64, so that one chunk's
+- default: chunk = budget / ((B + D + 1) x element size), rounded down to a multiple of 64, so that one chunk's
   logits and weight rows fit in a 4 MiB budget (``set_workspace_bytes``, env L2SM_CPU_WORKSPACE_MB).
   B = 256, D = 512, fp32: 1344 classes, a 1.3 MiB logits buffer per thread;
 - fixed: ``set_chunk_classes(n)`` (env L2SM_CPU_CHUNK); 0 returns to the budget.

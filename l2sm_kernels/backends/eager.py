@@ -1,10 +1,10 @@
 """Backend "eager": the op's forward and its hand-written backward in plain torch.
 
 This is the verification fallback: it runs on any device and dtype (float64 included, for
-gradcheck) and is written to be read against DESIGN.md, not to be fast. It materializes the B x C
+gradcheck) and is written to be read against docs/design.md ("The operation", "The backward"), not to be fast. It materializes the B x C
 logits in the compute dtype (float32, or float64 for float64 inputs); the fused backends do not.
 
-Notation (DESIGN.md): x_hat = x / max(|x|, eps), W_hat likewise when normalize_weight, c = x_hat W_hat^T,
+Notation (docs/design.md, "The operation"): x_hat = x / max(|x|, eps), W_hat likewise when normalize_weight, c = x_hat W_hat^T,
 g_ij = c_ij off the target column and f(c_iy) on it, z = alpha g + b, p = softmax_j(z),
 lse = logsumexp_j(z), loss_i = (1 - s)(lse_i - z_iy) + s (lse_i - mean_j z_ij).
 """
@@ -36,7 +36,7 @@ def normalize_rows_backward(grad_hat: torch.Tensor, v_hat: torch.Tensor, norm: t
 
 
 def margin_value_and_slope(c: torch.Tensor, margin_type: str, m: float):
-    """f(c) and f'(c) for the target column (DESIGN.md's margins)."""
+    """f(c) and f'(c) for the target column (docs/design.md, "The operation")."""
     if margin_type == "none":
         return c, torch.ones_like(c)
     if margin_type == "cosface":

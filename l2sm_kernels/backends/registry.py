@@ -105,11 +105,16 @@ def _serves(name: str, device_type: str, dtypes) -> str:
     return ""
 
 
+def check_backend(backend) -> str:
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend
+
+
 def resolve(backend: str, device_type: str, dtypes=()) -> str:
     """The backend a call runs on. An explicit backend that cannot serve raises ValueError;
     "auto" falls back to eager, warning once per (device type, reason)."""
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    check_backend(backend)
     if backend != "auto":
         reason = _serves(backend, device_type, dtypes)
         if reason:

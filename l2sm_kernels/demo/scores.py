@@ -1,4 +1,4 @@
-"""Cosine scoring of embeddings: the consumers of an L2-softmax-trained network (DESIGN.md, "The
+"""Cosine scoring of embeddings: the consumers of an L2-softmax-trained network (docs/design.md, "The
 application the seed describes"). Pure functions of tensors; the demo and its tests share them.
 
 - verification: pairs of samples from classes never seen in training, scored by cosine similarity;

@@ -4,7 +4,7 @@ When one device cannot hold the class matrix (C = 100k .. 2M identities), each r
 shard of its rows, W[class_start : class_start + n_r), and the ranks compute the loss of the whole
 global batch together (Megatron's vocab-parallel cross-entropy, InsightFace's Partial FC).
 
-How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of DESIGN.md):
+How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of docs/design.md, "The operation"):
 1. all-gather the features (B_g x D, in their dtype) and the targets (B_g int64).
 2. run this rank's backend forward op (ops.py boundary, the fused per-shard kernels: no B_g x C
    matrix exists anywhere) on the global batch and its own shard, with the LOCAL target index
@@ -61,7 +61,6 @@ Requirements and conventions:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence
 
 import torch
@@ -69,9 +68,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import BACKEND_CHOICES, ops_for, resolve
+from ..backends import ops_for, resolve
+from ..backends.registry import check_backend
 from ..loss import _alpha_tensor, check_inputs
-from ..options import REDUCTIONS, L2SMOptions, compute_dtype
+from ..options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate, compute_dtype
 from ..reference import target_margin
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelL2SoftmaxLoss"]
@@ -247,12 +247,6 @@ def _check_targets(target_g: torch.Tensor, num_classes: int, ignore_index: int, 
         )
 
 
-def _check_int(name: str, v, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
-
-
 # ---------------------------------------------------------------------------------------------
 # the loss
 # ---------------------------------------------------------------------------------------------
@@ -299,19 +293,17 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                            "(torch.distributed.init_process_group)")
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    check_reduction(reduction)
+    check_sample_rate(sample_rate)
     check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
                  classes="shard_classes", allow_no_classes=True)
     B, D = features.shape
     n = weight_shard.shape[0]
-    class_start = _check_int("class_start", class_start, 0)
+    class_start = check_int("class_start", class_start, 0)
     device = features.device
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if batch_sizes is not None:
-        batch_sizes = [_check_int("batch_sizes[i]", b, 0) for b in batch_sizes]
+        batch_sizes = [check_int("batch_sizes[i]", b, 0) for b in batch_sizes]
         if len(batch_sizes) != world or batch_sizes[rank] != B:
             raise ValueError(f"batch_sizes must list the {world} ranks' batch sizes with batch_sizes[{rank}] = {B} "
                              f"(this rank's), got {batch_sizes}")
@@ -461,22 +453,18 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
-        in_features = _check_int("in_features", in_features, 1)
-        num_classes = _check_int("num_classes", num_classes, 1)
-        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
-            raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        in_features = check_int("in_features", in_features, 1)
+        num_classes = check_int("num_classes", num_classes, 1)
+        alpha = check_alpha(alpha)
+        check_reduction(reduction)
+        check_backend(backend)
+        check_sample_rate(sample_rate)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing)
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
-            [_check_int("shard_sizes[i]", v, 0) for v in shard_sizes]
+            [check_int("shard_sizes[i]", v, 0) for v in shard_sizes]
         if len(sizes) != self.world_size or sum(sizes) != num_classes:
             raise ValueError(f"shard_sizes must give {self.world_size} sizes summing to num_classes={num_classes}, "
                              f"got {list(shard_sizes)}")

@@ -1,5 +1,5 @@
 """Helpers shared by the tests and the benchmark scripts: inputs, running the loss with its
-gradients, and STYLE.md's accuracy relation (a backend's error against the float64 reference is at
+gradients, and the accuracy relation (docs/conventions.md, "Accuracy relation": a backend's error against the float64 reference is at
 most 2x the error of plain torch in the same dtype, plus a small atol)."""
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_accurate(name: str, out: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor, dtype=None) -> None:
-    """STYLE.md's relation: err(out) <= 2 err(plain) + atol, errors against the float64 reference."""
+    """The accuracy relation (docs/conventions.md): err(out) <= 2 err(plain) + atol, errors against the float64 reference."""
     dtype = dtype or out.dtype
     finite = ref[torch.isfinite(ref)]
     scale = float(finite.abs().max()) if finite.numel() else 1.0

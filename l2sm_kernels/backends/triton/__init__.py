@@ -10,13 +10,13 @@
   aux_layout.py     what the forward saves for the backward (aux) and the per-row buffers
 Nothing here imports triton at package import: the registry loads op.py when the backend is asked for.
 
-Notation (DESIGN.md): x_hat_i = x_i / max(|x_i|, eps); W_hat_j = W_j / max(|W_j|, eps) when normalize_weight,
+Notation (docs/design.md, "The operation"): x_hat_i = x_i / max(|x_i|, eps); W_hat_j = W_j / max(|W_j|, eps) when normalize_weight,
 else W_j; c_ij = x_hat_i . W_hat_j; z_ij = alpha c_ij + b_j, with f(c_iy) instead of c_iy on a row's target
 column y = y_i; p = softmax_j(z); lse_i = logsumexp_j z_ij. The backward of every output is
     dz_ij = w_p p_ij - w_t ((1 - s) [j = y] + s / C),   w_t = grad_loss (0 on ignored rows), w_p = w_t + grad_lse.
 
 Design: four GEMM-equivalents of matrix work (the 3-GEMM floor needs three; an exact method that stores
-no B x C values needs at least four, DESIGN.md "roofline"), a constant number of launches, no B x C
+no B x C values needs at least four, docs/design.md, "The roofline"), a constant number of launches, no B x C
 buffer, no atomics, deterministic.
 
   forward   _fwd_split_kernel     grid (row blocks, class splits[, D chunks]). Walks its classes once:
