@@ -1,4 +1,4 @@
-"""Backend "cpu": the C++ kernels of csrc/l2_softmax_cpu.cpp, built as l2sm_kernels._C by setup.py.
+"""Backend "cpu": the C++ kernels of csrc/ (loss.h has the overview), built as l2sm_kernels._C by setup.py.
 
 Importing l2sm_kernels._C registers torch.ops.l2sm.cpu_forward / cpu_backward (TORCH_LIBRARY in
 C++, CPU kernels); load() attaches the shared fake kernels and autograd formula (ops.py).

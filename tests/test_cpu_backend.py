@@ -1,4 +1,4 @@
-"""Checks specific to backend "cpu" (csrc/l2_softmax_cpu.cpp, l2sm_kernels/cpu.py); the shared suite
+"""Checks specific to backend "cpu" (csrc/*.cpp, l2sm_kernels/cpu.py); the shared suite
 (test_l2_softmax.py) runs it against the float64 reference like every backend.
 
 Here: the C++ schemas are the op boundary's; results do not depend on the chunk size (a tiny chunk,
