@@ -1,13 +1,12 @@
-// Chunking and the work split of the C++ CPU kernels (loss.h has the overview).
+// Chunking and the work split of the C++ CPU kernels (loss.h has the overview: per chunk of `cc`
+// classes, one BLAS product into a workspace buffer, then fused epilogues on it while it is in cache).
 //
-// The classes are walked in chunks of `cc` classes: per chunk, ATen's BLAS-backed at::mm computes
-// the chunk's cosines (B x cc) into a workspace buffer, on which the fused epilogues of the forward
-// and the backward then run while it is in cache. Threads (at::parallel_for): each thread takes an
-// equal contiguous share of the classes (at least kWorkerAlign of them) and walks it in chunks with
-// its own workspace, running single-threaded BLAS and epilogues (one parallel region per call; see
-// Split). Only when C < 2 kWorkerAlign does a single share run, and BLAS and the epilogues are
-// threaded inside each chunk. Workspace per thread: B x cc values of the compute dtype (+ cc x D when
-// W must be converted), cc from a byte budget (set_workspace_bytes) or fixed (set_chunk_classes).
+// Threads (at::parallel_for): each thread takes an equal contiguous share of the classes (at least
+// kWorkerAlign of them) and walks it in chunks with its own workspace, running single-threaded BLAS
+// and epilogues (one parallel region per call; see Split). Only when C < 2 kWorkerAlign does a
+// single share run, and BLAS and the epilogues are threaded inside each chunk. Workspace per thread:
+// B x cc values of the compute dtype (+ cc x D when W must be converted), cc from a byte budget
+// (set_workspace_bytes) or fixed (set_chunk_classes).
 #pragma once
 
 #include <ATen/ATen.h>
