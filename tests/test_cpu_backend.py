@@ -1,4 +1,4 @@
-"""Checks specific to backend "cpu" (csrc/l2_softmax_cpu.cpp, l2sm_kernels/backends/cpu.py); the shared suite
+"""Checks specific to backend "cpu" (csrc/*.cpp, l2sm_kernels/backends/cpu.py); the shared suite
 (test_l2_softmax.py) runs it against the float64 reference like every backend.
 
 Here: the C++ schemas are the op boundary's; results do not depend on the chunk size (a tiny chunk,
@@ -17,7 +17,7 @@ import torch
 
 import l2sm_kernels as L
 from l2sm_kernels.backends import registry as backends
-from l2sm_kernels.backends import contract as ops
+from l2sm_kernels.backends import contract
 from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.testing import (ATOL_REL, available_bytes, check_case, cpu_peak_bytes, make_case, max_err, run,
                                   run_reference)
@@ -51,10 +51,10 @@ def _run_with_chunk(case, n, set_chunk, grad_output=None):
 # registration
 # ---------------------------------------------------------------------------------------------
 def test_schemas_are_the_op_boundary():
-    """The C++ TORCH_LIBRARY schemas are textually ops.FORWARD_SCHEMA / BACKWARD_SCHEMA."""
-    assert str(torch.ops.l2sm.cpu_forward.default._schema) == "l2sm::cpu_forward" + ops.FORWARD_SCHEMA
-    assert str(torch.ops.l2sm.cpu_backward.default._schema) == "l2sm::cpu_backward" + ops.BACKWARD_SCHEMA
-    assert ops.OPS["cpu"] == (torch.ops.l2sm.cpu_forward.default, torch.ops.l2sm.cpu_backward.default)
+    """The C++ TORCH_LIBRARY schemas are textually contract.FORWARD_SCHEMA / BACKWARD_SCHEMA."""
+    assert str(torch.ops.l2sm.cpu_forward.default._schema) == "l2sm::cpu_forward" + contract.FORWARD_SCHEMA
+    assert str(torch.ops.l2sm.cpu_backward.default._schema) == "l2sm::cpu_backward" + contract.BACKWARD_SCHEMA
+    assert contract.OPS["cpu"] == (torch.ops.l2sm.cpu_forward.default, torch.ops.l2sm.cpu_backward.default)
 
 
 @pytest.mark.parametrize("dtypes", [{torch.float32}, {torch.float64}, {torch.bfloat16, torch.float32},

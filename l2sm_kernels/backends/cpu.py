@@ -1,7 +1,7 @@
-"""Backend "cpu": the C++ kernels of csrc/, built as l2sm_kernels._C by setup.py.
+"""Backend "cpu": the C++ kernels of csrc/ (loss.h has the overview), built as l2sm_kernels._C by setup.py.
 
 Importing l2sm_kernels._C registers torch.ops.l2sm.cpu_forward / cpu_backward (TORCH_LIBRARY in
-C++, CPU kernels); load() attaches the shared fake kernels and autograd formula (ops.py).
+C++, CPU kernels); load() attaches the shared fake kernels and autograd formula (contract.py).
 
 The kernels walk the classes in chunks: per chunk, a BLAS product gives the chunk's B x chunk logits
 in a workspace buffer and fused epilogues (online logsumexp; softmax gradient) run on it while it is

@@ -7,7 +7,7 @@ The backend loads wherever triton imports; registry.py decides which tensors it 
 tensors, or CPU tensors under the Triton interpreter, TRITON_INTERPRET=1, which is how CI runs it).
 
 Inputs: float16, bfloat16, float32 (x, W and b may differ, e.g. bf16 features with fp32 master
-weights, read as stored: no cast copy of W). Outputs as ops.py's contract: loss, lse, aux in fp32,
+weights, read as stored: no cast copy of W). Outputs as contract.py says: loss, lse, aux in fp32,
 each gradient in its input's dtype, no host synchronization, nothing written into the inputs,
 bitwise deterministic (no atomics; every reduction has a fixed order).
 """
@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import contract as ops
+from .. import contract
 from ..registry import BackendUnavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,15 +77,15 @@ def load():
     # triton_op infers the schema from the annotations (torch 2.11 - 2.13 accept schema= and ignore
     # it); check that the inference gives the shared one, so the two cannot drift apart silently.
     # The one difference inference cannot avoid: a Python int becomes SymInt (ignore_index).
-    fwd = triton_op(ops.forward_name("triton"), triton_forward, mutates_args=(), schema=ops.FORWARD_SCHEMA)
-    bwd = triton_op(ops.backward_name("triton"), triton_backward, mutates_args=(), schema=ops.BACKWARD_SCHEMA)
-    for op, name, schema in ((fwd, ops.forward_name("triton"), ops.FORWARD_SCHEMA),
-                             (bwd, ops.backward_name("triton"), ops.BACKWARD_SCHEMA)):
+    fwd = triton_op(contract.forward_name("triton"), triton_forward, mutates_args=(), schema=contract.FORWARD_SCHEMA)
+    bwd = triton_op(contract.backward_name("triton"), triton_backward, mutates_args=(), schema=contract.BACKWARD_SCHEMA)
+    for op, name, schema in ((fwd, contract.forward_name("triton"), contract.FORWARD_SCHEMA),
+                             (bwd, contract.backward_name("triton"), contract.BACKWARD_SCHEMA)):
         got = str(op._opoverload._schema).replace("SymInt ", "int ")
         want = str(torch._C.parse_schema(name + schema))
         if got != want:
-            raise RuntimeError(f"triton op schema drifted from ops.py: {got} != {want}")
-    ops.register_backend_ops("triton", fwd, bwd, aux_meta=aux_meta)
+            raise RuntimeError(f"triton op schema drifted from contract.py: {got} != {want}")
+    contract.register_backend_ops("triton", fwd, bwd, aux_meta=aux_meta)
     _LOADED = (fwd, bwd)
     return _LOADED
 
