@@ -1,6 +1,7 @@
 """nn.Module wrapper: owns the class weights (and optional bias and learnable alpha)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -8,67 +9,212 @@ from torch import nn
 
 from .backends.registry import check_backend
 from .loss import l2_softmax_loss
-from .options import L2SMOptions, check_alpha, check_int, check_reduction
+from .options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
+
+_STATE_VERSION = 1
+
+
+def initial_alpha(alpha) -> float:
+    """The value a module starts alpha at: a number > 0, or a 0-d tensor's value (read once, here)."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.dim() != 0 or not alpha.is_floating_point():
+            raise ValueError(f"alpha must be a number > 0 or a 0-d floating tensor, got {alpha!r}")
+        alpha = float(alpha.detach())
+    return check_alpha(alpha)
 
 
 class L2SoftmaxLoss(nn.Module):
-    """L2-constrained softmax loss with its own class-weight matrix.
+    """L2-constrained softmax loss with its own class-weight matrix (see l2_softmax_loss for the
+    options: margins, sub-centers, label smoothing, Partial FC sampling).
 
-    weight (num_classes, in_features) is initialized like nn.Linear's (uniform in
-    +-1/sqrt(in_features)); bias (when bias=True) starts at zero. alpha is an nn.Parameter when
-    learn_alpha, else a buffer; both are saved in the state_dict.
+    weight (num_classes * subcenters, in_features) is initialized like nn.Linear's (uniform in
+    +-1/sqrt(in_features)); bias (when bias=True, one per class) starts at zero.
 
-    forward(features (B, in_features), target (B,)) -> loss, see l2_softmax_loss.
+    alpha: a buffer, or with learn_alpha=True learned through its logarithm (the parameter
+    `log_alpha`; `module.alpha` is exp(log_alpha)): the radius stays > 0 by construction, whatever the
+    optimizer does (a plain alpha parameter can be pushed through 0 and flip every logit's sign while
+    the loss keeps falling). The state_dict stores "alpha" (the radius) either way, so checkpoints
+    move between learned and fixed alpha and older checkpoints load.
+
+    The options are stored in the state_dict too (its "_extra_state"): loading a checkpoint made
+    with other options (margin type, margin, sub-centers, ...) is a clear error, never a silent
+    mismatch. To reuse the tensors with other options on purpose, load them without it:
+    ``m.load_state_dict({k: v for k, v in sd.items() if not k.endswith("_extra_state")}, strict=False)``.
+
+    reset_parameters() sets every parameter and buffer (weight, bias, alpha), so the meta-device /
+    FSDP path (to_empty + reset_parameters) gives a fully initialized module.
+
+    forward(features (B, in_features), target (B,)) -> loss, see l2_softmax_loss. With sample_rate < 1,
+    `last_sampled` holds the classes of the last call's Partial FC sample.
     """
 
     def __init__(self, in_features: int, num_classes: int, alpha: float = 16.0, learn_alpha: bool = False,
-                 bias: bool = False, normalize_weight: bool = False, margin: float = 0.0,
-                 margin_type: str = "none", reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, backend: str = "auto", device=None, dtype=None):
+                 bias: bool = False, normalize_weight: bool = False, margin=0.0, margin_type: str = "none",
+                 reduction: str = "mean", ignore_index: int = -100, label_smoothing=0.0, subcenters: int = 1,
+                 margin_grad: str = "exact", sample_rate: float = 1.0, eps: float = 1e-12, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         in_features = check_int("in_features", in_features, 1)
         num_classes = check_int("num_classes", num_classes, 1)
-        alpha = check_alpha(alpha)
+        self._alpha0 = initial_alpha(alpha)
         check_reduction(reduction)
         check_backend(backend)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
-                                   ignore_index=ignore_index, label_smoothing=label_smoothing)
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
+                                   subcenters=subcenters, margin_grad=margin_grad)
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend = reduction, backend
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.generator = None  # Partial FC's torch.Generator (None: torch's default)
+        self.last_sampled = None
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
+        self.weight = nn.Parameter(torch.empty(num_classes * self.options.subcenters, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
-        alpha_t = torch.tensor(float(alpha), dtype=torch.float32, device=device)
         if learn_alpha:
-            self.alpha = nn.Parameter(alpha_t)
+            self.log_alpha = nn.Parameter(torch.empty((), dtype=torch.float32, device=device))
         else:
-            self.register_buffer("alpha", alpha_t)
+            self.register_buffer("alpha", torch.empty((), dtype=torch.float32, device=device))
+        self._register_state_hooks()
         self.reset_parameters()
 
+    # --------------------------------------------------------------------------------- alpha
+    @property
+    def learn_alpha(self) -> bool:
+        return "log_alpha" in self._parameters
+
+    def __getattr__(self, name):
+        if name == "alpha" and "log_alpha" in self.__dict__.get("_parameters", {}):
+            return self._parameters["log_alpha"].exp()  # > 0 by construction, differentiable
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def set_alpha(self, value) -> None:
+        """Set the radius (a number > 0 or a 0-d tensor's value)."""
+        v = initial_alpha(value)
+        if self.learn_alpha:
+            self.log_alpha.fill_(math.log(v))
+        else:
+            self.alpha.fill_(v)
+
+    # --------------------------------------------------------------------------------- init
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        self.set_alpha(self._alpha0)
 
+    # --------------------------------------------------------------------------------- options
+    def set_margin(self, margin) -> None:
+        """A new margin (a margin warm-up schedule). Under torch.compile pass a 0-d tensor: a new tensor
+        value every step costs no recompilation (a Python float is specialized once, then traced)."""
+        self.options = dataclasses.replace(self.options, margin=margin)
+
+    def set_label_smoothing(self, label_smoothing) -> None:
+        """A new label smoothing (a number in [0, 1] or a 0-d tensor; see set_margin)."""
+        self.options = dataclasses.replace(self.options, label_smoothing=label_smoothing)
+
+    def batch_margin(self, features: torch.Tensor, target: torch.Tensor):
+        """The margin of this batch (heads that compute per-row margins override it)."""
+        return self.options.margin
+
+    def head_config(self) -> dict:
+        """Hyperparameters of a head beyond the loss options (stored with the checkpoint)."""
+        return {}
+
+    # --------------------------------------------------------------------------------- forward
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss(features, target, self.batch_margin(features, target), self.reduction)
+
+    def _loss(self, features, target, margin, reduction):
         o = self.options
-        return l2_softmax_loss(features, self.weight, target, self.alpha, self.bias,
-                               normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
-                               reduction=self.reduction, ignore_index=o.ignore_index,
-                               label_smoothing=o.label_smoothing, eps=o.eps, backend=self.backend)
+        sampled = [] if self.sample_rate < 1 else None
+        loss = l2_softmax_loss(features, self.weight, target, self.alpha, self.bias,
+                               normalize_weight=o.normalize_weight, margin=margin, margin_type=o.margin_type,
+                               reduction=reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
+                               eps=o.eps, subcenters=o.subcenters, margin_grad=o.margin_grad,
+                               sample_rate=self.sample_rate, generator=self.generator, backend=self.backend,
+                               _sampled=sampled)
+        if sampled is not None:
+            self.last_sampled = sampled[0]
+        return loss
 
     @torch.no_grad()
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each feature to each class weight (B, C): the natural score of an
-        L2-softmax-trained embedding (verification, open-set and anomaly scoring)."""
+        """Cosine similarity of each feature to each class (B, C), the maximum over a class's
+        sub-centers: the natural score of an L2-softmax-trained embedding (verification, open-set and
+        anomaly scoring). Builds the (B, C) matrix; see l2sm_kernels.scoring for the fused top-k."""
         x = torch.nn.functional.normalize(features.float(), dim=1)
         w = torch.nn.functional.normalize(self.weight.float(), dim=1)
-        return x @ w.T
+        cos = x @ w.T
+        K = self.options.subcenters
+        return cos if K == 1 else cos.view(cos.shape[0], -1, K).amax(dim=2)
 
     def extra_repr(self) -> str:
         o = self.options
         s = (f"in_features={self.in_features}, num_classes={self.num_classes}, alpha={float(self.alpha.detach()):g}, "
-             f"learn_alpha={isinstance(self.alpha, nn.Parameter)}, bias={self.bias is not None}, "
+             f"learn_alpha={self.learn_alpha}, bias={self.bias is not None}, "
              f"normalize_weight={o.normalize_weight}{o.repr_extras()}")
+        if self.sample_rate < 1:
+            s += f", sample_rate={self.sample_rate:g}"
         return s + f", reduction={self.reduction!r}, backend={self.backend!r}"
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def get_extra_state(self) -> dict:
+        return {"version": _STATE_VERSION, "class": type(self).__name__, "in_features": self.in_features,
+                "num_classes": self.num_classes, "options": self.options.to_dict(),
+                "sample_rate": self.sample_rate, "head": self.head_config()}
+
+    def set_extra_state(self, state) -> None:
+        mine = self.get_extra_state()
+        if not isinstance(state, dict) or "options" not in state:
+            raise RuntimeError(f"{type(self).__name__}: the checkpoint's _extra_state is not an l2sm_kernels "
+                               f"options record: {state!r}")
+        diffs = []
+        for key in ("class", "in_features", "num_classes", "sample_rate", "head"):
+            if state.get(key) != mine[key]:
+                diffs.append(f"{key}: checkpoint {state.get(key)!r}, module {mine[key]!r}")
+        for key, v in mine["options"].items():
+            w = state["options"].get(key)
+            if w != v:
+                diffs.append(f"{key}: checkpoint {w!r}, module {v!r}")
+        if diffs:
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint was saved with other loss options ({'; '.join(diffs)}). "
+                "Construct the module with the checkpoint's options, or load the tensors alone on purpose: "
+                "module.load_state_dict({k: v for k, v in sd.items() if not k.endswith('_extra_state')}, "
+                "strict=False)")
+
+    def _register_state_hooks(self) -> None:
+        post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post(_save_alpha_as_radius)
+        pre = getattr(self, "register_load_state_dict_pre_hook", None)
+        if pre is not None:
+            pre(_load_alpha_and_options)
+        else:  # older torch: the private form with the module as the first argument
+            self._register_load_state_dict_pre_hook(_load_alpha_and_options, with_module=True)
+
+
+def _save_alpha_as_radius(module, state_dict, prefix, local_metadata):
+    """state_dict post-hook: a learned alpha is saved as the radius under "alpha" (not log_alpha)."""
+    key = prefix + "log_alpha"
+    if key in state_dict:
+        state_dict[prefix + "alpha"] = state_dict.pop(key).detach().exp()
+
+
+def _load_alpha_and_options(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs):
+    """load_state_dict pre-hook: "alpha" (the radius) becomes log_alpha for a learned alpha (a radius
+    <= 0, from a run whose plain alpha went negative, is refused); a checkpoint from before the options
+    were stored (no "_extra_state") loads as if it matched."""
+    key = prefix + "alpha"
+    if module.learn_alpha and key in state_dict:
+        a = state_dict.pop(key)
+        if not bool((a > 0).all()):
+            raise RuntimeError(f"{type(module).__name__}: the checkpoint's alpha = {float(a):g} is not a radius "
+                               "(> 0); a learned alpha is stored through its logarithm")
+        state_dict[prefix + "log_alpha"] = torch.log(a.detach().to(torch.float32))
+    extra = prefix + "_extra_state"
+    if extra not in state_dict:
+        state_dict[extra] = module.get_extra_state()

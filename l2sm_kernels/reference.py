@@ -3,7 +3,10 @@
 This is the reference every backend is tested against (``upcast=True``: the whole computation in
 float64) and the baseline "eager torch in the input dtype" that defines the accuracy relation of
 docs/conventions.md (``upcast=False``). It builds the full B x C logits matrix; it is not a backend.
-Tests and benchmarks import it from here rather than re-deriving it (docs/conventions.md, "Reference in the package").
+Tests and benchmarks import it from here rather than re-deriving it (docs/conventions.md, "Reference
+in the package"). It is written from the definition (docs/design.md, "The operation", "The margins"):
+arccos and cos for the angular margin and the switch point compared as angles, not the backends'
+expansion and cosine threshold, so that a shared bug cannot hide.
 """
 from __future__ import annotations
 
@@ -12,42 +15,71 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .options import ARCFACE_CLAMP
+from .options import ARCFACE_CLAMP, L2SMOptions
 
 
-def arcface_target(c: torch.Tensor, m: float) -> torch.Tensor:
-    """f(c) = cos(arccos(c~) + m) while c > cos(pi - m), else c - m sin(m); c~ = clamp(c, -1+1e-7, 1-1e-7).
+def margin_function(c: torch.Tensor, m2, m3) -> torch.Tensor:
+    """f(c) = cos(arccos(c~) + m2) - m3 while arccos(c) + m2 < pi, else c - m2 sin(m2) - m3, with
+    c~ = clamp(c, -1 + 1e-7, 1 - 1e-7); where m2 = 0 (or absent, None) f(c) = c - m3 exactly.
+    m2, m3: None, numbers, or tensors broadcasting against c.
 
-    The clamp is applied "straight through": the value uses c~ and the derivative is f'(c~)
-    (= cos m + c~ sin m / sqrt(1 - c~^2)), which is what the contract asks (docs/design.md, "The operation": its derivative uses the
-    same clamp) and what every backend computes by hand.
+    The clamp is applied "straight through": the value uses c~ and the derivative is f'(c~), which is
+    what the contract asks (the derivative uses the same clamp) and what every backend computes by hand.
     """
+    m3 = 0.0 if m3 is None else m3
+    if m2 is None:
+        return c - m3
+    m2 = m2 if isinstance(m2, torch.Tensor) else torch.full((), float(m2), dtype=c.dtype, device=c.device)
+    m2 = m2.to(c.dtype)
     c_cl = c + (c.clamp(-1 + ARCFACE_CLAMP, 1 - ARCFACE_CLAMP) - c).detach()
-    phi = torch.cos(torch.acos(c_cl) + m) if m != 0 else c_cl
-    return torch.where(c > math.cos(math.pi - m), phi, c - m * math.sin(m))
+    angular = torch.cos(torch.acos(c_cl) + m2) - m3
+    theta = torch.acos(c.detach().clamp(-1.0, 1.0))
+    hard = (m2 != 0) & (theta + m2 < math.pi)
+    fallback = c - m2 * torch.sin(m2) - m3
+    return torch.where(hard, angular, fallback)
 
 
-def target_margin(c: torch.Tensor, margin_type: str, m: float) -> torch.Tensor:
-    if margin_type == "none":
-        return c
-    if margin_type == "cosface":
-        return c - m
-    if margin_type == "arcface":
-        return arcface_target(c, m)
-    raise ValueError(f"unknown margin_type {margin_type!r}")
+def target_margin(c: torch.Tensor, opts: L2SMOptions, rows=slice(None)) -> torch.Tensor:
+    """f(c) of the options' margin on the target cosines c (B,) (rows: which rows' per-row margins
+    apply, for callers that pass a subset); "detached" keeps the value and takes f' as 1."""
+    m2, m3 = opts.margin_parts()
+    pick = lambda v: v[rows] if isinstance(v, torch.Tensor) and v.dim() == 1 else v  # noqa: E731
+    m2, m3 = pick(m2), pick(m3)
+    if isinstance(m3, torch.Tensor):
+        m3 = m3.to(c.dtype)
+    f = margin_function(c, m2, m3)
+    if opts.margin_grad == "detached":
+        f = c + (f - c).detach()
+    return f
+
+
+def class_cosines(x_hat: torch.Tensor, w_hat: torch.Tensor, subcenters: int = 1) -> torch.Tensor:
+    """(B, C): x_hat . W_hat, the maximum over each class's K sub-centers (rows [jK, jK + K) of W);
+    the gradient flows to the winning sub-center (torch.max returns the first, i.e. lowest, index
+    among ties)."""
+    cos = x_hat @ w_hat.T
+    if subcenters == 1:
+        return cos
+    B, CK = cos.shape
+    return cos.view(B, CK // subcenters, subcenters).max(dim=2).values
 
 
 def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normalize_weight=False,
-                          margin=0.0, margin_type="none", ignore_index=-100, eps=1e-12):
-    """z (B x C): alpha * x_hat . W_hat_j + b_j, with the margin applied on each row's target column."""
+                          margin=0.0, margin_type="none", ignore_index=-100, eps=1e-12, subcenters=1,
+                          margin_grad="exact"):
+    """z (B x C): alpha * max_k x_hat . W_hat_{jK+k} + b_j, with the margin applied on each row's
+    target column."""
+    opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
+                       ignore_index=ignore_index, eps=eps, subcenters=subcenters, margin_grad=margin_grad)
     x_hat = F.normalize(features, dim=1, eps=eps)
     w_hat = F.normalize(weight, dim=1, eps=eps) if normalize_weight else weight
-    cos = x_hat @ w_hat.T
-    if margin_type != "none":
-        valid = target != ignore_index
-        t = torch.where(valid, target, 0)
-        onehot = F.one_hot(t, weight.shape[0]).to(torch.bool) & valid[:, None]
-        cos = torch.where(onehot, target_margin(cos, margin_type, margin), cos)
+    cos = class_cosines(x_hat, w_hat, subcenters)
+    if opts.margin_kind != "none":
+        valid = (target != ignore_index) & (target >= 0) & (target < cos.shape[1])
+        col = torch.where(valid, target, torch.zeros_like(target))[:, None]
+        c_t = cos.gather(1, col).squeeze(1)
+        f_t = torch.where(valid, target_margin(c_t, opts), c_t)
+        cos = cos.scatter(1, col, f_t[:, None])
     z = alpha * cos
     if bias is not None:
         z = z + bias
@@ -56,12 +88,13 @@ def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normali
 
 def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                         margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
-                        label_smoothing=0.0, eps=1e-12, upcast=True):
+                        label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", upcast=True):
     """The loss by its definition (docs/design.md, "The operation"), through F.normalize and F.cross_entropy.
 
     upcast=True computes everything in float64 (the reference); upcast=False computes in the
     promoted input dtype, as a user writing it in plain torch would (the accuracy baseline).
-    Returns the loss in the compute dtype.
+    Per-row margins (tensors) are used as given (upcast to float64 with upcast=True); a label
+    smoothing tensor is read on the host. Returns the loss in the compute dtype.
     """
     tensors = [features, weight] + ([bias] if bias is not None else [])
     if upcast:
@@ -74,8 +107,15 @@ def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, norm
     bias = bias.to(dt) if bias is not None else None
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.to(dt)
+    if isinstance(margin, torch.Tensor):
+        margin = margin.to(dt)
+    elif isinstance(margin, (tuple, list)):
+        margin = tuple(m.to(dt) if isinstance(m, torch.Tensor) else m for m in margin)
+    if isinstance(label_smoothing, torch.Tensor):
+        label_smoothing = float(label_smoothing)
     z = l2_softmax_logits_ref(features, weight, target, alpha, bias, normalize_weight=normalize_weight,
-                              margin=margin, margin_type=margin_type, ignore_index=ignore_index, eps=eps)
+                              margin=margin, margin_type=margin_type, ignore_index=ignore_index, eps=eps,
+                              subcenters=subcenters, margin_grad=margin_grad)
     return F.cross_entropy(z, target, reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
 

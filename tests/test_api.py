@@ -38,8 +38,8 @@ BAD = [
     (dict(margin_type="cosface", margin=-0.1), ValueError, r"margin must be finite and >= 0"),
     (dict(reduction="avg"), ValueError, r"reduction must be one of"),
     (dict(backend="cuda"), ValueError, r"backend must be one of"),
-    (dict(label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1\)"),
-    (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\)"),
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"),
     (dict(eps=0.0), ValueError, r"eps must be a positive"),
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
     (dict(alpha="16"), TypeError, r"alpha must be a Python number"),
@@ -146,7 +146,7 @@ def test_module_matches_functional_and_trains():
                                 margin_type="cosface", margin=0.1, label_smoothing=0.1)
     assert max_err(out, ref) < 1e-5
     out.backward()
-    assert m.weight.grad is not None and m.bias.grad is not None and m.alpha.grad is not None
+    assert m.weight.grad is not None and m.bias.grad is not None and m.log_alpha.grad is not None
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     losses = []
     for _ in range(20):
@@ -167,12 +167,13 @@ def test_module_init_repr_and_state_dict():
     r = repr(m)
     assert "in_features=16, num_classes=7, alpha=12" in r and "arcface" in r and "normalize_weight=True" in r
     sd = m.state_dict()
-    assert set(sd) == {"weight", "bias", "alpha"}
+    assert set(sd) == {"weight", "bias", "alpha", "_extra_state"}
     m2 = L.L2SoftmaxLoss(16, 7, alpha=1.0, bias=True, normalize_weight=True, margin_type="arcface", margin=0.5)
     m2.load_state_dict(sd)
     assert torch.equal(m2.weight, m.weight) and float(m2.alpha) == 12.0
-    learn = L.L2SoftmaxLoss(4, 3, learn_alpha=True)
-    assert isinstance(learn.alpha, torch.nn.Parameter) and "alpha" in dict(learn.named_parameters())
+    learn = L.L2SoftmaxLoss(4, 3, learn_alpha=True)  # learned through log alpha: > 0 by construction
+    assert "log_alpha" in dict(learn.named_parameters()) and learn.alpha.requires_grad
+    assert float(learn.alpha) == pytest.approx(16.0) and set(learn.state_dict()) == {"weight", "alpha", "_extra_state"}
 
 
 def test_module_bad_arguments():

@@ -186,7 +186,7 @@ def test_op_gives_nan_for_out_of_range_target(backend, device):
     t = case.target.clone()
     t[1] = 7_000_000
     alpha = torch.tensor(16.0, device=device)
-    opts = L.L2SMOptions().op_args()
+    opts = L.L2SMOptions().op_arguments(4, device)
     loss, lse, aux = fwd(case.x, case.weight, t, alpha, None, *opts, False, False, False, False)
     assert torch.isnan(loss[1])
     ref = L.l2_softmax_loss_ref(case.x, case.weight, case.target, reduction="none")
@@ -444,7 +444,8 @@ def test_lse_is_differentiable(backend, device, use_loss):
     fwd, _ = ops_for(backend)
     g = torch.Generator().manual_seed(5)
     r_lse, r_loss = torch.randn(7, generator=g).to(device), torch.randn(7, generator=g).to(device)
-    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.3, label_smoothing=0.1).op_args()
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.3,
+                         label_smoothing=0.1).op_arguments(7, device)
     leaves = [case.x, case.weight, case.bias, case.alpha]
     loss, lse, _ = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts, True, True, True, True)
     out = (lse * r_lse).sum() + ((loss * r_loss).sum() if use_loss else 0)
@@ -471,11 +472,11 @@ def test_backward_op_skips_unneeded_gradients(backend, device):
     case = make_case(4, 8, 9, device=device, grad=False)
     fwd, bwd = ops_for(backend)
     alpha = torch.tensor(16.0, device=device)
-    opts = L.L2SMOptions().op_args()
+    opts = L.L2SMOptions().op_arguments(4, device)
     needs = (True, False, False, False)
     loss, lse, aux = fwd(case.x, case.weight, case.target, alpha, None, *opts, *needs)
-    gx, gw, gb, ga = bwd(torch.ones_like(loss), torch.zeros_like(lse), case.x, case.weight, case.target, alpha, None, lse, aux, *opts,
-                         *needs)
+    gx, gw, gb, ga = bwd(torch.ones_like(loss), torch.zeros_like(lse), case.x, case.weight, case.target, alpha, None,
+                         *opts[:2], lse, aux, *opts[2:], *needs)
     assert gx.shape == case.x.shape and gw.numel() == 0 and gb.numel() == 0 and ga.numel() == 0
 
 
@@ -521,13 +522,15 @@ def test_opcheck(backend, device):
     case = make_case(5, 8, 9, dtype=dtype, device=device, seed=21, bias=True, alpha_grad=True, grad=True)
     case.target[0] = -100
     fwd, bwd = ops_for(backend)
-    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.4, label_smoothing=0.1).op_args()
+    margins = torch.rand(5, dtype=dtype, device=device) * 0.5  # per-row margins: the table has B rows
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, margins, 0.1),
+                         label_smoothing=0.1).op_arguments(5, device)
     for needs in [(True, True, True, True), (False, True, False, True), (False, False, False, False)]:
         torch.library.opcheck(fwd, (case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs))
         with torch.no_grad():
             loss, lse, aux = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs)
-        args = (torch.randn_like(loss), torch.randn_like(lse), case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(),
-                case.bias.detach(), lse, aux, *opts, *needs)
+        args = (torch.randn_like(loss), torch.randn_like(lse), case.x.detach(), case.weight.detach(), case.target,
+                case.alpha.detach(), case.bias.detach(), *opts[:2], lse, aux, *opts[2:], *needs)
         torch.library.opcheck(bwd, args)
 
 

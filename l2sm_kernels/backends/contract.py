@@ -1,12 +1,18 @@
 """The op boundary: one forward/backward pair of torch.library ops per backend, same schema for all.
 
-    l2sm::{backend}_forward(x, weight, target, alpha, bias?, <options>, <needs>) -> (loss, lse, aux)
-    l2sm::{backend}_backward(grad_loss, grad_lse, x, weight, target, alpha, bias?, lse, aux, <options>, <needs>)
-        -> (grad_x, grad_weight, grad_bias, grad_alpha)
+    l2sm::{backend}_forward(x, weight, target, alpha, bias?, margins?, label_smoothing?, <options>, <needs>)
+        -> (loss, lse, aux)
+    l2sm::{backend}_backward(grad_loss, grad_lse, x, weight, target, alpha, bias?, margins?, label_smoothing?,
+                             lse, aux, <options>, <needs>) -> (grad_x, grad_weight, grad_bias, grad_alpha)
 
 Contract every implementation honours (docs/design.md, "The operation"):
-- x (B, D), weight (C, D), bias (C,) or None: float16 / bfloat16 / float32 / float64, any strides,
-  dtypes may differ. target (B,) int64. alpha: 0-d floating tensor (on x's device).
+- x (B, D), weight (C K, D) (K = subcenters: rows [jK, jK + K) are class j's sub-centers; class j's
+  cosine is their maximum, ties to the lowest row), bias (C,) or None: float16 / bfloat16 / float32 /
+  float64, any strides, dtypes may differ. target (B,) int64. alpha: 0-d floating tensor (on x's device).
+- margins: None (margin_kind "none") or the (R, 5) float64 table of margins.margin_table, R = 1 (one
+  margin for every row) or B (per-row margins); the target column's logit is alpha f(c) + b with f of
+  docs/design.md, "The margins". label_smoothing: None (no smoothing) or a 0-d float64 tensor s.
+  Neither has a gradient.
 - loss (B,): per-row loss, 0 on rows whose target == ignore_index, NaN on rows whose target is
   outside [0, C) (never read out of bounds). lse (B,): logsumexp_j z_ij. Both in compute_dtype()
   (float64 if any of x, weight, bias is float64, else float32).
@@ -26,8 +32,9 @@ Contract every implementation honours (docs/design.md, "The operation"):
   A differentiable lse is what class-parallel training composes with (a rank's lse over its shard
   enters the global logsumexp). The autograd formula passes zeros for an unused output.
   Returned gradients are in their input's dtype. Nothing is written into any input.
-- <options> = normalize_weight, margin_type ("none" | "cosface" | "arcface"), margin,
-  ignore_index, label_smoothing, eps: see options.L2SMOptions.
+- <options> = normalize_weight, margin_kind ("none" | "additive" | "angular": which part of the table
+  applies), margin_detached (the gradient w.r.t. the target cosine as if f'(c) = 1), subcenters (K),
+  ignore_index, eps: see options.L2SMOptions.op_args().
 
 Per backend the forward op's autograd formula calls its own backward op; the backward op itself has
 no derivative (double backward raises a clear error).
@@ -42,18 +49,16 @@ from ..options import compute_dtype
 
 NAMESPACE = "l2sm"
 
-_OPTS = "bool normalize_weight, str margin_type, float margin, int ignore_index, float label_smoothing, float eps"
+_OPTS = "bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps"
 _NEEDS = "bool need_x, bool need_weight, bool need_bias, bool need_alpha"
-FORWARD_SCHEMA = (
-    f"(Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, {_OPTS}, {_NEEDS}) "
-    "-> (Tensor, Tensor, Tensor)"
-)
+_INPUTS = "Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, Tensor? label_smoothing"
+FORWARD_SCHEMA = f"({_INPUTS}, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (
-    f"(Tensor grad_loss, Tensor grad_lse, Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, "
-    "Tensor lse, "
-    f"Tensor aux, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor, Tensor)"
+    f"(Tensor grad_loss, Tensor grad_lse, {_INPUTS}, Tensor lse, Tensor aux, {_OPTS}, {_NEEDS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-# Number of option arguments, and of need flags, that follow the tensors in both schemas.
+# Number of input tensors, of option arguments and of need flags, in the order of both schemas.
+N_INPUTS = 7
 N_OPTS = 6
 N_NEEDS = 4
 
@@ -66,7 +71,7 @@ def backward_name(backend: str) -> str:
     return f"{NAMESPACE}::{backend}_backward"
 
 
-def empty_aux(x, weight, target, alpha, bias, *opts_and_needs):
+def empty_aux(x, weight, target, alpha, bias, *rest):
     """The aux of backends that save nothing besides lse: an empty tensor of the compute dtype."""
     return x.new_empty((0,), dtype=compute_dtype(x, weight, bias))
 
@@ -81,7 +86,7 @@ def _make_fake_forward(aux_meta):
     return fake_forward
 
 
-def _fake_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, *rest):
+def _fake_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux, *rest):
     need_x, need_weight, need_bias, need_alpha = rest[N_OPTS:]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
@@ -93,25 +98,25 @@ def _fake_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux
 
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
-        x, weight, target, alpha, bias = inputs[:5]
-        ctx.opts = tuple(inputs[5:5 + N_OPTS])
+        ctx.opts = tuple(inputs[N_INPUTS:N_INPUTS + N_OPTS])
         loss, lse, aux = output
         ctx.mark_non_differentiable(aux)
-        ctx.save_for_backward(x, weight, target, alpha, bias, lse, aux)
+        ctx.save_for_backward(*inputs[:N_INPUTS], lse, aux)
 
     def backward(ctx, grad_loss, grad_lse, grad_aux):
-        x, weight, target, alpha, bias, lse, aux = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        inputs, (lse, aux) = saved[:N_INPUTS], saved[N_INPUTS:]
+        bias = inputs[4]
         need = ctx.needs_input_grad
         needs = (need[0], need[1], bias is not None and need[4], need[3])
-        nones = (None,) * (5 + N_OPTS + N_NEEDS)
         if grad_loss is None and grad_lse is None:
-            return nones
+            return (None,) * (N_INPUTS + N_OPTS + N_NEEDS)
         grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-        gx, gw, gb, ga = backward_op(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, *ctx.opts,
-                                     *needs)
+        gx, gw, gb, ga = backward_op(grad_loss, grad_lse, *inputs, lse, aux, *ctx.opts, *needs)
+        # x, weight, target, alpha, bias; the margins and the label smoothing get no gradient
         return (gx if needs[0] else None, gw if needs[1] else None, None, ga if needs[3] else None,
-                gb if needs[2] else None) + (None,) * (N_OPTS + N_NEEDS)
+                gb if needs[2] else None) + (None,) * (N_INPUTS - 5 + N_OPTS + N_NEEDS)
 
     return setup_context, backward
 

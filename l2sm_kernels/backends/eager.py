@@ -1,12 +1,14 @@
 """Backend "eager": the op's forward and its hand-written backward in plain torch.
 
 This is the verification fallback: it runs on any device and dtype (float64 included, for
-gradcheck) and is written to be read against docs/design.md ("The operation", "The backward"), not to be fast. It materializes the B x C
-logits in the compute dtype (float32, or float64 for float64 inputs); the fused backends do not.
+gradcheck) and is written to be read against docs/design.md ("The operation", "The backward"), not
+to be fast. It materializes the B x C logits (B x CK cosines with sub-centers) in the compute dtype
+(float32, or float64 for float64 inputs); the fused backends do not.
 
-Notation (docs/design.md, "The operation"): x_hat = x / max(|x|, eps), W_hat likewise when normalize_weight, c = x_hat W_hat^T,
-g_ij = c_ij off the target column and f(c_iy) on it, z = alpha g + b, p = softmax_j(z),
-lse = logsumexp_j(z), loss_i = (1 - s)(lse_i - z_iy) + s (lse_i - mean_j z_ij).
+Notation (docs/design.md, "The operation"): x_hat = x / max(|x|, eps), W_hat likewise when
+normalize_weight, c_ij = max_k x_hat_i . W_hat_{jK+k} (K sub-centers per class, K = 1: the plain
+product), g_ij = c_ij off the target column and f(c_iy) on it (docs/design.md, "The margins"),
+z = alpha g + b, p = softmax_j(z), lse = logsumexp_j(z), loss_i = (1 - s)(lse_i - z_iy) + s (lse_i - mean_j z_ij).
 """
 from __future__ import annotations
 
@@ -14,12 +16,17 @@ import math
 
 import torch
 
+from ..margins import COS_M2, M3, OFFSET, SIN_M2, THRESHOLD
 from ..options import ARCFACE_CLAMP, compute_dtype
 
 
 def normalize_rows(v: torch.Tensor, eps: float):
-    """(v / max(|v|, eps), |v| (B, 1)), in v's dtype (callers pass fp32 / fp64)."""
-    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    """(v / max(|v|, eps), |v| (B, 1)), in v's dtype (callers pass fp32 / fp64).
+
+    The norm is accumulated in float64 for float32 rows: a float32 sum of squares overflows once
+    |v| > ~1.8e19, which would turn such a row into a zero vector (the norm itself fits float32)."""
+    wide = torch.float64 if v.dtype == torch.float32 else v.dtype
+    norm = torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=wide).to(v.dtype)
     return v / norm.clamp_min(eps), norm
 
 
@@ -35,22 +42,29 @@ def normalize_rows_backward(grad_hat: torch.Tensor, v_hat: torch.Tensor, norm: t
     return torch.where(norm >= eps, (grad_hat - v_hat * proj) / norm.clamp_min(eps), grad_hat / eps)
 
 
-def margin_value_and_slope(c: torch.Tensor, margin_type: str, m: float):
-    """f(c) and f'(c) for the target column (docs/design.md, "The operation")."""
-    if margin_type == "none":
-        return c, torch.ones_like(c)
-    if margin_type == "cosface":
-        return c - m, torch.ones_like(c)
-    # arcface: cos(theta + m) = c~ cos m - sin(theta) sin m with sin(theta) = sqrt(1 - c~^2);
-    # d/dc = cos m + c~ sin m / sin(theta) (the derivative at the clamped point, see reference.py).
-    cc = c.clamp(-1 + ARCFACE_CLAMP, 1 - ARCFACE_CLAMP)
-    sin_t = torch.sqrt(1 - cc * cc)
-    phi = cc * math.cos(m) - sin_t * math.sin(m)
-    dphi = math.cos(m) + cc * math.sin(m) / sin_t
-    hard = c > math.cos(math.pi - m)  # beyond pi - m, cos(theta + m) is no longer monotonic
-    value = torch.where(hard, phi, c - m * math.sin(m))
-    slope = torch.where(hard, dphi, torch.ones_like(c))
-    return value, slope
+def margin_value_and_slope(c: torch.Tensor, kind: str, table, detached: bool):
+    """f(c) and f'(c) of the target column (docs/design.md, "The margins"), from the margin table
+    (margins.margin_table: one row, or one per row of c) rounded to c's dtype.
+
+    angular: cos(theta + m2) - m3 = c~ cos m2 - sin(theta) sin m2 - m3 with sin(theta) = sqrt(1 - c~^2),
+    d/dc = cos m2 + c~ sin m2 / sin(theta) at the clamped c~; where c <= th (arccos(c) + m2 >= pi, or
+    m2 = 0) the fallback c - (m2 sin m2 + m3) with slope 1. detached: the slope is taken as 1."""
+    one = torch.ones_like(c)
+    if kind == "none":
+        return c, one
+    tab = table.to(c.dtype)
+    if kind == "additive":
+        value, slope = c - tab[:, M3], one
+    else:
+        cos_m, sin_m = tab[:, COS_M2], tab[:, SIN_M2]
+        cc = c.clamp(-1 + ARCFACE_CLAMP, 1 - ARCFACE_CLAMP)
+        sin_t = torch.sqrt(1 - cc * cc)
+        phi = cc * cos_m - sin_t * sin_m - tab[:, M3]
+        dphi = cos_m + cc * sin_m / sin_t
+        hard = c > tab[:, THRESHOLD]
+        value = torch.where(hard, phi, c - tab[:, OFFSET])
+        slope = torch.where(hard, dphi, one)
+    return value, (one if detached else slope)
 
 
 def _targets(target: torch.Tensor, num_classes: int, ignore_index: int):
@@ -62,17 +76,22 @@ def _targets(target: torch.Tensor, num_classes: int, ignore_index: int):
     return valid, bad, col
 
 
-def _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index, eps):
+def _logits(x, weight, target, alpha, bias, margins, normalize_weight, kind, detached, K, ignore_index, eps):
     dt = compute_dtype(x, weight, bias)
     x_hat, x_norm = normalize_rows(x.to(dt), eps)
     if normalize_weight:
         w_hat, w_norm = normalize_rows(weight.to(dt), eps)
     else:
         w_hat, w_norm = weight.to(dt), None
-    cos = x_hat @ w_hat.T
-    valid, bad, col = _targets(target, weight.shape[0], ignore_index)
+    cos_all = x_hat @ w_hat.T  # (B, C K)
+    B, C = x.shape[0], weight.shape[0] // K
+    if K > 1:
+        cos, win = cos_all.view(B, C, K).max(dim=2)  # class cosine, winning sub-center (first on ties)
+    else:
+        cos, win = cos_all, None
+    valid, bad, col = _targets(target, C, ignore_index)
     c_t = cos.gather(1, col[:, None]).squeeze(1)
-    f_t, slope_t = margin_value_and_slope(c_t, margin_type, margin)
+    f_t, slope_t = margin_value_and_slope(c_t, kind, margins, detached)
     # rows without a (valid) target have no margin: their lse is over the plain logits
     has_t = valid & ~bad
     f_t, slope_t = torch.where(has_t, f_t, c_t), torch.where(has_t, slope_t, torch.ones_like(slope_t))
@@ -81,7 +100,7 @@ def _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margi
     z = a * g
     if bias is not None:
         z = z + bias.to(dt)
-    return dict(dt=dt, x_hat=x_hat, x_norm=x_norm, w_hat=w_hat, w_norm=w_norm, g=g, z=z,
+    return dict(dt=dt, x_hat=x_hat, x_norm=x_norm, w_hat=w_hat, w_norm=w_norm, g=g, z=z, win=win, K=K,
                 valid=valid, bad=bad, col=col, slope_t=slope_t, a=a)
 
 
@@ -98,32 +117,35 @@ def _without_autocast(fn):
 
 
 @_without_autocast
-def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
-            label_smoothing, eps, need_x, need_weight, need_bias, need_alpha):
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha):
     """-> (loss (B,), lse (B,), aux (0,)), in the compute dtype. Ignored rows: loss 0; rows whose
     target is out of range (and not ignore_index): loss NaN (the public API raises before getting
     here). The backward recomputes everything from lse, so aux is empty."""
-    s = label_smoothing
-    L = _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index, eps)
+    L = _logits(x, weight, target, alpha, bias, margins, normalize_weight, margin_kind, margin_detached,
+                subcenters, ignore_index, eps)
     z = L["z"]
     lse = torch.logsumexp(z, dim=1)
     z_t = z.gather(1, L["col"][:, None]).squeeze(1)
-    loss = (1 - s) * (lse - z_t)
-    if s > 0:
-        loss = loss + s * (lse - z.mean(dim=1))
+    loss = lse - z_t
+    if label_smoothing is not None:
+        s = label_smoothing.to(L["dt"])
+        loss = (1 - s) * loss + s * (lse - z.mean(dim=1))
     loss = torch.where(L["valid"], loss, torch.zeros_like(loss))
     loss = torch.where(L["bad"], torch.full_like(loss, math.nan), loss)
     return loss, lse, lse.new_empty((0,))
 
 
 @_without_autocast
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight, margin_type, margin,
-             ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha):
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
+             need_bias, need_alpha):
     """-> (dx, dW, db, dalpha), each in its input's dtype; an empty tensor for each one not needed."""
-    s = label_smoothing
-    C = weight.shape[0]
-    L = _logits(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index, eps)
+    L = _logits(x, weight, target, alpha, bias, margins, normalize_weight, margin_kind, margin_detached,
+                subcenters, ignore_index, eps)
     dt, z, col = L["dt"], L["z"], L["col"]
+    C = z.shape[1]
+    s = label_smoothing.to(dt) if label_smoothing is not None else torch.zeros((), dtype=dt, device=z.device)
     # per-row upstream weights: w_t of the target / smoothing terms (the loss's), w_p of p (loss and
     # lse). Ignored rows: their loss is the constant 0, so w_t = 0; their lse still has a gradient.
     # Rows with an out-of-range target carry NaN (never a plausible gradient).
@@ -149,6 +171,10 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
         dc = L["a"] * dz
         dc_t = dc.gather(1, col[:, None]).squeeze(1) * L["slope_t"]
         dc = dc.scatter(1, col[:, None], dc_t[:, None])
+        if L["K"] > 1:  # each class's gradient goes to its winning sub-center, the others get none
+            B = dc.shape[0]
+            dc = torch.zeros(B, C, L["K"], dtype=dt, device=dc.device).scatter_(
+                2, L["win"][:, :, None], dc[:, :, None]).view(B, C * L["K"])
         if need_x:
             dx_hat = dc @ L["w_hat"]
             dx = normalize_rows_backward(dx_hat, L["x_hat"], L["x_norm"], eps).to(x.dtype)

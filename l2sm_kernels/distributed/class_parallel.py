@@ -60,6 +60,7 @@ Requirements and conventions:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -343,8 +344,9 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     if k > 0:
         needs = (grad_on and X.requires_grad, grad_on and W.requires_grad,
                  grad_on and b is not None and b.requires_grad, grad_on and alpha_g.requires_grad)
-        loss_r, lse_r, _aux = forward_op(X, W, local, alpha_g, b, opts.normalize_weight, opts.margin_type,
-                                         opts.margin, _LOCAL_IGNORE, 0.0, opts.eps, *needs)
+        shard_opts = dataclasses.replace(opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0)
+        loss_r, lse_r, _aux = forward_op(X, W, local, alpha_g, b, *shard_opts.op_arguments(X.shape[0], device),
+                                         *needs)
     else:
         # nothing to contribute; stay connected to every differentiable input (with exact zeros,
         # an empty slice sums to 0 even if X holds inf) so that this rank's backward runs the same
@@ -411,9 +413,9 @@ def _shard_logit_sum(X, W, b, local, own, alpha, opts, cdt):
         else:
             w_sum = Wc.sum(dim=0)
         g = x_hat @ w_sum
-        if opts.margin_type != "none":
+        if opts.margin_kind != "none":
             c_t = (x_hat * w_t).sum(dim=1)
-            delta = target_margin(c_t, opts.margin_type, opts.margin) - c_t
+            delta = target_margin(c_t, opts) - c_t
             g = g + torch.where(own, delta, torch.zeros_like(delta))
         out = alpha.to(cdt) * g
         if b is not None:

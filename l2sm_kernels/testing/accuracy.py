@@ -34,12 +34,13 @@ class Case:
 
 def make_case(B=8, D=16, C=37, *, dtype=torch.float32, wdtype=None, device="cpu", seed=0, bias=False,
               alpha=16.0, alpha_grad=False, ignore_rows=0, weight_scale=0.05, grad=True, **kwargs) -> Case:
-    """Random inputs in face-recognition proportions: x ~ N(0, 1), W ~ N(0, weight_scale^2),
-    targets uniform, the first `ignore_rows` rows ignored."""
+    """Random inputs in face-recognition proportions: x ~ N(0, 1), W ~ N(0, weight_scale^2) with
+    C x subcenters rows (kwargs' subcenters, default 1), targets uniform in [0, C), the first
+    `ignore_rows` rows ignored."""
     g = torch.Generator().manual_seed(seed)
     wdtype = wdtype or dtype
     x = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
-    w = (torch.randn(C, D, generator=g) * weight_scale).to(device=device, dtype=wdtype)
+    w = (torch.randn(C * kwargs.get("subcenters", 1), D, generator=g) * weight_scale).to(device=device, dtype=wdtype)
     t = torch.randint(0, C, (B,), generator=g)
     ignore_index = kwargs.get("ignore_index", -100)
     t[:ignore_rows] = ignore_index

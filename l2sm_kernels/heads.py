@@ -1,0 +1,175 @@
+"""Face-recognition heads: thin layers over the fused op with their papers' defaults.
+
+Each is an L2SoftmaxLoss with normalized class weights, alpha = s (the papers' scale), and its margin
+as the op's combined margin f(c) = cos(arccos(c) + m2) - m3 on the target column
+(docs/design.md, "The margins"). The per-sample heads (AdaFace, MagFace, ElasticFace) compute their
+(B,) margins from the features before normalization (their norms: O(B D), no pass over the classes)
+and hand them to the op, which applies them in the same pass as every other margin; no gradient
+flows through a margin.
+
+Where a head differs from its reference implementation, the docstring says so. Common to all: past
+arccos(c) + m2 >= pi the op uses the monotonic fallback c - m2 sin(m2) - m3 (InsightFace's), where
+some papers' code clips the angle instead; only target cosines below -cos(m2) (about -0.88 at
+m2 = 0.5) are affected.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loss import reduce_rows
+from .module import L2SoftmaxLoss
+
+
+class CombinedMarginLoss(L2SoftmaxLoss):
+    """InsightFace's combined margin (arcface_torch's CombinedMarginLoss, margin_list = (m1, m2, m3)):
+    target logit s (cos(m1 theta + m2) - m3) with m1 = 1 (multiplicative margins are not supported).
+    ArcFace is (1, 0.5, 0), CosFace (1, 0, 0.35) or (1, 0, 0.4) (InsightFace's WebFace42M recipe).
+
+    InsightFace applies the margin under no_grad (the gradient as if there were none):
+    margin_grad="detached" reproduces that; the default "exact" differentiates it."""
+
+    def __init__(self, in_features: int, num_classes: int, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
+                 s: float = 64.0, **kwargs):
+        self.s = s
+        super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
+                         margin=(m1, m2, m3), **kwargs)
+
+    def head_config(self) -> dict:
+        return {"s": self.s}
+
+
+class ArcFaceLoss(CombinedMarginLoss):
+    """ArcFace (Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR
+    2019): target logit s cos(theta + m), s = 64, m = 0.5. With subcenters=K (K = 3 in the paper's
+    ECCV 2020 follow-up) it is sub-center ArcFace."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5, **kwargs):
+        super().__init__(in_features, num_classes, m1=1.0, m2=m, m3=0.0, s=s, **kwargs)
+
+
+class CosFaceLoss(CombinedMarginLoss):
+    """CosFace / AM-softmax (Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face
+    Recognition", CVPR 2018): target logit s (cos theta - m), s = 64, m = 0.35."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35, **kwargs):
+        super().__init__(in_features, num_classes, m1=1.0, m2=0.0, m3=m, s=s, **kwargs)
+
+
+class AdaFaceLoss(L2SoftmaxLoss):
+    """AdaFace (Kim, Jain, Liu, "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022).
+
+    The feature norm |x_i| (clipped to [0.001, 100]) is the image-quality proxy. Its batch mean and
+    standard deviation update exponential moving averages (t_alpha = 0.01; buffers start at 20 and
+    100, as the reference code; updated in training mode only), and
+        g_i = clip(h (|x_i| - mean) / (std + eps), -1, 1),   h = 0.333
+        target logit = s (cos(theta + g_angle) - g_add),  g_angle = -m g_i,  g_add = m + m g_i,  m = 0.4
+    i.e. per-row margins m2 = -m g_i (negative for high-quality rows) and m3 = m + m g_i.
+    The reference code clips theta + g_angle to [eps, pi - eps]; the op does not clip below (rows with
+    theta < m g_i: cos(theta - m g_i) instead of cos(eps)) and uses the monotonic fallback above."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+                 t_alpha: float = 0.01, eps: float = 1e-3, **kwargs):
+        self.s, self.m, self.h, self.t_alpha, self.norm_eps = s, m, h, t_alpha, eps
+        kw_device = kwargs.get("device")
+        super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
+                         margin=(1.0, 0.0, 0.0), **kwargs)
+        self.register_buffer("batch_mean", torch.full((), 20.0, device=kw_device))
+        self.register_buffer("batch_std", torch.full((), 100.0, device=kw_device))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "batch_mean"):
+            self.batch_mean.fill_(20.0)
+            self.batch_std.fill_(100.0)
+
+    @torch.no_grad()
+    def margin_scaler(self, features: torch.Tensor) -> torch.Tensor:
+        """g_i of the docstring (updating the moving averages first in training mode)."""
+        norms = torch.linalg.vector_norm(features.detach().float(), dim=1).clamp(0.001, 100.0)
+        if self.training and norms.numel() > 1:
+            t = self.t_alpha
+            self.batch_mean.mul_(1 - t).add_(t * norms.mean())
+            self.batch_std.mul_(1 - t).add_(t * norms.std())
+        return ((norms - self.batch_mean) / (self.batch_std + self.norm_eps) * self.h).clamp(-1.0, 1.0)
+
+    def batch_margin(self, features, target):
+        g = self.margin_scaler(features)
+        return (1.0, -self.m * g, self.m + self.m * g)
+
+    def head_config(self) -> dict:
+        return {"s": self.s, "m": self.m, "h": self.h, "t_alpha": self.t_alpha, "eps": self.norm_eps}
+
+
+class MagFaceLoss(L2SoftmaxLoss):
+    """MagFace (Meng et al., "MagFace: A Universal Representation for Face Recognition and Quality
+    Assessment", CVPR 2021). The feature magnitude a_i = clip(|x_i|, l_a, u_a) sets an angular margin
+        m(a) = (u_m - l_m) / (u_a - l_a) (a - l_a) + l_m        (l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8)
+    (target logit s cos(theta + m(a)), s = 64) and a regularizer g(a) = 1 / a + a / u_a^2 is added with
+    weight lambda_g = 35: loss_i = CE_i + lambda_g g(a_i). The regularizer's gradient reaches the
+    features' magnitude; the margin's does not (the op's margins carry no gradient), where the
+    reference code also differentiates m(a)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
+                 l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, **kwargs):
+        self.s, self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = s, l_a, u_a, l_m, u_m, lambda_g
+        super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
+                         margin=(1.0, 0.0, 0.0), **kwargs)
+
+    def magnitude(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(features.float(), dim=1).clamp(self.l_a, self.u_a)
+
+    def margin_of(self, a: torch.Tensor) -> torch.Tensor:
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+
+    def regularizer(self, a: torch.Tensor) -> torch.Tensor:
+        return 1.0 / a + a / self.u_a ** 2
+
+    def batch_margin(self, features, target):
+        return (1.0, self.margin_of(self.magnitude(features.detach())), 0.0)
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        a = self.magnitude(features)
+        ce = self._loss(features, target, (1.0, self.margin_of(a.detach()), 0.0), "none")
+        valid = target != self.options.ignore_index
+        rows = ce + torch.where(valid, self.lambda_g * self.regularizer(a), torch.zeros_like(a)).to(ce.dtype)
+        return reduce_rows(rows, target, self.options.ignore_index, self.reduction)
+
+    def head_config(self) -> dict:
+        return {"s": self.s, "l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
+                "lambda_g": self.lambda_g}
+
+
+class ElasticFaceLoss(L2SoftmaxLoss):
+    """ElasticFace (Boutros et al., "ElasticFace: Elastic Margin Loss for Deep Face Recognition", CVPR
+    Workshops 2022): each sample's margin is drawn from N(m, std^2) every step. variant "arc":
+    s cos(theta + m_i), m = 0.5; variant "cos": s (cos theta - m_i), m = 0.35; std = 0.05 and s = 64 for
+    both (the reference configurations). The draw uses `generator` (torch's default when None)."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float | None = None,
+                 std: float = 0.05, variant: str = "arc", **kwargs):
+        if variant not in ("arc", "cos"):
+            raise ValueError(f"variant must be 'arc' or 'cos', got {variant!r}")
+        self.s, self.variant, self.std = s, variant, std
+        self.m = (0.5 if variant == "arc" else 0.35) if m is None else m
+        super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
+                         margin=(1.0, 0.0, 0.0), **kwargs)
+
+    def draw_margins(self, batch: int, device) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.normal(self.m, self.std, (batch,), generator=self.generator, device=device)
+
+    def batch_margin(self, features, target):
+        m = self.draw_margins(features.shape[0], features.device)
+        return (1.0, m, 0.0) if self.variant == "arc" else (1.0, 0.0, m)
+
+    def head_config(self) -> dict:
+        return {"s": self.s, "m": self.m, "std": self.std, "variant": self.variant}
+
+
+HEADS = {"softmax-l2": L2SoftmaxLoss, "arcface": ArcFaceLoss, "cosface": CosFaceLoss,
+         "combined": CombinedMarginLoss, "adaface": AdaFaceLoss, "magface": MagFaceLoss,
+         "elasticface": ElasticFaceLoss}
+
+__all__ = ["AdaFaceLoss", "ArcFaceLoss", "CombinedMarginLoss", "CosFaceLoss", "ElasticFaceLoss", "MagFaceLoss",
+           "HEADS"]
