@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backends.registry import check_backend
-from .loss import l2_softmax_loss
+from .loss import alpha_lower_bound, l2_softmax_loss
 from .options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
 
 _STATE_VERSION = 1
@@ -30,11 +30,15 @@ class L2SoftmaxLoss(nn.Module):
     weight (num_classes * subcenters, in_features) is initialized like nn.Linear's (uniform in
     +-1/sqrt(in_features)); bias (when bias=True, one per class) starts at zero.
 
-    alpha: a buffer, or with learn_alpha=True learned through its logarithm (the parameter
-    `log_alpha`; `module.alpha` is exp(log_alpha)): the radius stays > 0 by construction, whatever the
-    optimizer does (a plain alpha parameter can be pushed through 0 and flip every logit's sign while
-    the loss keeps falling). The state_dict stores "alpha" (the radius) either way, so checkpoints
-    move between learned and fixed alpha and older checkpoints load.
+    alpha: a buffer, or with learn_alpha=True learned as alpha = alpha_min + exp(alpha_raw) (the
+    parameter `alpha_raw`; `module.alpha` is that sum): the radius stays above alpha_min > 0 by
+    construction, whatever the optimizer does. A plain alpha parameter is pushed down by the margin
+    early in training (the target logit alpha (c_y - m) is the smallest while features are random):
+    through 0 it flips every logit's sign and the loss keeps falling with 0 % accuracy; held only
+    positive it collapses towards 0 (loss log C, nothing learned). alpha_min defaults to the paper's
+    lower bound alpha_lower_bound(num_classes) (p = 0.9; 0.5 for num_classes < 3), the smallest radius at
+    which a class can reach probability 0.9 at all. The state_dict stores "alpha" (the radius) either
+    way, so checkpoints move between learned and fixed alpha and older checkpoints load.
 
     The options are stored in the state_dict too (its "_extra_state"): loading a checkpoint made
     with other options (margin type, margin, sub-centers, ...) is a clear error, never a silent
@@ -52,11 +56,16 @@ class L2SoftmaxLoss(nn.Module):
                  bias: bool = False, normalize_weight: bool = False, margin=0.0, margin_type: str = "none",
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing=0.0, subcenters: int = 1,
                  margin_grad: str = "exact", sample_rate: float = 1.0, eps: float = 1e-12, backend: str = "auto",
-                 device=None, dtype=None):
+                 alpha_min: float | None = None, device=None, dtype=None):
         super().__init__()
         in_features = check_int("in_features", in_features, 1)
         num_classes = check_int("num_classes", num_classes, 1)
         self._alpha0 = initial_alpha(alpha)
+        self.alpha_min = default_alpha_min(num_classes) if alpha_min is None else check_alpha(alpha_min)
+        if learn_alpha and not self._alpha0 > self.alpha_min:
+            raise ValueError(f"alpha = {self._alpha0:g} must be > alpha_min = {self.alpha_min:g} for a learned alpha "
+                             "(alpha_min defaults to the paper's lower bound alpha_lower_bound(num_classes); pass a "
+                             "smaller alpha_min to allow it)")
         check_reduction(reduction)
         check_backend(backend)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
@@ -71,7 +80,7 @@ class L2SoftmaxLoss(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes * self.options.subcenters, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
         if learn_alpha:
-            self.log_alpha = nn.Parameter(torch.empty((), dtype=torch.float32, device=device))
+            self.alpha_raw = nn.Parameter(torch.empty((), dtype=torch.float32, device=device))
         else:
             self.register_buffer("alpha", torch.empty((), dtype=torch.float32, device=device))
         self._register_state_hooks()
@@ -80,19 +89,22 @@ class L2SoftmaxLoss(nn.Module):
     # --------------------------------------------------------------------------------- alpha
     @property
     def learn_alpha(self) -> bool:
-        return "log_alpha" in self._parameters
+        return "alpha_raw" in self._parameters
 
     def __getattr__(self, name):
-        if name == "alpha" and "log_alpha" in self.__dict__.get("_parameters", {}):
-            return self._parameters["log_alpha"].exp()  # > 0 by construction, differentiable
+        if name == "alpha" and "alpha_raw" in self.__dict__.get("_parameters", {}):
+            # alpha_min + exp(alpha_raw): > alpha_min by construction, differentiable
+            return self._parameters["alpha_raw"].exp() + self.alpha_min
         return super().__getattr__(name)
 
     @torch.no_grad()
     def set_alpha(self, value) -> None:
-        """Set the radius (a number > 0 or a 0-d tensor's value)."""
+        """Set the radius (a number > 0, > alpha_min when learned, or a 0-d tensor's value)."""
         v = initial_alpha(value)
         if self.learn_alpha:
-            self.log_alpha.fill_(math.log(v))
+            if not v > self.alpha_min:
+                raise ValueError(f"alpha = {v:g} must be > alpha_min = {self.alpha_min:g} for a learned alpha")
+            self.alpha_raw.fill_(math.log(v - self.alpha_min))
         else:
             self.alpha.fill_(v)
 
@@ -196,25 +208,31 @@ class L2SoftmaxLoss(nn.Module):
             self._register_load_state_dict_pre_hook(_load_alpha_and_options, with_module=True)
 
 
+def default_alpha_min(num_classes: int) -> float:
+    """The floor of a learned alpha: the paper's lower bound for target probability 0.9
+    (alpha_lower_bound), or 0.5 below 3 classes where the bound is not defined."""
+    return alpha_lower_bound(num_classes) if num_classes >= 3 else 0.5
+
+
 def _save_alpha_as_radius(module, state_dict, prefix, local_metadata):
-    """state_dict post-hook: a learned alpha is saved as the radius under "alpha" (not log_alpha)."""
-    key = prefix + "log_alpha"
+    """state_dict post-hook: a learned alpha is saved as the radius under "alpha" (not alpha_raw)."""
+    key = prefix + "alpha_raw"
     if key in state_dict:
-        state_dict[prefix + "alpha"] = state_dict.pop(key).detach().exp()
+        state_dict[prefix + "alpha"] = state_dict.pop(key).detach().exp() + module.alpha_min
 
 
 def _load_alpha_and_options(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                             error_msgs):
-    """load_state_dict pre-hook: "alpha" (the radius) becomes log_alpha for a learned alpha (a radius
-    <= 0, from a run whose plain alpha went negative, is refused); a checkpoint from before the options
-    were stored (no "_extra_state") loads as if it matched."""
+    """load_state_dict pre-hook: "alpha" (the radius) becomes alpha_raw for a learned alpha (a radius
+    not above alpha_min, e.g. from a run whose plain alpha went negative, is refused); a checkpoint from
+    before the options were stored (no "_extra_state") loads as if it matched."""
     key = prefix + "alpha"
     if module.learn_alpha and key in state_dict:
         a = state_dict.pop(key)
-        if not bool((a > 0).all()):
-            raise RuntimeError(f"{type(module).__name__}: the checkpoint's alpha = {float(a):g} is not a radius "
-                               "(> 0); a learned alpha is stored through its logarithm")
-        state_dict[prefix + "log_alpha"] = torch.log(a.detach().to(torch.float32))
+        if not bool((a > module.alpha_min).all()):
+            raise RuntimeError(f"{type(module).__name__}: the checkpoint's alpha = {float(a):g} is not above "
+                               f"alpha_min = {module.alpha_min:g}; a learned alpha is alpha_min + exp(alpha_raw)")
+        state_dict[prefix + "alpha_raw"] = torch.log(a.detach().double() - module.alpha_min).to(torch.float32)
     extra = prefix + "_extra_state"
     if extra not in state_dict:
         state_dict[extra] = module.get_extra_state()

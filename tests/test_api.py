@@ -146,7 +146,7 @@ def test_module_matches_functional_and_trains():
                                 margin_type="cosface", margin=0.1, label_smoothing=0.1)
     assert max_err(out, ref) < 1e-5
     out.backward()
-    assert m.weight.grad is not None and m.bias.grad is not None and m.log_alpha.grad is not None
+    assert m.weight.grad is not None and m.bias.grad is not None and m.alpha_raw.grad is not None
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     losses = []
     for _ in range(20):
@@ -171,8 +171,8 @@ def test_module_init_repr_and_state_dict():
     m2 = L.L2SoftmaxLoss(16, 7, alpha=1.0, bias=True, normalize_weight=True, margin_type="arcface", margin=0.5)
     m2.load_state_dict(sd)
     assert torch.equal(m2.weight, m.weight) and float(m2.alpha) == 12.0
-    learn = L.L2SoftmaxLoss(4, 3, learn_alpha=True)  # learned through log alpha: > 0 by construction
-    assert "log_alpha" in dict(learn.named_parameters()) and learn.alpha.requires_grad
+    learn = L.L2SoftmaxLoss(4, 3, learn_alpha=True)  # alpha_min + exp(alpha_raw): > alpha_min by construction
+    assert "alpha_raw" in dict(learn.named_parameters()) and learn.alpha.requires_grad
     assert float(learn.alpha) == pytest.approx(16.0) and set(learn.state_dict()) == {"weight", "alpha", "_extra_state"}
 
 
@@ -233,3 +233,35 @@ def test_reference_matches_cross_entropy_definition():
         lse = torch.logsumexp(z, 0)
         expect = (1 - s) * (lse - z[y[i]]) + s * (lse - z.mean())
         assert abs(float(out[i] - expect)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# the hardening issue: ignore_index at or above C, label_smoothing = 1 (reliability case 25)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ignore_index", [255, 5])
+def test_ignore_index_at_or_above_num_classes(ignore_index):
+    """255 (the usual value) and C itself are accepted and ignored, as torch's cross_entropy does; the
+    module too; compiled too (no device assert fires)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    t = torch.tensor([ignore_index, 0, 1, 2])
+    out = L.l2_softmax_loss(x, w, t, ignore_index=ignore_index, reduction="none", backend="eager")
+    ref = torch.nn.functional.cross_entropy(16.0 * torch.nn.functional.normalize(x) @ w.T, t,
+                                            ignore_index=ignore_index, reduction="none")
+    assert out[0] == 0 and max_err(out, ref) < 1e-5
+    m = L.L2SoftmaxLoss(8, 5, ignore_index=ignore_index, backend="eager")
+    assert torch.isfinite(m(x, t))
+    compiled = torch.compile(lambda x, w, t: L.l2_softmax_loss(x, w, t, ignore_index=ignore_index, backend="eager"),
+                             fullgraph=True)
+    assert max_err(compiled(x, w, t), ref[1:].mean()) < 1e-5
+    t_bad = torch.tensor([ignore_index, 0, 5 if ignore_index != 5 else 6, 2])
+    with pytest.raises(ValueError, match=r"target\[2\] = \d+ is outside \[0, 5\)"):
+        L.l2_softmax_loss(x, w, t_bad, ignore_index=ignore_index, backend="eager")
+
+
+def test_label_smoothing_one_matches_torch():
+    torch.manual_seed(1)
+    x, w, t = torch.randn(6, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    out = L.l2_softmax_loss(x, w, t, label_smoothing=1.0, backend="eager")
+    ref = torch.nn.functional.cross_entropy(16.0 * torch.nn.functional.normalize(x) @ w.T, t, label_smoothing=1.0)
+    assert max_err(out, ref) < 1e-5

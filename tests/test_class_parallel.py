@@ -376,8 +376,8 @@ def _work_module(rank, world, backend, tmpdir):
     assert abs(float(ld) - float(ls)) <= 1e-12 * abs(float(ls))
     for got, want in ((xd.grad, xs.grad[4 * rank: 4 * rank + 4]), (head.weight.grad, single.weight.grad[c0:c1]),
                       (head.bias.grad, single.bias.grad[c0:c1]),
-                      # single-process: alpha = exp(log_alpha), so dL/d alpha = dL/d log_alpha / alpha
-                      (head.alpha.grad, single.log_alpha.grad / single.alpha.detach())):
+                      # single-process: alpha = alpha_min + exp(alpha_raw): dL/d alpha = dL/d alpha_raw / (alpha - alpha_min)
+                      (head.alpha.grad, single.alpha_raw.grad / (single.alpha.detach() - single.alpha_min))):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
     # save on rank 0 only, load into a module with another split
     part = head.full_state_dict(dst=0)

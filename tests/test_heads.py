@@ -1,0 +1,179 @@
+"""The face-recognition heads (l2sm_kernels.heads) on every backend: each head's margin schedule checked
+against its paper's formula written out here, independently of heads.py, and its loss and gradients
+against the float64 reference with those margins; then a torch.compile(fullgraph=True) training step
+per head."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import l2sm_kernels as L
+from l2sm_kernels.testing import assert_accurate, max_err
+
+from conftest import is_slow
+
+B, D, C = 10, 16, 13
+
+
+def _inputs(device, seed=0, scale=25.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, D, generator=g) * (scale / math.sqrt(D)) * (0.5 + torch.rand(B, 1, generator=g)))
+    y = torch.randint(0, C, (B,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _check_against_reference(head, x, y, margin, extra=None):
+    """head(x, y) and its gradients (x, W) against the float64 reference with the given margin
+    (a combined (1, m2, m3)), plus `extra(x)` (a differentiable per-batch term) when given."""
+    xs = x.clone().requires_grad_(True)
+    out = head(xs, y)
+    gx, gw = torch.autograd.grad(out, [xs, head.weight])
+
+    def ref(upcast):
+        dt = torch.float64 if upcast else x.dtype
+        xr = x.detach().to(dt).requires_grad_(True)
+        wr = head.weight.detach().to(dt).requires_grad_(True)
+        m = tuple(v.detach().to(dt) if isinstance(v, torch.Tensor) else v for v in margin)
+        loss = L.l2_softmax_loss_ref(xr, wr, y, head.s, normalize_weight=True, margin_type="combined", margin=m,
+                                     subcenters=head.options.subcenters, upcast=upcast)
+        if extra is not None:
+            loss = loss + extra(xr)
+        return (loss,) + torch.autograd.grad(loss, [xr, wr])
+
+    r, p = ref(True), ref(False)
+    for name, a, b, c in zip(("loss", "grad x", "grad weight"), (out, gx, gw), r, p):
+        assert_accurate(name, a, b, c, torch.float32)
+
+
+@pytest.mark.parametrize("cls,margin", [(L.ArcFaceLoss, (1.0, 0.5, 0.0)), (L.CosFaceLoss, (1.0, 0.0, 0.35)),
+                                        (L.CombinedMarginLoss, (1.0, 0.5, 0.0))])
+def test_fixed_margin_heads(backend, device, cls, margin):
+    torch.manual_seed(0)
+    head = cls(D, C, backend=backend).to(device)
+    assert head.s == 64.0 and head.options.normalize_weight
+    x, y = _inputs(device)
+    _check_against_reference(head, x, y, margin)
+
+
+def test_subcenter_arcface(backend, device):
+    torch.manual_seed(1)
+    head = L.ArcFaceLoss(D, C, subcenters=3, backend=backend).to(device)
+    assert head.weight.shape == (3 * C, D) and head.num_classes == C
+    x, y = _inputs(device, seed=1)
+    _check_against_reference(head, x, y, (1.0, 0.5, 0.0))
+
+
+def test_adaface_schedule(backend, device):
+    """AdaFace (Kim et al. 2022), written out: norms clipped to [0.001, 100]; EMA of the batch mean and
+    std (t_alpha 0.01, from 20 and 100); g = clip(h (norm - mean) / (std + eps), -1, 1); margins
+    m2 = -m g, m3 = m + m g (h = 0.333, m = 0.4, eps = 1e-3)."""
+    torch.manual_seed(2)
+    head = L.AdaFaceLoss(D, C, backend=backend).to(device)
+    x, y = _inputs(device, seed=2)
+    norms = x.double().norm(dim=1).clamp(0.001, 100)
+    mean = 0.01 * norms.mean() + 0.99 * 20.0
+    std = 0.01 * norms.std() + 0.99 * 100.0
+    g = ((norms - mean) / (std + 1e-3) * 0.333).clamp(-1, 1)
+    expected = (1.0, -0.4 * g, 0.4 + 0.4 * g)
+    _check_against_reference(head, x, y, expected)  # updates the moving averages once, as written above
+    assert float(head.batch_mean) == pytest.approx(float(mean), rel=1e-6)
+    assert float(head.batch_std) == pytest.approx(float(std), rel=1e-6)
+    head.eval()  # no update in eval mode
+    before = float(head.batch_mean)
+    head(x, y)
+    assert float(head.batch_mean) == before
+
+
+def test_magface_schedule_and_regularizer(backend, device):
+    """MagFace (Meng et al. 2021), written out: a = clip(|x|, 10, 110); m(a) = (0.8 - 0.45) / (110 - 10)
+    (a - 10) + 0.45; loss = CE(s cos(theta + m(a))) + 35 mean(1 / a + a / 110^2); the regularizer's
+    gradient reaches |x|, the margin's does not."""
+    torch.manual_seed(3)
+    head = L.MagFaceLoss(D, C, backend=backend).to(device)
+    x, y = _inputs(device, seed=3, scale=60.0)
+    a = x.double().norm(dim=1).clamp(10, 110)
+    assert float(a.min()) > 10 or float(a.max()) < 110  # the schedule is exercised away from both clips
+    m = (0.8 - 0.45) / (110 - 10) * (a - 10) + 0.45
+
+    def reg(xr):
+        ar = xr.norm(dim=1).clamp(10, 110)
+        return 35.0 * (1.0 / ar + ar / 110 ** 2).mean()
+
+    _check_against_reference(head, x, y, (1.0, m, 0.0), extra=reg)
+
+
+@pytest.mark.parametrize("variant", ["arc", "cos"])
+def test_elasticface_draws(backend, device, variant):
+    """ElasticFace (Boutros et al. 2022): margins ~ N(m, 0.05^2) per sample, m = 0.5 (arc) / 0.35 (cos),
+    drawn from the head's generator."""
+    torch.manual_seed(4)
+    head = L.ElasticFaceLoss(D, C, variant=variant, backend=backend).to(device)
+    m = 0.5 if variant == "arc" else 0.35
+    head.generator = torch.Generator(device=device).manual_seed(11)
+    draws = torch.normal(m, 0.05, (B,), generator=torch.Generator(device=device).manual_seed(11), device=device)
+    x, y = _inputs(device, seed=4)
+    margin = (1.0, draws, 0.0) if variant == "arc" else (1.0, 0.0, draws)
+    _check_against_reference(head, x, y, margin)
+    many = torch.cat([head.draw_margins(1000, device) for _ in range(20)]).double()
+    assert abs(float(many.mean()) - m) < 0.003 and abs(float(many.std()) - 0.05) < 0.003
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface", "adaface", "magface", "elasticface"])
+def test_compile_fullgraph_training_step(backend, device, name):
+    if is_slow(backend):
+        pytest.skip("torch.compile of an interpreted triton op fails in fake tracing; runs on the GPU")
+    torch.manual_seed(5)
+    head = L.heads.HEADS[name](D, C, backend=backend).to(device)
+    net = torch.nn.Linear(8, D).to(device)
+    inp = torch.randn(B, 8, device=device) * 5
+    y = torch.randint(0, C, (B,), device=device)
+    params = list(net.parameters()) + list(head.parameters())
+
+    def step(inp, y):
+        return head(net(inp), y)
+
+    compiled = torch.compile(step, fullgraph=True)
+    if name == "elasticface":  # random margins: the compiled RNG stream differs from eager's
+        head.generator = None
+        out = compiled(inp, y)
+        assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in torch.autograd.grad(out, params))
+        return
+    start = {k: v.clone() for k, v in head.named_buffers()}
+    l1 = compiled(inp, y)
+    g1 = torch.autograd.grad(l1, params)
+    after = {k: v.clone() for k, v in head.named_buffers()}
+    with torch.no_grad():
+        for k, v in head.named_buffers():
+            v.copy_(start[k])  # AdaFace's moving averages: the eager call starts where the compiled one did
+    l2 = step(inp, y)
+    g2 = torch.autograd.grad(l2, params)
+    for k, v in head.named_buffers():
+        assert torch.allclose(v, after[k], rtol=1e-6), k
+    assert max_err(l1, l2) <= 1e-5 * float(l2.abs())
+    for a, b in zip(g1, g2):
+        assert max_err(a, b) <= 1e-4 * max(float(b.abs().max()), 1e-6)
+
+
+def test_heads_train_on_digits_cpu():
+    """Every head learns (eager or cpu, whatever "auto" picks): training accuracy on digits well above
+    chance after a few epochs."""
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    xs, ys = torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
+    for name in ("arcface", "cosface", "adaface", "magface", "elasticface"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+        head = L.heads.HEADS[name](32, 10, s=16.0) if name != "magface" else L.MagFaceLoss(32, 10, s=16.0)
+        opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.05, momentum=0.9)
+        for _ in range(8):
+            for i in range(0, len(xs), 64):
+                loss = head(net(xs[i:i + 64]), ys[i:i + 64])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            acc = float((head.cosine(net(xs)).argmax(1) == ys).float().mean())
+        assert acc > 0.8, (name, acc)
+        assert torch.isfinite(F.normalize(head.weight, dim=1)).all()
