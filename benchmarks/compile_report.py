@@ -36,8 +36,8 @@ from l2sm_kernels.options import L2SMOptions  # noqa: E402
 
 K = kernel_namespace()
 
-_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-       torch.int32: "i32"}
+_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+       torch.int64: "i64", torch.int32: "i32"}
 _OPTION_KEYS = ("num_warps", "num_stages")
 
 
@@ -170,7 +170,7 @@ def main():
         set() if a.options == "plain" else set(a.options.split(",")))
     bias = torch.empty(a.C, device=dev, dtype=wdt) if "bias" in on else None
     opts = L2SMOptions(normalize_weight="norm" in on, margin_type="arcface" if "arcface" in on else "none",
-                       margin=0.5 if "arcface" in on else 0.0, label_smoothing=0.1 if "smooth" in on else 0.0).op_args()
+                       margin=0.5 if "arcface" in on else 0.0, label_smoothing=0.1 if "smooth" in on else 0.0)
     needs = (True, True, "bias" in on, "alpha" in on)
     def cfg(text, default):
         if not text:
@@ -183,19 +183,24 @@ def main():
     wcfg = cfg(a.dw_config, K.dw_config(a.D, xdt, wdt, gpu=True))
     rec = Recorder()
     splits = K.forward_splits(a.B, a.C, a.D, True, fcfg, a.sms)
-    loss, lse, aux = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=fcfg, splits=splits)
+    loss, lse, aux = K.forward(x, w, t, alpha, bias, *opts.op_arguments(a.B, dev), *needs, launch=rec, config=fcfg,
+                               splits=splits)
     lse_only = K.forward_config(a.D, xdt, wdt, False, gpu=True)
-    K.forward(x, w, t, alpha, bias, *opts, False, False, False, False, launch=rec, config=lse_only,
+    K.forward(x, w, t, alpha, bias, *opts.op_arguments(a.B, dev), False, False, False, False, launch=rec,
+              config=lse_only,
               splits=K.forward_splits(a.B, a.C, a.D, False, lse_only, a.sms))
     g = torch.empty(a.B, device=dev, dtype=torch.float32)
-    K.backward(g, g, x, w, t, alpha, bias, lse, aux, *opts, *needs, launch=rec, config=wcfg)
+    K.backward(g, g, x, w, t, alpha, bias, *opts.op_tensors(a.B, dev), lse, aux, *opts.op_args(), *needs,
+               launch=rec, config=wcfg)
     if a.variants:
         d_pad = K._pow2(a.D)
         for v in ("fused_prefetch", "fused_chained", "split_d"):
             vc = K.GPU_CONFIGS[v](d_pad)
-            _, lse_v, aux_v = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=vc,
+            _, lse_v, aux_v = K.forward(x, w, t, alpha, bias, *opts.op_arguments(a.B, dev), *needs, launch=rec,
+                                        config=vc,
                                         splits=K.forward_splits(a.B, a.C, a.D, True, vc, a.sms))
-            K.backward(g, g, x, w, t, alpha, bias, lse_v, aux_v, *opts, *needs, launch=rec, config=vc)
+            K.backward(g, g, x, w, t, alpha, bias, *opts.op_tensors(a.B, dev), lse_v, aux_v, *opts.op_args(),
+                       *needs, launch=rec, config=vc)
     calls = [c for c in rec.calls if not a.only or a.only in c[0].__name__]
     rows = compile_calls(calls, a.arch)
     print(f"sm_{a.arch}, B={a.B} D={a.D} C={a.C} {a.dtype}, options={a.options}, forward splits={splits}")

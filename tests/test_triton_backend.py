@@ -2,14 +2,18 @@
 option too). Without CUDA the kernels run under the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1); with CUDA on the GPU, where the CUDA-only tests below also run.
 
-- results do not depend on tile sizes, class splits, K / D chunking or the chain-break scratch path
 "Reliability case N" refers to docs/reliability.md.
 
+- results do not depend on tile sizes, class splits, K / D chunking or the chain-break scratch path
+  (also with sub-centers, per-row margins and a smoothing tensor)
+- the margin table read through its strides (column-major, broadcast rows), each row its own margin
+- sub-centers at several K with ragged C K against the float64 reference
 - ragged shapes (C = 1, prime C, C = 65537, D = 127) against the float64 reference
-- no B x C buffer and no copy of W (fp32 master weights with bf16 features), by recording every
-  tensor the launchers allocate
-- the backward works when the forward's hints were off (aux recomputed), bit-identically
-- the aux layout, the workspace bound of the module docstring
+- rows of norm 1e30 (features; normalized weight rows) against float64 directly
+- no B x C buffer and no copy of W (fp32 master weights with bf16 features; K = 1 and 2), by recording
+  every tensor the launchers allocate
+- the backward works when the forward's hints were off (aux recomputed), bit-identically (K = 1 and 3)
+- the aux layout (the target's winning sub-center), the workspace bound of the module docstring
 - torch.compile traces a training step through both ops with no graph break (on a CPU-only machine
   through a subprocess that compiles the kernels' IR for sm_90 without running them)
 """
@@ -50,14 +54,27 @@ def dev(K):
     return "cpu" if triton_interpreted() else "cuda"
 
 
-OPTS = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.4, label_smoothing=0.1).op_args()
-PLAIN = L.L2SMOptions().op_args()
+OPTS = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.4, label_smoothing=0.1)
+PLAIN = L.L2SMOptions()
 
 
-def _inputs(B, D, C, dev, dtype=torch.float32, wdtype=None, seed=0, bias=True, ignore_rows=2):
+def _rows(B, lo, hi, seed):
+    return lo + (hi - lo) * torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _subcenter_opts(B, subcenters=3, **kw):
+    """Every new path at once: sub-centers, per-row angular and additive margins (one row's m2 = 0, one
+    negative), a label smoothing tensor, normalize_weight."""
+    m2 = _rows(B, 0.2, 0.6, 1)
+    m2[0], m2[1 % B] = 0.0, -0.3
+    kw = dict(dict(normalize_weight=True, label_smoothing=torch.tensor(0.1, dtype=torch.float64)), **kw)
+    return L.L2SMOptions(margin_type="combined", margin=(1.0, m2, _rows(B, 0.0, 0.4, 2)), subcenters=subcenters, **kw)
+
+
+def _inputs(B, D, C, dev, dtype=torch.float32, wdtype=None, seed=0, bias=True, ignore_rows=2, subcenters=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=g).to(dev, dtype)
-    w = (torch.randn(C, D, generator=g) * 0.05).to(dev, wdtype or dtype)
+    w = (torch.randn(C * subcenters, D, generator=g) * 0.05).to(dev, wdtype or dtype)
     t = torch.randint(0, C, (B,), generator=g)
     t[:ignore_rows] = -100
     b = (torch.randn(C, generator=g) * 0.5).to(dev, wdtype or dtype) if bias else None
@@ -67,12 +84,20 @@ def _inputs(B, D, C, dev, dtype=torch.float32, wdtype=None, seed=0, bias=True, i
     return x, w, t.to(dev), alpha, b, gl, gs
 
 
+def _op_inputs(opts, x):
+    """(margin table, label smoothing), the options: what the op takes after bias (contract.py)."""
+    return opts.op_tensors(x.shape[0], x.device), opts.op_args()
+
+
 def _fwd_bwd(K, inp, opts=OPTS, needs=(True, True, True, True), config=None, splits=None, dw_config=None,
-             launch=None):
+             launch=None, tensors=None):
+    """The launchers' forward then backward; tensors overrides (margin table, label smoothing)."""
     x, w, t, alpha, b, gl, gs = inp
     kw = {"launch": launch} if launch else {}
-    loss, lse, aux = K.forward(x, w, t, alpha, b, *opts, *needs, config=config, splits=splits, **kw)
-    grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *opts, *needs, config=dw_config, **kw)
+    tens, args = _op_inputs(opts, x)
+    tens = tensors or tens
+    loss, lse, aux = K.forward(x, w, t, alpha, b, *tens, *args, *needs, config=config, splits=splits, **kw)
+    grads = K.backward(gl, gs, x, w, t, alpha, b, *tens, lse, aux, *args, *needs, config=dw_config, **kw)
     return (loss, lse) + tuple(grads)
 
 
@@ -87,11 +112,16 @@ def _close(a, b, rel=2e-5):
 # ---------------------------------------------------------------------------------------------
 # tiles, splits, chunks (reliability case 16)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("opts", [OPTS, PLAIN], ids=["all-options", "plain"])
+@pytest.mark.parametrize("opts", ["all", "plain", "subcenters"])
 def test_tiles_splits_and_paths_agree(K, dev, opts):
     """Tile sizes, the number of class splits, the K loop vs one tile over D, D chunks of the
-    accumulator and the chain-break scratch change only the summation order."""
-    inp = _inputs(21, 40, 150, dev, seed=1)
+    accumulator and the chain-break scratch change only the summation order; also with sub-centers
+    (K = 3), per-row margins and a smoothing tensor (their extra pass), where W's normalization backward
+    takes both of its forms (one tile over D, or D chunks)."""
+    subc = 3 if opts == "subcenters" else 1
+    B, D, C = (21, 40, 150) if subc == 1 else (13, 40, 41)
+    inp = _inputs(B, D, C, dev, seed=1, subcenters=subc)
+    opts = {"all": OPTS, "plain": PLAIN}.get(opts) or _subcenter_opts(B, subc)
     base = _fwd_bwd(K, inp, opts)
     variants = [
         dict(config=K.Config(16, 16, 64, 64, chain_break=False), dw_config=K.Config(16, 16, 64, 64)),
@@ -101,6 +131,8 @@ def test_tiles_splits_and_paths_agree(K, dev, opts):
         dict(config=K.Config(16, 16, 64, 64, chain_break=True), splits=5,
              dw_config=K.Config(64, 32, 64, 64, chain_break=True)),
     ]
+    if subc > 1:
+        variants = variants[1:]  # (interpreter time; the first is the default's own shape)
     for v in variants:
         _close(_fwd_bwd(K, inp, opts, **v), base)
 
@@ -111,6 +143,69 @@ def test_many_splits_and_class_blocks_match_reference(K, dev):
     case = make_case(19, 24, 211, device=dev, seed=2, bias=True, alpha_grad=True, normalize_weight=True,
                      margin_type="cosface", margin=0.3, label_smoothing=0.05, ignore_rows=3, reduction="none")
     check_case(case, "triton", torch.randn(19, generator=torch.Generator().manual_seed(3)).to(dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# the margin table, sub-centers
+# ---------------------------------------------------------------------------------------------
+def test_margin_table_strides_and_rows(K, dev):
+    """The kernels read the (R, 5) table through its strides: a column-major copy and a broadcast
+    (stride-0) view give bit-identical results to the contiguous table, and a per-row table whose rows
+    are all equal gives what the one-row table gives (stride 0 for R = 1)."""
+    B = 9
+    inp = _inputs(B, 12, 11, dev, seed=15, ignore_rows=1)
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, _rows(B, 0.2, 0.6, 3), 0.1),
+                         label_smoothing=0.1)
+    (table, smooth), _ = _op_inputs(opts, inp[0])
+    assert table.shape == (B, 5) and table.is_contiguous()
+    base = _fwd_bwd(K, inp, opts)
+    col_major = table.T.contiguous().T
+    assert col_major.stride() == (1, B)
+    for u, v in zip(_fwd_bwd(K, inp, opts, tensors=(col_major, smooth)), base):
+        assert torch.equal(u, v)
+    one = L.L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, 0.35, 0.1), label_smoothing=0.1)
+    (row, _), _ = _op_inputs(one, inp[0])
+    assert row.shape == (1, 5)
+    ref = _fwd_bwd(K, inp, one)
+    for tens in ((row.expand(B, 5), smooth), (row.repeat(B, 1), smooth)):
+        for u, v in zip(_fwd_bwd(K, inp, one, tensors=tens), ref):
+            assert torch.equal(u, v)
+    # each row reads its own margin: changing row 1's changes row 1's loss alone (row 0 is ignored)
+    other = table.clone()
+    other[1] = row[0]
+    out = _fwd_bwd(K, inp, opts, tensors=(other, smooth))
+    assert not torch.equal(out[0][1], base[0][1])
+    assert torch.equal(out[0][0], base[0][0]) and torch.equal(out[0][2:], base[0][2:])
+
+
+def test_op_checks_the_margin_inputs(K, dev):
+    from l2sm_kernels.backends import ops_for
+    fwd, _ = ops_for("triton")
+    x, w, t, alpha, b, _, _ = _inputs(3, 4, 5, dev, seed=16)
+    args = L.L2SMOptions(margin_type="arcface", margin=0.3).op_args()
+    with pytest.raises(ValueError, match="needs the margins table"):
+        fwd(x, w, t, alpha, b, None, None, *args, True, True, True, True)
+    with pytest.raises(ValueError, match="margins must be the"):
+        fwd(x, w, t, alpha, b, torch.zeros(2, 5, dtype=torch.float64, device=dev), None, *args, True, True, True, True)
+    with pytest.raises(ValueError, match="label_smoothing must be a 0-d"):
+        fwd(x, w, t, alpha, b, torch.zeros(1, 5, dtype=torch.float64, device=dev),
+            torch.zeros(3, dtype=torch.float64, device=dev), *args, True, True, True, True)
+
+
+SUBCENTER_SHAPES = [(2, 17, 24), (4, 33, 12), (5, 7, 70)]  # (K, C, D): ragged C K against 16-class tiles
+
+
+@pytest.mark.parametrize("subc,C,D", SUBCENTER_SHAPES, ids=[f"K{k}-C{c}-D{d}" for k, c, d in SUBCENTER_SHAPES])
+def test_subcenter_tiles_match_reference(K, dev, subc, C, D):
+    """Sub-centers at several K, C K not a multiple of the class tile (and D = 70: the K loop and D
+    chunks), every option on, through the public API against the float64 reference."""
+    B = 11
+    m2 = _rows(B, 0.2, 0.6, 4)
+    m2[0] = 0.0
+    case = make_case(B, D, C, device=dev, seed=17 + subc, bias=True, alpha_grad=True, normalize_weight=True,
+                     margin_type="combined", margin=(1.0, m2.to(dev), 0.1), label_smoothing=0.1, subcenters=subc,
+                     ignore_rows=2, reduction="none")
+    check_case(case, "triton", torch.randn(B, generator=torch.Generator().manual_seed(18)).to(dev))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,16 +248,20 @@ def _unrecorded(kernel):
     return _Grid()
 
 
-def test_no_bxc_buffer_and_no_weight_copy(K, dev):
+@pytest.mark.parametrize("subc", [1, 2], ids=["K1", "K2"])
+def test_no_bxc_buffer_and_no_weight_copy(K, dev, subc):
     """fp32 master weights with bf16 features: every tensor the launchers create is far below B x C
-    and C x D, except the gradient of W itself (once, fp32); W is never cast or copied."""
-    B, D, C = 40, 24, 300  # B x C = 12000 > C x D = 7200 > everything else
-    inp = _inputs(B, D, C, dev, dtype=torch.bfloat16, wdtype=torch.float32, seed=4)
+    and C K x D, except the gradient of W itself (once, fp32); W is never cast or copied. K = 2 with
+    per-row margins and a smoothing tensor: the sub-center paths and the smoothing term's extra pass."""
+    # B x C > C K x D > everything else: (40, 24, 300) 12000 > 7200; (32, 12, 150) 4800 > 3600
+    B, D, C = (40, 24, 300) if subc == 1 else (32, 12, 150)
+    inp = _inputs(B, D, C, dev, dtype=torch.bfloat16, wdtype=torch.float32, seed=4, subcenters=subc)
+    opts = OPTS if subc == 1 else _subcenter_opts(B, subc)
     with _RecordAllocations() as rec:
-        out = _fwd_bwd(K, inp, launch=_unrecorded)
-    big = [s for s in rec.shapes if torch.Size(s[1]).numel() >= C * D]
-    assert [s[1:] for s in big] == [((C, D), torch.float32)], big  # dW, allocated once
-    assert out[3].shape == (C, D) and out[3].dtype == torch.float32 and out[2].dtype == torch.bfloat16
+        out = _fwd_bwd(K, inp, opts, launch=_unrecorded)
+    big = [s for s in rec.shapes if torch.Size(s[1]).numel() >= C * subc * D]
+    assert [s[1:] for s in big] == [((C * subc, D), torch.float32)], big  # dW, allocated once
+    assert out[3].shape == (C * subc, D) and out[3].dtype == torch.float32 and out[2].dtype == torch.bfloat16
     assert max(torch.Size(s[1]).numel() for s in rec.shapes if s not in big) < B * C // 2
 
 
@@ -215,34 +314,71 @@ def test_forward_grid_is_whole_waves(K):
 # ---------------------------------------------------------------------------------------------
 # aux: hints off, layout
 # ---------------------------------------------------------------------------------------------
-def test_backward_without_forward_hints_recomputes_aux(K, dev):
+@pytest.mark.parametrize("subc", [1, 3], ids=["K1", "K3"])
+def test_backward_without_forward_hints_recomputes_aux(K, dev, subc):
     """ops.py's contract: the backward honours its flags even when the forward prepared nothing
-    (under no_grad, or the op called directly); the result is bit-identical."""
-    inp = _inputs(13, 20, 70, dev, seed=5)
+    (under no_grad, or the op called directly); the result is bit-identical. K = 3 with per-row margins
+    and a smoothing tensor: the rerun also redoes the per-row smoothing term's extra pass."""
+    B, D, C = 13, 20, (70 if subc == 1 else 23)
+    inp = _inputs(B, D, C, dev, seed=5, subcenters=subc)
     x, w, t, alpha, b, gl, gs = inp
-    full = _fwd_bwd(K, inp)
-    loss, lse, aux = K.forward(x, w, t, alpha, b, *OPTS, False, False, False, False)
-    assert aux.numel() < 13 * 20  # no O' without the dX hint
+    opts = OPTS if subc == 1 else _subcenter_opts(B, subc)
+    full = _fwd_bwd(K, inp, opts)
+    tens, args = _op_inputs(opts, x)
+    loss, lse, aux = K.forward(x, w, t, alpha, b, *tens, *args, False, False, False, False)
+    assert aux.numel() < B * D  # no O' without the dX hint
     with _RecordAllocations() as rec:
-        grads = K.backward(gl, gs, x, w, t, alpha, b, lse, aux, *OPTS, True, True, True, True,
+        grads = K.backward(gl, gs, x, w, t, alpha, b, *tens, lse, aux, *args, True, True, True, True,
                            launch=_unrecorded)
     for a, r in zip((loss, lse) + tuple(grads), full):
         assert torch.equal(a, r)
     # peak memory: the rerun forward's split partials (B x splits x (4 + D), 3-dim) are allocated, and
-    # freed, before the gradients (dW is the first (C, D) tensor)
+    # freed, before the gradients (dW is the first (C K, D) tensor)
     shapes = [s[1] for s in rec.shapes]
-    assert (70, 20) in shapes and any(len(s) == 3 for s in shapes), shapes
-    assert max(i for i, s in enumerate(shapes) if len(s) == 3) < shapes.index((70, 20)), shapes
+    assert (C * subc, D) in shapes and any(len(s) == 3 for s in shapes), shapes
+    assert max(i for i, s in enumerate(shapes) if len(s) == 3) < shapes.index((C * subc, D)), shapes
 
 
 def test_aux_layout(K):
     for B, D in ((0, 5), (1, 1), (7, 13), (1024, 512)):
-        for flags in ((a, p, w) for a in (0, 1) for p in (0, 1) for w in (0, 1)):
-            n, o_off, ws_off = K.aux_layout(B, D, *map(bool, flags))
-            assert K.aux_flags(B, D, torch.empty(n)) == tuple(map(bool, flags))
-            assert o_off == B * K.NSTAT and ws_off == o_off + flags[0] * B * D
+        for subc in (1, 3):
+            for flags in ((a, p, w) for a in (0, 1) for p in (0, 1) for w in (0, 1)):
+                n, o_off, ws_off = K.aux_layout(B, D, *map(bool, flags), subc)
+                assert K.aux_flags(B, D, torch.empty(n), subc) == tuple(map(bool, flags))
+                assert o_off == B * K.NSTAT and ws_off == o_off + flags[0] * B * D
+                # label smoothing's dX term: one column sum, or one vector per row with sub-centers
+                assert n >= ws_off + flags[2] * (D if subc == 1 else B * D) > n - 16
     with pytest.raises(ValueError, match="not produced by the triton forward"):
         K.aux_flags(4, 3, torch.empty(0))
+    with pytest.raises(ValueError, match="subcenters=3"):  # a K = 1 aux read as K = 3's
+        K.aux_flags(4, 3, torch.empty(K.aux_layout(4, 3, True, True, True, 1)[0]), 3)
+
+
+def test_aux_records_the_target_winner(K, dev):
+    """The aux statistics hold, per row, the target class's cosine (its best sub-center's) and the
+    index of that sub-center, as float64 finds them; K = 1 records 0. Ties (identical sub-centers) go to
+    the lowest index."""
+    B, D, C, subc = 7, 12, 5, 3
+    x, w, t, alpha, b, _, _ = _inputs(B, D, C, dev, seed=13, subcenters=subc, ignore_rows=1)
+    w = w.clone()
+    w[3 * subc + 2] = w[3 * subc + 1]  # class 3: sub-centers 1 and 2 tie
+    t[1:4] = 3
+    x[2] = w[3 * subc + 1] * 7.0  # row 2: c = 1 exactly on both, sub-center 1 must win
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.3, subcenters=subc)
+    tens, args = _op_inputs(opts, x)
+    _, _, aux = K.forward(x, w, t, alpha, b, *tens, *args, True, True, True, True)
+    st = aux[:B * K.NSTAT].view(B, K.NSTAT)
+    CY, WIN = K.ST_CY.value, K.ST_WIN.value
+    cos = (torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(w.double(), dim=1).T)
+    best, win = cos.view(B, C, subc).max(dim=2)
+    rows = t != -100
+    ty = t[rows]
+    assert torch.equal(st[rows, WIN].long(), win[rows, ty]), (st[:, WIN], win[rows, ty])
+    assert max_err(st[rows, CY], best[rows, ty]) <= 1e-6
+    assert st[2, WIN] == 1 and st[2, CY] == 1.0
+    args1 = L.L2SMOptions(normalize_weight=True).op_args()
+    _, _, aux1 = K.forward(x, w[::subc].contiguous(), t, alpha, b, None, None, *args1, True, True, True, True)
+    assert torch.equal(aux1[:B * K.NSTAT].view(B, K.NSTAT)[:, WIN], torch.zeros(B, device=dev))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +449,38 @@ def test_all_logits_neg_inf_give_nan(K, dev, C):
         assert torch.equal(out, torch.zeros(5, device=dev))
 
 
+def _rowwise_err(got, ref):
+    """Largest error of each row relative to that row's largest reference value (a huge row's gradient
+    is ~1e-30: one scale for the whole tensor would hide it)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    if got.dim() < 2:
+        return max_err(got, ref) / max(float(ref.abs().max()), 1e-300)
+    scale = ref.abs().amax(dim=1).clamp_min(1e-300)
+    return float(((got - ref).abs().amax(dim=1) / scale).max())
+
+
+@pytest.mark.parametrize("which,D", [("features", 12), ("weight", 12), ("weight", 70)])
+def test_rows_of_huge_norm_match_float64(K, dev, which, D):
+    """Reliability case 31: rows of norm 1e30 (features; weight rows, normalized), where an fp32 sum of
+    squares overflows (|v| > 1.8e19) and used to make the row a zero vector (its loss log C). Against
+    float64 directly, row by row: plain fp32 torch is wrong there, so the accuracy relation would excuse
+    a broken kernel. D = 70: W's normalization backward with D in chunks (the projection accumulated during
+    the walk), D = 12: from the finished row. (The raw product x_i . W_j must stay within fp32: both at
+    1e30 would overflow.)"""
+    case = make_case(6, D, 9, device=dev, seed=19, bias=True, alpha_grad=True, normalize_weight=True,
+                     margin_type="arcface", margin=0.3, label_smoothing=0.1, reduction="none")
+    with torch.no_grad():
+        v = case.x if which == "features" else case.weight
+        v[::2] *= 1e30 / v[::2].double().norm(dim=1, keepdim=True).float()
+        assert torch.isinf(v[0].square().sum())  # the fp32 sum of squares overflows
+    g = torch.randn(6, generator=torch.Generator().manual_seed(20)).to(dev)
+    out, grads = run(case, "triton", g)
+    ref, rgrads = run_reference(case, True, g)
+    assert max_err(out, ref) <= 1e-5 * float(ref.abs().max()), (out, ref)
+    for k in grads:
+        assert _rowwise_err(grads[k], rgrads[k]) <= 1e-4, k
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +524,11 @@ _TRACE_SCRIPT = textwrap.dedent('''
     b = torch.nn.Parameter(torch.zeros(37))
     alpha = torch.nn.Parameter(torch.tensor(16.0))
 
+    from l2sm_kernels.options import L2SMOptions
+    opts = L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.3, label_smoothing=0.1)
+
     def step(inp, y):
-        loss, lse, aux = fwd(net(inp), w, y, alpha, b, True, "arcface", 0.3, -100, 0.1, 1e-12,
+        loss, lse, aux = fwd(net(inp), w, y, alpha, b, *opts.op_arguments(inp.shape[0], inp.device),
                              True, True, True, True)
         return loss.mean() + 0.01 * lse.square().mean()
 
@@ -441,14 +612,15 @@ _WIDE_D_SCRIPT = textwrap.dedent(r"""
     t = torch.empty(B, device=meta, dtype=torch.int64)
     alpha = torch.empty((), device=meta)
     bias = torch.empty(C, device=meta, dtype=torch.bfloat16)
-    opts = L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1).op_args()
+    opts = L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1)
+    tens, op_args = opts.op_tensors(B, meta), opts.op_args()
     needs = (True, True, True, True)
     rec = CR.Recorder()
     fcfg = K.forward_config(D, x.dtype, w.dtype, True, gpu=True)
-    loss, lse, aux = K.forward(x, w, t, alpha, bias, *opts, *needs, launch=rec, config=fcfg,
+    loss, lse, aux = K.forward(x, w, t, alpha, bias, *tens, *op_args, *needs, launch=rec, config=fcfg,
                                splits=K.forward_splits(B, C, D, True, fcfg, 132))
     g = torch.empty(B, device=meta)
-    K.backward(g, g, x, w, t, alpha, bias, lse, aux, *opts, *needs, launch=rec,
+    K.backward(g, g, x, w, t, alpha, bias, *tens, lse, aux, *op_args, *needs, launch=rec,
                config=K.dw_config(D, x.dtype, w.dtype, gpu=True))
 
     STRIDES = {"stride_d", "stride_xd", "stride_wd"}  # D-axis strides of x / W in every kernel
@@ -481,7 +653,8 @@ _WIDE_D_SCRIPT = textwrap.dedent(r"""
     pf = []
     for wt in (w, torch.empty(C, D, device=meta, dtype=torch.bfloat16), torch.empty(C, D, device=meta)):
         rec = CR.Recorder()
-        K.forward(x, wt, t, alpha, None, *opts, *needs, launch=rec, config=K.GPU_CONFIGS["fused_prefetch"](D))
+        K.forward(x, wt, t, alpha, None, *tens, *op_args, *needs, launch=rec,
+                  config=K.GPU_CONFIGS["fused_prefetch"](D))
         pf.append([c[3]["PREFETCH"] for c in rec.calls if c[0].__name__ == "_fwd_split_kernel"])
     report["prefetch"] = pf
     print("REPORT", json.dumps(report))
@@ -585,7 +758,7 @@ def test_cuda_d512_configs_match_reference(K, xdt, wdt, variant):
         return
     inp = (case.x.detach(), case.weight.detach(), case.target, case.alpha.detach(), case.bias.detach(), g,
            torch.zeros_like(g))
-    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1).op_args()
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, label_smoothing=0.1)
     base = _fwd_bwd(K, inp, opts)
     cfg = K.forward_config(512, xdt, wdt, True, gpu=True, variant=variant)
     other = _fwd_bwd(K, inp, opts, config=cfg, dw_config=cfg)

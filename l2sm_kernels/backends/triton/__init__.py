@@ -4,7 +4,8 @@
   loss_forward.py   _fwd_split_kernel, _fwd_combine_kernel and their launcher forward()
   loss_backward.py  _bwd_rows_kernel, _bwd_dw_kernel and their launcher backward()
   norms.py          row inverse norms and column sums of W (kernels + launchers)
-  margin.py         the target-column margin and target rules (device functions + launch arguments)
+  margin.py         the target-column margin (from the per-row margin table), the target rules, the per-row
+                    kernels' shared preamble, the checks of the margin table and the label smoothing
   common.py         device helpers shared by the kernels (operands, products, interpreter emulation)
   config.py         tile configurations, the precision plan, grid sizes
   aux_layout.py     what the forward saves for the backward (aux) and the per-row buffers
@@ -14,6 +15,12 @@ Notation (docs/design.md, "The operation"): x_hat_i = x_i / max(|x_i|, eps); W_h
 else W_j; c_ij = x_hat_i . W_hat_j; z_ij = alpha c_ij + b_j, with f(c_iy) instead of c_iy on a row's target
 column y = y_i; p = softmax_j(z); lse_i = logsumexp_j z_ij. The backward of every output is
     dz_ij = w_p p_ij - w_t ((1 - s) [j = y] + s / C),   w_t = grad_loss (0 on ignored rows), w_p = w_t + grad_lse.
+The margin f (none, additive c - m3, angular cos(arccos c + m2) - m3 with its fallback; slope 1 when
+detached) is evaluated from each row's entry of the float64 margin table (margins.margin_table, one row
+for all or one per row, rounded to fp32 in the kernel, as eager rounds it); the label smoothing s is read
+from its 0-d tensor by the kernels (no host synchronization). Sub-centers (K > 1): W has C K rows, class j's
+cosine is c_ij = max_k x_hat_i . W_hat_{jK+k} (ties to the lowest k), and every gradient of c_ij goes to
+the winning row win(i, j) only; below, W_hat_j stands for W_hat_{j, win(i, j)} of the row at hand.
 
 Design: four GEMM-equivalents of matrix work (the 3-GEMM floor needs three; an exact method that stores
 no B x C values needs at least four, docs/design.md, "The roofline"), a constant number of launches, no B x C
@@ -24,10 +31,12 @@ buffer, no atomics, deterministic.
             (V = W, online rescaling), O'_i = sum_{j != y_i} p_ij W_hat_j when the dX hint is set. That is
             the forward's 2 GEMM-equivalents; without the hint only S is computed (1).
             _fwd_combine_kernel   per row: merges the class splits' partial (max, sum, O'), adds the target
-            column (its cosine c_iy = x_hat_i . W_hat_y computed as one exact fp32 dot per row, then the
-            margin), writes loss, lse and the aux statistics.
+            column (its cosine c_iy = x_y . W_y / (|x_i| |W_y|) from one dot and two norms per row in fp64,
+            rounded once: the angular margin amplifies c's error near c = +-1; with sub-centers the
+            maximum of K such, its k recorded in aux), then the margin, writes loss, lse and aux.
   backward  _bwd_rows_kernel      per row: dX needs no pass over the classes, because
               dx_hat_i = alpha [w_p O'_i - w_t (s/C) (sum_j W_hat_j - W_hat_y) + dz_iy f'(c_iy) W_hat_y]
+            (K > 1: sum_j W_hat_{j, win(i, j)} depends on the row, see "Sub-centers" below)
             (O' excludes the target column, so a confident row's p_iy - 1 = -q_i never cancels; q_i is the
             merged non-target mass, exact in fp32), then the normalization backward. d alpha likewise:
               sum_j dz_ij g_ij = w_p PC_i - w_t (s/C) SC_i + dz_iy f(c_iy),
@@ -35,9 +44,41 @@ buffer, no atomics, deterministic.
             _bwd_dw_kernel        persistent, one program per multiprocessor, each owning class blocks in
             turn: walks the rows, recomputes S, forms dz (the target entry from the per-row value),
             accumulates dW_hat += dz^T x_hat and db += sum_i dz, then the normalization backward of W in
-            the epilogue (w_hat . dw_hat = sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
+            the epilogue (w_hat . dw_hat from the finished row where one program holds all of D in a tile
+            of <= 128, as eager; else sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
             When the forward ran without the dX / alpha hints (e.g. under no_grad, or the op called
             directly), the backward reruns the forward kernels to get O' / PC (the contract allows it).
+
+Sub-centers (K > 1), in GEMM-equivalents G of the C K-row problem (G = 2 B C K D flops; the floor, three
+GEMMs over W's C K rows as eager computes them, is 3 G). Estimates, unmeasured:
+  forward   per class tile, K products (sub-center k's rows jK + k, row stride K) with a running
+            elementwise maximum and argmax (a runtime loop over k: unrolled, the K tiles' registers would be
+            live at once and the default tiles spill 12 KiB), the online logsumexp over the class logits,
+            and O' = sum_k (p masked to the columns k won) @ W_hat_k: 2 G, as for K = 1, but W_k is read a
+            second time for O' (from L2: all of D for K sub-centers cannot stay on chip). Without the dX
+            hint the logsumexp-only tiles are 64 x 256 (the running maximum is one more fp32 tile).
+  smoothing with the dX hint: dX's smoothing term sum_{j != y_i} W_hat_{j, win(i, j)} is per row (B x D in
+            aux), no longer one column sum: the split kernel runs once more with weight 1 instead of p (ONES),
+            its partials summed over the splits by torch (fixed order), before the main pass (so the two
+            passes' partials never coexist). +2 G, only in this combination.
+  backward  _bwd_dw_kernel's blocks are (class block, sub-center kk) pairs (K per class block when dW is
+            asked for): a block owns W's rows jK + kk, and to know where kk won it recomputes all K cosines
+            per row tile (W_k from L2; inverse norms from a 1/|W| buffer of C K floats), then one dW
+            product masked to those entries (the target column: the forward's winner from aux): K S + 1
+            dW products per block, (K + 1) G in all, against 2 G for K = 1. Total (K + 3) G + 2 G with
+            smoothing: 6 G at K = 3, 2x the floor's 3 G (K = 1: 4 G against 3 G).
+            Not taken: a per-program cache of the winners (B x BLOCK_C bytes per program, growing with B)
+            would recompute the K cosines once per class block, ((2K - 1) / K + 1) G; tiles that hold a
+            class's K sub-centers side by side (one product, the group maximum through a reshape) would
+            cost 2 G (rounded up to a power of two of K) but make Triton convert layouts in the products'
+            epilogues. Both are unmeasured alternatives.
+            The recomputed winners of the non-target columns come from the dW pass's own products: where
+            two sub-centers tie to within their rounding, the forward (O') and the dW pass may credit
+            different ones of the two (the softmax value is the same).
+  Compiled for sm_90 (B=1024, D=512, C=131072, bf16, benchmarks/compile_report.py's Recorder with
+  subcenters set; registers / stack bytes): forward split 255 / 128 at K = 3 (232 at K = 2, 120 at K = 4;
+  K = 1: 80), its ONES pass 255 / 256, the logsumexp-only split 243 / 0, the dW pass 255 / 416 at K = 3
+  (656 at K = 2, 416 at K = 4; K = 1: 352), all options on.
 
 Why this design and not a bounded dz workspace with cuBLAS GEMMs (both are 4 GEMM-equivalents): the
 memory target leaves little room at C = 131072 (peak extra <= 1.1 x the gradients: 12.9 MiB beyond the
@@ -58,7 +99,10 @@ unlikely. The alternatives in GPU_CONFIGS, timed by the GPU benchmark: "fused_ch
 computed twice: 3 GEMM-equivalents of tensor work per pass) and "split_d" (one warpgroup, two programs
 per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, also 3).
 
-Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independently of C except as noted:
+Workspace (besides outputs, aux and O(B + C K + D) vectors), all bounded independently of C except as noted
+(K sub-centers change none of the bounds below: the ONES pass's partials, the same size as the main pass's,
+are freed before it runs; K adds B x D to aux with smoothing and the dX hint, and C K floats of 1/|W| in the
+backward with normalize_weight):
   forward: the class-split partials, n_splits x B x (4 + D) fp32 (4 + 0 without the dX hint), with
     n_splits <= max(1, 2 P / row_blocks), P = SMs x programs resident per SM (num_splits): at most
     (2 P x BLOCK_B + B) x (4 + D) x 4 bytes (H100, B = 1024, D = 512: 16 splits, 32 MiB); the chain-break
@@ -66,19 +110,23 @@ Workspace (besides outputs, aux and O(B + C + D) vectors), all bounded independe
     before the backward allocates dW (also when the backward reruns the forward), so they
     do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
     column-sum pass over W (D floats kept in aux).
-  backward: per-row values (B x 5 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
-    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (5 + D) x 4 bytes with
+  backward: per-row values (B x 6 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
+    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (6 + D) x 4 bytes with
     the dX hint) + that.
 
-Precision: every accumulation in fp32. Matrix products take the inputs as stored (bf16, fp16 or fp32,
-mixed allowed; W is never copied or cast in memory: tiles are converted in registers):
+Precision: every accumulation in fp32 but the norms and the target cosine (fp64, below). Matrix products
+take the inputs as stored (bf16, fp16 or fp32, mixed allowed; W is never copied or cast in memory: tiles are
+converted in registers):
   bf16 x and W: bf16 tensor-core products; the derived operand (p for O', dz for dW) rounded to bf16,
     as eager bf16 torch rounds its dz (bf16 has fp32's range, so nothing underflows).
   fp16 x and W: fp16 products for S; the derived operands in tf32 (fp16 would underflow p ~ 1/C).
   mixed (e.g. fp32 master W with bf16 features): tf32 (the 16-bit operand is exact in tf32).
   fp32 x and W: IEEE fp32 (as torch's default fp32 matmul), tf32 when
     torch.get_float32_matmul_precision() is "high" or "medium".
-Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN. Norms,
+Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN. Sums of
+squares are accumulated in fp64 (norms.py: an fp32 one overflows past |v| ~ 1.8e19 and made such rows zero
+vectors), and the target cosine is computed in fp64 (above); the raw products x_i . W_j themselves are
+fp32, so |x_i| |W_j| must stay below fp32's 3.4e38 (no normalized copies of x or W exist). Norms,
 their reciprocals and the per-row divisions use correctly rounded sqrt / division (tl.sqrt_rn, tl.div_rn;
 off the hot path): the compiled default is an approximate sqrt that flushes subnormals and a 2-ulp
 division, which would differ from the interpreter's (CI's) exact numpy ones.

@@ -116,6 +116,15 @@ def _didx(i, D64: tl.constexpr):
 
 
 @triton.jit
+def _subcenter_max(best, win, c, k):
+    """One step of the maximum over a class's sub-centers (k = 1, 2, ... after best = c_0, win = 0):
+    c_k replaces the best where it is larger (strictly: a tie keeps the lower k, as torch.max) or NaN
+    (where the best is not yet: torch.max propagates the first NaN); win records k there."""
+    upd = (c > best) | ((c != c) & (best == best))  # noqa: PLR0124 (x != x: x is NaN)
+    return tl.where(upd, c, best), tl.where(upd, k, win)
+
+
+@triton.jit
 def _log1p(v):
     """log(1 + v) for v in [0, 1], accurate for small v (Goldberg's trick: no libdevice needed, and
     it runs under the interpreter)."""

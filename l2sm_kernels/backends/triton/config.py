@@ -82,6 +82,9 @@ GPU_CONFIGS = {
     # logsumexp only (no accumulator): the split kernel measured on an H200 at 1.02x cuBLAS's logits (docs/design.md, "The roofline")
     "lse": lambda d: Config(128, 256, 64, 16, num_warps=8, num_stages=3),
     "lse_fp16": lambda d: Config(128, 128, 64, 16, num_warps=8, num_stages=3),
+    # logsumexp only with sub-centers: the running maximum over the K products is one more fp32 tile, so
+    # 64 rows (128 x 256 spills 736 bytes at K = 3, this none; compile_report numbers, speed unmeasured)
+    "lse_subcenters": lambda d: Config(64, 256, 64, 16, num_warps=8, num_stages=3),
     # fp32 operands: tf32 takes twice the shared memory of bf16; IEEE runs on the FMA units
     "tf32": lambda d: Config(64, 64, min(d, 64), min(d, 256), num_warps=8, num_stages=2),
     "ieee_fwd": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=4, num_stages=2, ctas_per_sm=3),
@@ -89,7 +92,8 @@ GPU_CONFIGS = {
 }
 
 
-def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None = None, C: int = 0) -> Config:
+def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None = None, C: int = 0,
+                   subcenters: int = 1) -> Config:
     """Tiles of _fwd_split_kernel (variant: a GPU_CONFIGS key, to time the alternatives)."""
     if not gpu:
         return _interpreter_config(D, C)
@@ -98,6 +102,8 @@ def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None
         return GPU_CONFIGS[variant](d_pad)
     s_dt, _, p_dt, p_tf32 = dot_plan(xdt, wdt)
     if s_dt != 0 and not acc_o:
+        if subcenters > 1:
+            return GPU_CONFIGS["lse_subcenters"](d_pad)
         return GPU_CONFIGS["lse" if s_dt == 2 else "lse_fp16"](d_pad)
     if s_dt == 2:
         return GPU_CONFIGS["fused" if d_pad <= 512 else "split_d"](d_pad)

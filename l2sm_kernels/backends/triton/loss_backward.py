@@ -8,34 +8,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_WP, RV_WTS, ST_CY, ST_PC,
-                         ST_PY, ST_Q, ST_SC, aux_flags, aux_layout)
-from .common import INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _through_scratch2d, wide_d
+from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_WIN, RV_WP, RV_WTS, ST_CY, ST_PC,
+                         ST_PY, ST_Q, ST_SC, ST_WIN, aux_flags, aux_layout)
+from .common import (INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _subcenter_max,
+                     _through_scratch2d, wide_d)
 from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta
 from .loss_forward import forward
-from .margin import _margin, _target_info, margin_kwargs
-from .norms import column_sum, inv_norms
+from .margin import _margin, _row_preamble, _target_info, margin_args
+from .norms import _row_norms, inv_norms
 
 
 @triton.jit
 def _bwd_rows_kernel(
     gl_ptr, gs_ptr, x_ptr, w_ptr, alpha_ptr, tgt_ptr, aux_ptr, wsum_ptr,  # inputs
+    mt_ptr, smooth_ptr,  # the margin table (float64, R x 5), the label smoothing (0-d)
     rowv_ptr, dx_ptr, da_ptr,  # outputs: per-row values for the dW pass, dx, per-row d alpha terms
     B, C, D, ignore_index,  # sizes
-    smoothing, inv_C, eps, margin, cos_m, sin_m, th, mm,  # options
+    inv_C, eps,  # options
     stride_gl, stride_gs, stride_xb, stride_xd, stride_wc, stride_wd, stride_t,  # input strides
+    stride_mr, stride_mc,  # margin table strides (row stride 0: one row for every row)
     aux_o_off,  # where O' starts in aux
-    NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
+    NORM_W: tl.constexpr, MARGIN: tl.constexpr, DETACHED: tl.constexpr, SMOOTH: tl.constexpr, SUBC: tl.constexpr,
     NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: the upstream weights, the target column's dz, dx (from O'), and d alpha's row term."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
-    t = tl.load(tgt_ptr + rows * stride_t, mask=rmask, other=ignore_index)
-    valid, has_t, bad = _target_info(t, ignore_index, C)
-    ty = tl.where(has_t, t, 0)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
+    rows, rmask, valid, has_t, bad, ty, alpha = _row_preamble(tgt_ptr, alpha_ptr, B, C, ignore_index, stride_t,
+                                                              BLOCK_R)
     g_loss = tl.load(gl_ptr + rows * stride_gl, mask=rmask, other=0.0).to(tl.float32)
     g_lse = tl.load(gs_ptr + rows * stride_gs, mask=rmask, other=0.0).to(tl.float32)
     # ignored rows: their loss is the constant 0 (w_t = 0), their lse still has a gradient;
@@ -43,34 +42,28 @@ def _bwd_rows_kernel(
     w_t = tl.where(valid, g_loss, 0.0)
     w_t = tl.where(bad, float("nan"), w_t)
     w_p = w_t + g_lse
+    smoothing = 0.0
+    if SMOOTH:
+        smoothing = tl.load(smooth_ptr).to(tl.float32)  # rounded from float64 as eager rounds it
     wts = w_t * smoothing * inv_C  # w_t s / C, the smoothing term of every column
 
     st = aux_ptr + rows * _NSTAT
     c_y = tl.load(st + ST_CY, mask=rmask, other=0.0)
     p_y = tl.load(st + ST_PY, mask=rmask, other=0.0)
     q = tl.load(st + ST_Q, mask=rmask, other=0.0)
-    f_y, fp_y = _margin(c_y, MARGIN, margin, cos_m, sin_m, th, mm)
+    f_y, fp_y = _margin(c_y, rows, rmask, mt_ptr, stride_mr, stride_mc, MARGIN, DETACHED)
     # dz_iy = w_p p_y - w_t (1 - s + s/C) = -w_t q + g_lse p_y + w_t s (1 - 1/C), with q = 1 - p_y
     # from the non-target mass: exact for confident rows (p_y - 1 would round to 0 in fp32 or bf16)
     dz_y = -w_t * q + g_lse * p_y + w_t * smoothing * (1.0 - inv_C)
     dz_y = tl.where(has_t, dz_y, 0.0)
     dc_y = alpha * dz_y * fp_y  # dloss/dc_iy
+    wy = ty  # the row of W the target column's cosine came from
+    if SUBC > 1:  # its winning sub-center's, as the forward recorded it
+        win = tl.load(st + ST_WIN, mask=rmask, other=0.0)
+        wy = ty * SUBC + win.to(tl.int64)
 
     dd = _didx(tl.arange(0, BLOCK_D), D64)
-    xsq = tl.zeros([BLOCK_R], tl.float32)
-    wsq = tl.zeros([BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + dd
-        dm = d[None, :] < D
-        xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=rmask[:, None] & dm,
-                     other=0.0).to(tl.float32)
-        xsq += tl.sum(xr * xr, 1)
-        if NEED_X:
-            if NORM_W:
-                wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd, mask=has_t[:, None] & dm,
-                             other=0.0).to(tl.float32)
-                wsq += tl.sum(wr * wr, 1)
-    x_norm = tl.sqrt_rn(xsq)
+    x_norm = _row_norms(x_ptr + rows * stride_xb, rmask, D, stride_xd, D64, BLOCK_D)
     inv_nx = tl.div_rn(1.0, tl.maximum(x_norm, eps))
     rv = rowv_ptr + rows * _NROWV
     tl.store(rv + RV_INVNX, inv_nx, mask=rmask)
@@ -78,6 +71,8 @@ def _bwd_rows_kernel(
     tl.store(rv + RV_WTS, wts, mask=rmask)
     tl.store(rv + RV_DZY, dz_y, mask=rmask)
     tl.store(rv + RV_DCY, dc_y, mask=rmask)
+    if SUBC > 1:
+        tl.store(rv + RV_WIN, win, mask=rmask)
 
     if NEED_ALPHA:
         # sum_j dz_ij g_ij (z = alpha g + b): w_p PC - w_t (s/C) SC + dz_y f(c_y)
@@ -89,13 +84,16 @@ def _bwd_rows_kernel(
         tl.store(da_ptr + rows, tl.where(rmask, r, 0.0), mask=rmask)
 
     if NEED_X:
-        # dx_hat = alpha [w_p O' - w_t (s/C) Wsum + (w_t s/C + dz_y f'(c_y)) W_hat_y]   (has_t rows)
+        # dx_hat = alpha [w_p O' - w_t (s/C) S' + dz_y f'(c_y) W_hat_y]   (has_t rows), with S' the
+        # smoothing term over the non-target columns: K = 1, the column sum Wsum less W_hat_y (so
+        # W_hat_y's coefficient gains w_t s/C); K > 1, the forward's per-row sum over the winners
         co = alpha * w_p
         cy = tl.where(has_t, dc_y, 0.0)
-        if SMOOTH:
+        if SMOOTH and SUBC == 1:
             cy += tl.where(has_t, alpha * wts, 0.0)
         if NORM_W:
-            cy = tl.div_rn(cy, tl.maximum(tl.sqrt_rn(wsq), eps))
+            w_norm = _row_norms(w_ptr + wy * stride_wc, has_t, D, stride_wd, D64, BLOCK_D)
+            cy = tl.div_rn(cy, tl.maximum(w_norm, eps))
         cs = -alpha * wts
         # normalization backward: dx = (dx_hat - x_hat (x_hat . dx_hat)) / |x| where |x| >= eps,
         # dx_hat / eps below (eager.normalize_rows_backward); two sweeps over D
@@ -108,14 +106,17 @@ def _bwd_rows_kernel(
                 xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=dm,
                              other=0.0).to(tl.float32)
                 # a correctly rounded division of a correctly rounded norm, as eager: D = 1 gives
-                # x_hat = +-1 exactly (sqrt_rn(fl(x^2)) = |x|) on the GPU as under the interpreter
+                # x_hat = +-1 exactly (sqrt(fl(x^2)) = |x|) on the GPU as under the interpreter
                 x_hat = tl.div_rn(xr, x_den[:, None])
                 o = tl.load(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], mask=dm, other=0.0)
-                wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd,
+                wr = tl.load(w_ptr + wy[:, None] * stride_wc + d[None, :] * stride_wd,
                              mask=has_t[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
                 g = co[:, None] * o + cy[:, None] * wr
                 if SMOOTH:
-                    g += cs[:, None] * tl.load(wsum_ptr + d, mask=d < D, other=0.0)[None, :]
+                    if SUBC == 1:
+                        g += cs[:, None] * tl.load(wsum_ptr + d, mask=d < D, other=0.0)[None, :]
+                    else:
+                        g += cs[:, None] * tl.load(wsum_ptr + rows[:, None] * D + d[None, :], mask=dm, other=0.0)
                 if sweep == 0:
                     proj += tl.sum(x_hat * g, 1)
                 else:
@@ -125,20 +126,28 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, lse_ptr, rowv_ptr,  # inputs
-    dw_ptr, db_ptr,  # outputs (dW contiguous (C, D) in W's dtype, db in the bias dtype)
+    x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, lse_ptr, rowv_ptr, inv_nw_ptr,  # inputs (inv_nw: K > 1 only)
+    dw_ptr, db_ptr,  # outputs (dW contiguous (C K, D) in W's dtype, db in the bias dtype)
     scr_p_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of the dW product's operand (BLOCK_C x BLOCK_B)
-    B, C, D, ignore_index, eps, n_cblocks,  # sizes, target rule, eps, class blocks
+    B, C, D, ignore_index, eps, n_blocks, n_sub,  # sizes, target rule, eps, blocks (class blocks x n_sub)
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t, stride_lse,  # input strides
-    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, SUBC: tl.constexpr,
+    PROJ_TILE: tl.constexpr,  # this program's D chunk is all of D: W's normalization backward from the dW_hat row
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
     D64: tl.constexpr,
 ):
-    """Persistent over class blocks (pid, pid + programs, ...), one D chunk per grid column. For each
-    class block: walk every row block, recompute S, form dz (the target entry from the per-row value),
-    accumulate dW_hat (its D chunk), db and w_hat . dw_hat; then the normalization backward of W."""
+    """Persistent over blocks (pid, pid + programs, ...), one D chunk per grid column. For each class
+    block: walk every row block, recompute S, form dz (the target entry from the per-row value),
+    accumulate dW_hat (its D chunk), db and w_hat . dw_hat; then the normalization backward of W.
+
+    Sub-centers (SUBC = K > 1): a block is (class block, sub-center kk), n_sub = K of them per class
+    block when dW is asked for: it owns W's rows jK + kk and accumulates only the entries whose class
+    kk won. Knowing the winner takes all K cosines, so each row tile recomputes K products (each
+    W_k tile from L2; the inverse norms from the launcher's 1/|W| buffer) for the one dW product: the
+    pass costs K S + 1 dW per class and sub-center, see the package docstring. The target column takes
+    the forward's winner (the rows kernel's RV_WIN), the others the recomputed one."""
     pid_d = tl.program_id(1)
     prog = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_d
     alpha = tl.load(alpha_ptr).to(tl.float32)
@@ -146,23 +155,25 @@ def _bwd_dw_kernel(
     dk = _didx(tl.arange(0, BLOCK_K), D64)
     do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
     it = 0
-    for cb in range(tl.program_id(0).to(tl.int64), n_cblocks, tl.num_programs(0)):  # int64 induction
+    for blk in range(tl.program_id(0).to(tl.int64), n_blocks, tl.num_programs(0)):  # int64 induction
+        if SUBC == 1:
+            cb = blk
+        else:
+            cb = blk // n_sub
+            kk = blk % n_sub  # the sub-center whose rows this block owns
         c_lo = cb * BLOCK_C
         cols = c_lo + cl
         cmask = cols < C
-        w_rows = w_ptr + cols[:, None] * stride_wc
-        if SINGLE_K:  # the class block's weights stay on chip for the whole walk over the rows
+        own = cols  # the rows of W (and dW) this block owns
+        if SUBC > 1:
+            own = cols * SUBC + kk
+        w_rows = w_ptr + own[:, None] * stride_wc
+        if SINGLE_K and SUBC == 1:  # the class block's weights stay on chip for the whole walk over the rows
             w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
         if NORM_W:
             # |W_j| from 64-wide slices (a second read of the block, from L2: a whole fp32 copy of the
-            # tile in registers next to the accumulator would spill)
-            wsq = tl.zeros([BLOCK_C], tl.float32)
-            for k0 in range(0, D, 64):
-                kk = k0 + _didx(tl.arange(0, 64), D64)
-                wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
-                             other=0.0).to(tl.float32)
-                wsq += tl.sum(wk * wk, 1)
-            w_norm = tl.sqrt_rn(wsq)
+            # tile in registers next to the accumulator would spill), squares summed in fp64
+            w_norm = _row_norms(w_ptr + own * stride_wc, cmask, D, stride_wd, D64, 64)
             inv_nw = tl.div_rn(1.0, tl.maximum(w_norm, eps))
         if HAS_BIAS:
             bias = tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)
@@ -190,22 +201,47 @@ def _bwd_dw_kernel(
 
             # S = x W^T for (rows, classes): rows along the product's M (per-row vectors cost a few
             # registers), the class block's weights as its B operand (they stay in shared memory)
-            s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
             if SINGLE_K:
                 x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D),
                                  other=0.0)
-                s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
+            if SUBC == 1:
+                s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+                if SINGLE_K:
+                    s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
+                else:
+                    for k0 in range(0, D, BLOCK_K):
+                        kd = k0 + dk
+                        xk = tl.load(x_rows + kd[None, :] * stride_xd, mask=rmask[:, None] & (kd[None, :] < D),
+                                     other=0.0)
+                        wk = tl.load(w_rows + kd[None, :] * stride_wd, mask=cmask[:, None] & (kd[None, :] < D),
+                                     other=0.0)
+                        s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
+                c = s * inv_nx[:, None]
+                if NORM_W:
+                    c = c * inv_nw[None, :]
             else:
-                for k0 in range(0, D, BLOCK_K):
-                    kk = k0 + dk
-                    xk = tl.load(x_rows + kk[None, :] * stride_xd, mask=rmask[:, None] & (kk[None, :] < D),
-                                 other=0.0)
-                    wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
-                                 other=0.0)
-                    s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
-            c = s * inv_nx[:, None]
-            if NORM_W:
-                c = c * inv_nw[None, :]
+                # the class cosine is the maximum over the K sub-centers; mine: sub-center kk is the winner
+                c = tl.full([BLOCK_B, BLOCK_C], float("-inf"), tl.float32)
+                mine = tl.zeros([BLOCK_B, BLOCK_C], tl.int1)
+                for k in range(SUBC):  # a runtime loop: unrolled, the K products' tiles would be live at once
+                    wk_rows = w_ptr + (cols * SUBC + k)[:, None] * stride_wc
+                    s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+                    if SINGLE_K:
+                        wt = tl.load(wk_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D),
+                                     other=0.0)
+                        s = _mma(x_tile, tl.trans(wt), s, S_DT, S_TF32, EMU)
+                    else:
+                        for k0 in range(0, D, BLOCK_K):
+                            kd = k0 + dk
+                            xk = tl.load(x_rows + kd[None, :] * stride_xd,
+                                         mask=rmask[:, None] & (kd[None, :] < D), other=0.0)
+                            wk = tl.load(wk_rows + kd[None, :] * stride_wd,
+                                         mask=cmask[:, None] & (kd[None, :] < D), other=0.0)
+                            s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
+                    c_k = s * inv_nx[:, None]
+                    if NORM_W:
+                        c_k = c_k * tl.load(inv_nw_ptr + cols * SUBC + k, mask=cmask, other=0.0)[None, :]
+                    c, mine = _subcenter_max(c, mine, c_k, kk == k)
             z = alpha * c
             if HAS_BIAS:
                 z += bias[None, :]
@@ -220,8 +256,16 @@ def _bwd_dw_kernel(
                 # dloss/dc_ij = alpha dz_ij, times f'(c_iy) on the target column (dc_y)
                 dc = tl.where(is_t, dc_y[:, None], alpha * dz)
                 dc = tl.where(rmask[:, None], dc, 0.0)
-                if NORM_W:
-                    proj += tl.sum(dc * c, 0)  # w_hat_j . dw_hat_j = sum_i dc_ij c_ij
+                if SUBC > 1:
+                    # only where sub-center kk won reaches this block's rows; the target column's
+                    # winner is the forward's (exact dots), the others' the recomputed products'
+                    win_y = tl.load(rv + RV_WIN, mask=rmask, other=0.0).to(tl.int32)
+                    dc = tl.where(tl.where(is_t, (win_y == kk)[:, None], mine), dc, 0.0)
+                if NORM_W and not PROJ_TILE:
+                    # w_hat_j . dw_hat_j = sum_i dc_ij c_ij, when D is split over programs (sub-centers: the
+                    # entries kk won, where c_ij is sub-center kk's cosine; on a target column whose recomputed
+                    # winner differs from the forward's, the two tie within the rounding)
+                    proj += tl.sum(dc * c, 0)
                 # dW_hat_j += sum_i dc_ij x_hat_i = sum_i (dc_ij / |x_i|) x_i: raw x rows, scaled derived operand
                 a = tl.trans(_operand(dc * inv_nx[:, None], P_DT, EMU))
                 if CHAIN_BREAK:
@@ -238,30 +282,52 @@ def _bwd_dw_kernel(
         dmask = cmask[:, None] & (do[None, :] < D)
         if NEED_W:
             if NORM_W:
-                # dW_j = (dw_hat_j - w_hat_j (w_hat_j . dw_hat_j)) / |W_j| where |W_j| >= eps, dw_hat_j / eps below
-                shrink = tl.where(w_norm >= eps, proj * inv_nw * inv_nw, 0.0)
+                # dW_j = (dw_hat_j - w_hat_j (w_hat_j . dw_hat_j)) / |W_j| where |W_j| >= eps, dw_hat_j / eps
+                # below (eager.normalize_rows_backward), every factor in range at huge |W_j| (1 / |W_j|^2
+                # would be 0 in fp32 past |W_j| ~ 1e19)
                 wo = tl.load(w_rows + do[None, :] * stride_wd, mask=dmask, other=0.0).to(tl.float32)
-                acc = acc * inv_nw[:, None] - shrink[:, None] * wo
-            tl.store(dw_ptr + cols[:, None] * D + do[None, :], _out(acc, dw_ptr, EMU), mask=dmask)
+                if PROJ_TILE:
+                    # w_hat_j correctly rounded and w_hat_j . dw_hat_j from the finished row, as eager: the
+                    # two terms cancel exactly where they should (D = 1: w_hat = +-1, dW = 0)
+                    w_hat = tl.div_rn(wo, tl.maximum(w_norm, eps)[:, None])
+                    pj = tl.where(w_norm >= eps, tl.sum(w_hat * acc, 1), 0.0)
+                    acc = (acc - w_hat * pj[:, None]) * inv_nw[:, None]
+                else:
+                    shrink = tl.where(w_norm >= eps, proj * inv_nw, 0.0)
+                    acc = (acc - shrink[:, None] * wo) * inv_nw[:, None]
+            tl.store(dw_ptr + own[:, None] * D + do[None, :], _out(acc, dw_ptr, EMU), mask=dmask)
         if NEED_B:
             if pid_d == 0:
-                tl.store(db_ptr + cols, _out(db, db_ptr, EMU), mask=cmask)
+                if SUBC == 1:
+                    tl.store(db_ptr + cols, _out(db, db_ptr, EMU), mask=cmask)
+                else:  # db is the class's: the block of sub-center 0 stores it
+                    tl.store(db_ptr + cols, _out(db, db_ptr, EMU), mask=cmask & (kk == 0))
 
 
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, normalize_weight, margin_type,
-             margin, ignore_index, label_smoothing, eps, need_x, need_weight, need_bias, need_alpha, *,
-             launch=_identity, config: Config | None = None, fwd_config: Config | None = None):
-    """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed."""
+# W's normalization backward takes w_hat . dw_hat from the finished row (PROJ_TILE, exact cancellation as eager)
+# where one program holds all of D in a tile of at most this width; wider rows, or rows split over programs,
+# accumulate it as sum_i dc_ij c_ij during the walk (equal up to rounding): at D = 512 the second fp32 tile
+# (w_hat) next to the accumulator doubles the epilogue's spills (sm_90, all options: 784 bytes against 352)
+PROJ_TILE_MAX_D = 128
+
+
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
+             need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
+             fwd_config: Config | None = None):
+    """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed
+    (contract.py's argument order)."""
     B, D = x.shape
-    C = weight.shape[0]
+    K = subcenters
+    C = weight.shape[0] // K
     dev = x.device
-    s = float(label_smoothing)
+    smooth = label_smoothing is not None
     need_bias = need_bias and bias is not None
     bdt = bias.dtype if bias is not None else x.dtype
 
     def outputs():
         return (torch.empty((B, D) if need_x else (0,), device=dev, dtype=x.dtype),
-                torch.empty((C, D) if need_weight else (0,), device=dev, dtype=weight.dtype),
+                torch.empty(tuple(weight.shape) if need_weight else (0,), device=dev, dtype=weight.dtype),
                 torch.empty((C,) if need_bias else (0,), device=dev, dtype=bdt))
 
     if B == 0 or not (need_x or need_weight or need_bias or need_alpha):
@@ -273,23 +339,18 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
         dalpha = torch.zeros((), device=dev, dtype=alpha.dtype) if need_alpha else alpha.new_empty((0,))
         return dx, dw, db, dalpha
 
-    has_o, has_pc, has_ws = aux_flags(B, D, aux)
-    if (need_x and not has_o) or (need_alpha and not has_pc):
-        # the forward ran without these hints: rerun it to get O' / PC (the op contract allows it). Before
-        # the gradients are allocated: its split partials and scratch are freed when it returns, so they
-        # never coexist with dW
-        _, _, aux = forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
-                            s, eps, need_x, False, False, need_alpha, launch=launch, config=fwd_config)
-        has_o, has_pc, has_ws = aux_flags(B, D, aux)
+    has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
+    if (need_x and not (has_o and (has_ws or not smooth))) or (need_alpha and not has_pc):
+        # the forward ran without these hints: rerun it to get O' (and the smoothing term) / PC (the op
+        # contract allows it). Before the gradients are allocated: its split partials and scratch are freed
+        # when it returns, so they never coexist with dW
+        _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+                            margin_detached, K, ignore_index, eps, need_x, False, False, need_alpha, launch=launch,
+                            config=fwd_config)
+        has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
     dx, dw, db = outputs()
-    _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws)
-    if need_x and s > 0:
-        if has_ws:
-            wsum = aux[ws_off:ws_off + D]
-        else:
-            wsum = column_sum(weight, inv_norms(weight, eps, launch) if normalize_weight else None, launch)
-    else:
-        wsum = aux  # a placeholder pointer (SMOOTH is off)
+    _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
+    wsum = aux[ws_off:] if (need_x and smooth) else aux  # (a placeholder pointer when SMOOTH is off)
 
     rowv = torch.empty((B, NROWV), device=dev, dtype=torch.float32)
     da = torch.empty((B,) if need_alpha else (0,), device=dev, dtype=torch.float32)
@@ -297,29 +358,35 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, lse, aux, norm
     BR, BD = row_tiles(D)
     launch(_bwd_rows_kernel)[(triton.cdiv(B, BR),)](
         gl_ptr=grad_loss, gs_ptr=grad_lse, x_ptr=x, w_ptr=weight, alpha_ptr=alpha, tgt_ptr=target, aux_ptr=aux,
-        wsum_ptr=wsum, rowv_ptr=rowv, dx_ptr=dx if need_x else rowv, da_ptr=da if need_alpha else rowv,
-        B=B, C=C, D=D, ignore_index=ignore_index, smoothing=s, inv_C=1.0 / C, eps=eps,
+        wsum_ptr=wsum, smooth_ptr=label_smoothing if smooth else rowv, rowv_ptr=rowv,
+        dx_ptr=dx if need_x else rowv, da_ptr=da if need_alpha else rowv,
+        B=B, C=C, D=D, ignore_index=ignore_index, inv_C=1.0 / C, eps=eps,
         stride_gl=grad_loss.stride(0), stride_gs=grad_lse.stride(0), stride_xb=x.stride(0), stride_xd=x.stride(1),
         stride_wc=weight.stride(0), stride_wd=weight.stride(1), stride_t=target.stride(0), aux_o_off=o_off,
-        NORM_W=normalize_weight, SMOOTH=s > 0, NEED_X=need_x, NEED_ALPHA=need_alpha,
-        EMU=INTERPRETED, D64=d64, BLOCK_R=BR, BLOCK_D=BD, **margin_kwargs(margin_type, margin))
+        NORM_W=normalize_weight, SMOOTH=smooth, SUBC=K, NEED_X=need_x, NEED_ALPHA=need_alpha,
+        EMU=INTERPRETED, D64=d64, BLOCK_R=BR, BLOCK_D=BD,
+        **margin_args(margins, margin_kind, margin_detached, B, rowv))
 
     if need_weight or need_bias:
         cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C)
         meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=x, chain_break=cfg.chain_break and need_weight)
         n_d = triton.cdiv(D, meta["BLOCK_DO"]) if need_weight else 1
-        n_cblocks = triton.cdiv(C, cfg.block_cols)
-        programs = min(n_cblocks, dw_programs(num_sms(dev)))
+        n_sub = K if need_weight else 1  # sub-centers: one block per (class block, sub-center) for dW
+        n_blocks = triton.cdiv(C, cfg.block_cols) * n_sub
+        programs = min(n_blocks, dw_programs(num_sms(dev)))
         n_prog = programs * n_d if meta["CHAIN_BREAK"] else 0
         scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
+        # K > 1 with normalize_weight: every sub-center's 1/|W| for the recomputed cosines (C K floats)
+        inv_nw = inv_norms(weight, eps, launch) if (normalize_weight and K > 1) else rowv
         launch(_bwd_dw_kernel)[(programs, n_d)](
             x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target,
-            lse_ptr=lse, rowv_ptr=rowv, dw_ptr=dw if need_weight else rowv, db_ptr=db if need_bias else rowv,
-            scr_p_ptr=scr_p, B=B, C=C, D=D, ignore_index=ignore_index, eps=eps, n_cblocks=n_cblocks,
+            lse_ptr=lse, rowv_ptr=rowv, inv_nw_ptr=inv_nw, dw_ptr=dw if need_weight else rowv,
+            db_ptr=db if need_bias else rowv, scr_p_ptr=scr_p, B=B, C=C, D=D, ignore_index=ignore_index, eps=eps,
+            n_blocks=n_blocks, n_sub=n_sub,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0), stride_lse=lse.stride(0),
-            HAS_BIAS=bias is not None, NORM_W=normalize_weight, NEED_W=need_weight, NEED_B=need_bias, D64=d64,
-            **meta)
+            HAS_BIAS=bias is not None, NORM_W=normalize_weight, NEED_W=need_weight, NEED_B=need_bias, SUBC=K,
+            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, D64=d64, **meta)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
     return dx, dw, db, dalpha

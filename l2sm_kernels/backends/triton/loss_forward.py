@@ -7,11 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .aux_layout import (_NPART, _NSTAT, NPART, ST_CY, ST_PC, ST_PY, ST_Q, ST_SC, aux_layout,
+from .aux_layout import (_NPART, _NSTAT, NPART, ST_CY, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_layout,
                          forward_plan)
-from .common import _didx, _identity, _log1p, _mma, _operand, _prefetch_l1, _through_scratch, wide_d
+from .common import (_didx, _identity, _log1p, _mma, _operand, _prefetch_l1, _subcenter_max, _through_scratch,
+                     wide_d)
 from .config import P_TORCH, Config, d_chunks, forward_config, num_sms, num_splits, on_gpu, row_tiles, tile_meta
-from .margin import _margin, _target_info, margin_kwargs
+from .margin import _margin, _row_preamble, _target_info, margin_args
 from .norms import column_sum, inv_norms
 
 
@@ -19,18 +20,26 @@ from .norms import column_sum, inv_norms
 def _fwd_split_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, inv_nx_ptr, inv_nw_ptr, tgt_ptr, ws_ptr,  # pointers
     scr_p_ptr, scr_s_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of p (BLOCK_B x BLOCK_C), of scale
-    B, C, D, ignore_index, cols_per_split,  # sizes; target rule; classes of one split
+    B, C, D, ignore_index, cols_per_split,  # sizes (C classes, C x SUBC rows of W); target rule; classes of one split
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
     ws_stride_s, ws_stride_b,  # workspace strides (split, row); the row holds _NPART + D floats
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr,
     ACC_O: tl.constexpr, ACC_PC: tl.constexpr, ACC_SC: tl.constexpr,  # what to accumulate besides (max, sum)
+    SUBC: tl.constexpr, ONES: tl.constexpr,  # sub-centers per class; ONES: weight 1 instead of p (see below)
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
     D64: tl.constexpr,
 ):
     """One (row block, class split, D chunk): online logsumexp over the split's non-target columns,
-    and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max."""
+    and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max.
+
+    Sub-centers (SUBC = K > 1): per class tile, K products (sub-center k's rows of W, jK + k, at row
+    stride K), their elementwise maximum and its argmax (win; ties to the lowest k), the logsumexp over
+    the class cosines, and O' = sum_k (p masked to the columns k won) @ W_hat_k: K products again, W_k
+    reloaded (a tile of all of D per sub-center cannot stay on chip). ONES (only with K > 1, label
+    smoothing and the dX hint): no softmax, weight 1 on every non-target column, so O' becomes
+    sum_{j != y_i} W_hat_{j, win(i, j)}, label smoothing's dX term (no longer one column sum)."""
     pid_b = tl.program_id(0).to(tl.int64)  # int64 before any product with a stride
     pid_s = tl.program_id(1).to(tl.int64)
     pid_d = tl.program_id(2)
@@ -60,55 +69,104 @@ def _fwd_split_kernel(
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < c_hi
-        w_rows = w_ptr + cols[:, None] * stride_wc
         if PREFETCH:  # the next class tile's weights, into L1 while this one computes
-            _prefetch_l1(w_ptr, tl.minimum(cols + BLOCK_C, c_hi - 1), stride_wc, D, BLOCK_K)
-        s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-        if SINGLE_K:
-            w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
-            s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
-        else:
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + dk
-                xk = tl.load(x_rows + kk[None, :] * stride_xd, mask=rmask[:, None] & (kk[None, :] < D), other=0.0)
-                wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D), other=0.0)
-                s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
-        # c = x_hat . W_hat: the raw product scaled by the fp32 inverse norms (no normalized copies)
-        c = s * inv_nx[:, None]
-        if NORM_W:
-            inv_nw = tl.load(inv_nw_ptr + cols, mask=cmask, other=0.0)
-            c = c * inv_nw[None, :]
-        z = alpha * c
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
-        z = tl.where(keep, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp(-inf - 0) = 0
-        scale = tl.exp(m - m_use)
-        p = tl.exp(z - m_use[:, None])
-        l = l * scale + tl.sum(p, 1)
-        if ACC_PC:
-            pc = pc * scale + tl.sum(tl.where(keep, p * c, 0.0), 1)
-        if ACC_SC:
-            sc += tl.sum(tl.where(keep, c, 0.0), 1)
-        if ACC_O:
-            pw = p
-            if NORM_W:
-                pw = p * inv_nw[None, :]  # p_ij W_hat_j = (p_ij / |W_j|) W_j
-            pw = _operand(pw, P_DT, EMU)
-            o_scale = scale
-            if CHAIN_BREAK:
-                slot = it % 2
-                pw, o_scale = _through_scratch(pw, scale, scr_p_ptr + (prog * 2 + slot) * (BLOCK_B * BLOCK_C),
-                                               scr_s_ptr + (prog * 2 + slot) * BLOCK_B, BLOCK_B, BLOCK_C)
-            if REUSE_TILE:
-                wo = w_tile
+            _prefetch_l1(w_ptr, tl.minimum(cols + BLOCK_C, c_hi - 1) * SUBC, stride_wc, D, BLOCK_K)
+        # c = x_hat . W_hat: the raw product scaled by the fp32 inverse norms (no normalized copies);
+        # with sub-centers the maximum over the class's K rows of W
+        if SUBC == 1:
+            w_rows = w_ptr + cols[:, None] * stride_wc
+            s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+            if SINGLE_K:
+                w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
+                s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
             else:
-                wo = tl.load(w_rows + do[None, :] * stride_wd, mask=cmask[:, None] & (do[None, :] < D), other=0.0)
-            o = o * o_scale[:, None]
-            o = _mma(pw, wo, o, P_DT, P_TF32, EMU)
-        m = m_new
+                for k0 in range(0, D, BLOCK_K):
+                    kk = k0 + dk
+                    xk = tl.load(x_rows + kk[None, :] * stride_xd, mask=rmask[:, None] & (kk[None, :] < D), other=0.0)
+                    wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D), other=0.0)
+                    s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
+            c = s * inv_nx[:, None]
+            if NORM_W:
+                inv_nw = tl.load(inv_nw_ptr + cols, mask=cmask, other=0.0)
+                c = c * inv_nw[None, :]
+        else:
+            c = tl.full([BLOCK_B, BLOCK_C], float("-inf"), tl.float32)
+            if ACC_O:
+                win = tl.zeros([BLOCK_B, BLOCK_C], tl.int32)
+            for k in range(SUBC):  # a runtime loop: unrolled, the K products' tiles would be live at once
+                w_rows = w_ptr + (cols * SUBC + k)[:, None] * stride_wc
+                s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+                if SINGLE_K:
+                    wt = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
+                    s = _mma(x_tile, tl.trans(wt), s, S_DT, S_TF32, EMU)
+                else:
+                    for k0 in range(0, D, BLOCK_K):
+                        kk = k0 + dk
+                        xk = tl.load(x_rows + kk[None, :] * stride_xd, mask=rmask[:, None] & (kk[None, :] < D),
+                                     other=0.0)
+                        wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D),
+                                     other=0.0)
+                        s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
+                c_k = s * inv_nx[:, None]
+                if NORM_W:
+                    c_k = c_k * tl.load(inv_nw_ptr + cols * SUBC + k, mask=cmask, other=0.0)[None, :]
+                if ACC_O:  # the winner matters only to O' (p W_hat_{j, win})
+                    c, win = _subcenter_max(c, win, c_k, k)
+                else:
+                    c, _no_win = _subcenter_max(c, c, c_k, k)
+        if ONES:
+            keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
+            p = tl.where(keep, 1.0, 0.0)
+            scale = tl.full([BLOCK_B], 1.0, tl.float32)
+        else:
+            z = alpha * c
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
+            z = tl.where(keep, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp(-inf - 0) = 0
+            scale = tl.exp(m - m_use)
+            p = tl.exp(z - m_use[:, None])
+            l = l * scale + tl.sum(p, 1)
+            if ACC_PC:
+                pc = pc * scale + tl.sum(tl.where(keep, p * c, 0.0), 1)
+            if ACC_SC:
+                sc += tl.sum(tl.where(keep, c, 0.0), 1)
+            m = m_new
+        if ACC_O:
+            if SUBC == 1:
+                pw = p
+                if NORM_W:
+                    pw = p * inv_nw[None, :]  # p_ij W_hat_j = (p_ij / |W_j|) W_j
+                pw = _operand(pw, P_DT, EMU)
+                o_scale = scale
+                if CHAIN_BREAK:
+                    slot = it % 2
+                    pw, o_scale = _through_scratch(pw, scale, scr_p_ptr + (prog * 2 + slot) * (BLOCK_B * BLOCK_C),
+                                                   scr_s_ptr + (prog * 2 + slot) * BLOCK_B, BLOCK_B, BLOCK_C)
+                if REUSE_TILE:
+                    wo = w_tile
+                else:
+                    wo = tl.load(w_rows + do[None, :] * stride_wd, mask=cmask[:, None] & (do[None, :] < D), other=0.0)
+                o = o * o_scale[:, None]
+                o = _mma(pw, wo, o, P_DT, P_TF32, EMU)
+            else:
+                for k in range(SUBC):  # p_ij W_hat_{j, win(i, j)} = sum_k [win = k] p_ij W_hat_{jK+k}
+                    w_rows = w_ptr + (cols * SUBC + k)[:, None] * stride_wc
+                    pw = tl.where(win == k, p, 0.0)
+                    if NORM_W:
+                        pw = pw * tl.load(inv_nw_ptr + cols * SUBC + k, mask=cmask, other=0.0)[None, :]
+                    pw = _operand(pw, P_DT, EMU)
+                    o_scale = scale
+                    if CHAIN_BREAK:  # one scratch round trip per product; consecutive trips alternate slots
+                        slot = (it * SUBC + k) % 2
+                        pw, o_scale = _through_scratch(pw, scale,
+                                                       scr_p_ptr + (prog * 2 + slot) * (BLOCK_B * BLOCK_C),
+                                                       scr_s_ptr + (prog * 2 + slot) * BLOCK_B, BLOCK_B, BLOCK_C)
+                    o = o * tl.where(k == 0, o_scale, 1.0)[:, None]
+                    wo = tl.load(w_rows + do[None, :] * stride_wd, mask=cmask[:, None] & (do[None, :] < D), other=0.0)
+                    o = _mma(pw, wo, o, P_DT, P_TF32, EMU)
         it += 1
 
     base = ws_ptr + pid_s * ws_stride_s + rows * ws_stride_b
@@ -123,24 +181,20 @@ def _fwd_split_kernel(
 
 @triton.jit
 def _fwd_combine_kernel(
-    ws_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, inv_nx_ptr, inv_nw_ptr, tgt_ptr, bsum_ptr,  # inputs
+    ws_ptr, x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, bsum_ptr,  # inputs
+    mt_ptr, smooth_ptr,  # the margin table (float64, R x 5), the label smoothing (0-d)
     loss_ptr, lse_ptr, aux_ptr,  # outputs
-    B, C, D, n_splits, ignore_index,  # sizes
-    smoothing, inv_C, margin, cos_m, sin_m, th, mm,  # options
+    B, C, D, n_splits, ignore_index, inv_C, eps,  # sizes, options
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
+    stride_mr, stride_mc,  # margin table strides (row stride 0: one row for every row)
     ws_stride_s, ws_stride_b, aux_o_off,  # workspace strides; where O' starts in aux
-    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, MARGIN: tl.constexpr, SMOOTH: tl.constexpr,
-    ACC_O: tl.constexpr, ACC_PC: tl.constexpr, D64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, MARGIN: tl.constexpr, DETACHED: tl.constexpr,
+    SMOOTH: tl.constexpr, SUBC: tl.constexpr, ACC_O: tl.constexpr, ACC_PC: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: merge the splits, add the target column with its margin, write loss, lse and aux."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
-    t = tl.load(tgt_ptr + rows * stride_t, mask=rmask, other=ignore_index)
-    valid, has_t, bad = _target_info(t, ignore_index, C)
-    ty = tl.where(has_t, t, 0)
-    alpha = tl.load(alpha_ptr).to(tl.float32)
-    inv_nx = tl.load(inv_nx_ptr + rows, mask=rmask, other=0.0)
+    rows, rmask, valid, has_t, bad, ty, alpha = _row_preamble(tgt_ptr, alpha_ptr, B, C, ignore_index, stride_t,
+                                                              BLOCK_R)
 
     # logsumexp of the non-target columns, merged over the splits
     mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -156,21 +210,42 @@ def _fwd_combine_kernel(
         sc += tl.load(base + 3, mask=rmask, other=0.0)
     lse_nt = mx_use + tl.log(l_nt)  # -inf when every column is the target's or masked
 
-    # the target column: c_iy = x_hat_i . W_hat_y as one fp32 dot per row (reads B rows of W)
+    # the target column: c_iy = x_i . W_y / (max(|x_i|, eps) max(|W_y|, eps)) from one dot and the two
+    # norms per row, all in fp64 and rounded to fp32 once (reads B rows of W): within half an ulp, because
+    # the angular margin amplifies c's error (its slope's derivative ~ sin m2 / sin^3 theta grows near
+    # c = -1 and c = 1), and c = 1 exactly where x is a multiple of W_y. Sub-centers: the maximum over
+    # the class's K rows yK + k (compared in fp64; ties to the lowest k), its k recorded for the backward.
     dd = _didx(tl.arange(0, BLOCK_D), D64)
-    dot = tl.zeros([BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + dd
-        dm = d[None, :] < D
-        xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=rmask[:, None] & dm,
-                     other=0.0).to(tl.float32)
-        wr = tl.load(w_ptr + ty[:, None] * stride_wc + d[None, :] * stride_wd, mask=has_t[:, None] & dm,
-                     other=0.0).to(tl.float32)
-        dot += tl.sum(xr * wr, 1)
-    c_y = dot * inv_nx
-    if NORM_W:
-        c_y = c_y * tl.load(inv_nw_ptr + ty, mask=has_t, other=0.0)
-    f_y, _ = _margin(c_y, MARGIN, margin, cos_m, sin_m, th, mm)
+    for k in tl.static_range(SUBC):
+        wy = ty * SUBC + k
+        dot = tl.zeros([BLOCK_R], tl.float64)
+        wsq = tl.zeros([BLOCK_R], tl.float64)
+        if k == 0:
+            xsq = tl.zeros([BLOCK_R], tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + dd
+            dm = d[None, :] < D
+            xr = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=rmask[:, None] & dm,
+                         other=0.0).to(tl.float64)
+            wr = tl.load(w_ptr + wy[:, None] * stride_wc + d[None, :] * stride_wd, mask=has_t[:, None] & dm,
+                         other=0.0).to(tl.float64)
+            dot += tl.sum(xr * wr, 1)
+            if k == 0:
+                xsq += tl.sum(xr * xr, 1)
+            if NORM_W:
+                wsq += tl.sum(wr * wr, 1)
+        if k == 0:
+            x_den = tl.maximum(tl.sqrt(xsq), eps)
+        c_k = dot / x_den
+        if NORM_W:
+            c_k = c_k / tl.maximum(tl.sqrt(wsq), eps)
+        if k == 0:
+            c_best = c_k
+            win = tl.zeros([BLOCK_R], tl.int32)
+        else:
+            c_best, win = _subcenter_max(c_best, win, c_k, k)
+    c_y = c_best.to(tl.float32)
+    f_y, _ = _margin(c_y, rows, rmask, mt_ptr, stride_mr, stride_mc, MARGIN, DETACHED)
     z_y = alpha * f_y
     if HAS_BIAS:
         z_y += tl.load(b_ptr + ty * stride_b, mask=has_t, other=0.0).to(tl.float32)
@@ -197,6 +272,7 @@ def _fwd_combine_kernel(
 
     loss = loss_t
     if SMOOTH:
+        smoothing = tl.load(smooth_ptr).to(tl.float32)  # rounded from float64 as eager rounds it
         # mean_j z_ij = (alpha (sum_{j != y} c_ij + f(c_iy)) + sum_j b_j) / C
         gsum = sc + tl.where(has_t, f_y, 0.0)
         zsum = alpha * gsum
@@ -223,6 +299,7 @@ def _fwd_combine_kernel(
     tl.store(st + ST_Q, q, mask=rmask)
     tl.store(st + ST_PC, pc, mask=rmask)
     tl.store(st + ST_SC, sc, mask=rmask)
+    tl.store(st + ST_WIN, win.to(tl.float32), mask=rmask)
     if ACC_O:
         for d0 in range(0, D, BLOCK_D):
             d = d0 + dd
@@ -235,59 +312,77 @@ def _fwd_combine_kernel(
             tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
 
-def forward(x, weight, target, alpha, bias, normalize_weight, margin_type, margin, ignore_index,
-            label_smoothing, eps, need_x, need_weight, need_bias, need_alpha, *, launch=_identity,
-            config: Config | None = None, splits: int | None = None):
-    """-> (loss (B,), lse (B,), aux) fp32. launch wraps each kernel (torch.library.wrap_triton inside
-    the op); config / splits override the tile sizes and the class splits (tests)."""
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha, *,
+            launch=_identity, config: Config | None = None, splits: int | None = None):
+    """-> (loss (B,), lse (B,), aux) fp32, the op's forward (contract.py's argument order). launch wraps
+    each kernel (torch.library.wrap_triton inside the op); config / splits override the tile sizes and
+    the class splits (tests)."""
     B, D = x.shape
-    C = weight.shape[0]
+    K = subcenters
+    C = weight.shape[0] // K
     dev = x.device
-    s = float(label_smoothing)
-    has_o, has_pc, has_ws = forward_plan(s, need_x, need_alpha)
-    numel, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws)
+    smooth = label_smoothing is not None
+    has_o, has_pc, has_ws = forward_plan(smooth, need_x, need_alpha)
+    numel, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
     loss = torch.empty((B,), device=dev, dtype=torch.float32)
     lse = torch.empty((B,), device=dev, dtype=torch.float32)
     aux = torch.zeros((numel,), device=dev, dtype=torch.float32)
     if B == 0:
         return loss, lse, aux
 
-    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C)
+    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C, subcenters=K)
     inv_nx = inv_norms(x, eps, launch)
     inv_nw = inv_norms(weight, eps, launch) if normalize_weight else inv_nx  # (unused when not normalizing)
-    n_d = d_chunks(D, cfg, has_o)
     d64 = wide_d(D, x, weight)
-    n_split = splits or num_splits(B, C, cfg, num_sms(dev), n_d)
-    tiles = triton.cdiv(C, cfg.block_cols)
-    cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
-    n_split = triton.cdiv(C, cols_per_split)
-    ws = torch.empty((n_split, B, NPART + (D if has_o else 0)), device=dev, dtype=torch.float32)
     b_arg = bias if bias is not None else inv_nx  # a placeholder pointer when there is no bias
     stride_b = bias.stride(0) if bias is not None else 0
-    grid = (triton.cdiv(B, cfg.block_rows), n_split, n_d)
-    meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=weight, chain_break=cfg.chain_break and has_o)
-    n_prog = grid[0] * grid[1] * grid[2] if meta["CHAIN_BREAK"] else 0
-    scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
-    scr_s = torch.empty((2 * n_prog, cfg.block_rows), device=dev, dtype=torch.float32)
-    launch(_fwd_split_kernel)[grid](
-        x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, inv_nx_ptr=inv_nx, inv_nw_ptr=inv_nw,
-        tgt_ptr=target, ws_ptr=ws, scr_p_ptr=scr_p, scr_s_ptr=scr_s,
-        B=B, C=C, D=D, ignore_index=ignore_index, cols_per_split=cols_per_split,
-        stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
-        stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
-        HAS_BIAS=bias is not None, NORM_W=normalize_weight, ACC_O=has_o, ACC_PC=has_pc, ACC_SC=s > 0, D64=d64,
-        **meta)
 
-    bsum = bias.float().sum() if (bias is not None and s > 0) else inv_nx
+    def split_pass(acc_o: bool, acc_pc: bool, acc_sc: bool, ones: bool):
+        """_fwd_split_kernel over every class; -> (its partials (n_splits, B, NPART [+ D]), n_splits)."""
+        n_d = d_chunks(D, cfg, acc_o)
+        n_split = splits or num_splits(B, C, cfg, num_sms(dev), n_d)
+        tiles = triton.cdiv(C, cfg.block_cols)
+        cols_per_split = cfg.block_cols * triton.cdiv(tiles, n_split)
+        n_split = triton.cdiv(C, cols_per_split)
+        ws = torch.empty((n_split, B, NPART + (D if acc_o else 0)), device=dev, dtype=torch.float32)
+        grid = (triton.cdiv(B, cfg.block_rows), n_split, n_d)
+        meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=weight, chain_break=cfg.chain_break and acc_o)
+        n_prog = grid[0] * grid[1] * grid[2] if meta["CHAIN_BREAK"] else 0
+        scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
+        scr_s = torch.empty((2 * n_prog, cfg.block_rows), device=dev, dtype=torch.float32)
+        launch(_fwd_split_kernel)[grid](
+            x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, inv_nx_ptr=inv_nx, inv_nw_ptr=inv_nw,
+            tgt_ptr=target, ws_ptr=ws, scr_p_ptr=scr_p, scr_s_ptr=scr_s,
+            B=B, C=C, D=D, ignore_index=ignore_index, cols_per_split=cols_per_split,
+            stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
+            stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
+            HAS_BIAS=bias is not None, NORM_W=normalize_weight, ACC_O=acc_o, ACC_PC=acc_pc, ACC_SC=acc_sc,
+            SUBC=K, ONES=ones, D64=d64, **meta)
+        return ws, n_split
+
+    if has_ws and K > 1:
+        # label smoothing's dX term with sub-centers, sum_{j != y_i} W_hat_{j, win(i, j)} per row (B x D in
+        # aux): the split kernel with weight 1 instead of p, its partials summed over the splits (torch's
+        # fixed-order reduction). One extra pass (2 GEMM-equivalents), only in this combination; it runs
+        # first, so its partials are freed before the main pass allocates its own.
+        ones_ws, _ = split_pass(True, False, False, True)
+        aux[ws_off:ws_off + B * D] = ones_ws[:, :, NPART:].sum(dim=0).reshape(B * D)
+        del ones_ws
+    ws, n_split = split_pass(has_o, has_pc, smooth, False)
+
+    bsum = bias.float().sum() if (bias is not None and smooth) else inv_nx
     BR, BD = row_tiles(D)
     launch(_fwd_combine_kernel)[(triton.cdiv(B, BR),)](
-        ws_ptr=ws, x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, inv_nx_ptr=inv_nx, inv_nw_ptr=inv_nw,
-        tgt_ptr=target, bsum_ptr=bsum, loss_ptr=loss, lse_ptr=lse, aux_ptr=aux,
-        B=B, C=C, D=D, n_splits=n_split, ignore_index=ignore_index, smoothing=s, inv_C=1.0 / C,
+        ws_ptr=ws, x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, tgt_ptr=target, bsum_ptr=bsum,
+        smooth_ptr=label_smoothing if smooth else inv_nx,
+        loss_ptr=loss, lse_ptr=lse, aux_ptr=aux,
+        B=B, C=C, D=D, n_splits=n_split, ignore_index=ignore_index, inv_C=1.0 / C, eps=eps,
         stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
         stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
-        aux_o_off=o_off, HAS_BIAS=bias is not None, NORM_W=normalize_weight, SMOOTH=s > 0,
-        ACC_O=has_o, ACC_PC=has_pc, D64=d64, BLOCK_R=BR, BLOCK_D=BD, **margin_kwargs(margin_type, margin))
-    if has_ws:
+        aux_o_off=o_off, HAS_BIAS=bias is not None, NORM_W=normalize_weight, SMOOTH=smooth, SUBC=K,
+        ACC_O=has_o, ACC_PC=has_pc, D64=d64, BLOCK_R=BR, BLOCK_D=BD,
+        **margin_args(margins, margin_kind, margin_detached, B, inv_nx))
+    if has_ws and K == 1:
         aux[ws_off:ws_off + D] = column_sum(weight, inv_nw if normalize_weight else None, launch)
     return loss, lse, aux

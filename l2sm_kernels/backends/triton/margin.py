@@ -1,41 +1,20 @@
 """The target column's margin and the target rules, as the kernels compute them (device functions),
-and the host-side arguments the launchers pass for them."""
+the per-row preamble both per-row kernels share, and the host-side checks and launch arguments of the
+margin table and the label smoothing."""
 from __future__ import annotations
-
-import math
 
 import triton
 import triton.language as tl
 
-from ...options import ARCFACE_CLAMP
+from ...margins import COS_M2, M3, OFFSET, SIN_M2, THRESHOLD
+from ...options import ARCFACE_CLAMP, MARGIN_KINDS
 
-MARGIN_CODES = {"none": 0, "cosface": 1, "arcface": 2}
-# _margin writes the arcface clamp as the literal 1e-7 (a constexpr global would also do; a literal reads better)
+MARGIN_CODES = {kind: i for i, kind in enumerate(MARGIN_KINDS)}  # none 0, additive 1, angular 2
+assert MARGIN_CODES == {"none": 0, "additive": 1, "angular": 2}
+# _margin writes the angular clamp as the literal 1e-7 (a constexpr global would also do; a literal reads better)
 assert ARCFACE_CLAMP == 1e-7, "update the literal in _margin"
-
-
-@triton.jit
-def _margin(c, MARGIN: tl.constexpr, m, cos_m, sin_m, th, mm):
-    """f(c) and f'(c) of the target column (eager.margin_value_and_slope). arcface: cos(theta + m)
-    = c~ cos m - sin(theta) sin m with c~ = clamp(c, -1 + 1e-7, 1 - 1e-7), sin(theta) = sqrt(1 - c~^2),
-    derivative cos m + c~ sin m / sin(theta) at the clamped point; past c <= cos(pi - m) = th the
-    monotonic fallback c - m sin m (mm) with slope 1."""
-    one = tl.full(c.shape, 1.0, tl.float32)
-    if MARGIN == 0:
-        f = c
-        fp = one
-    elif MARGIN == 1:
-        f = c - m
-        fp = one
-    else:
-        cc = tl.minimum(tl.maximum(c, -1.0 + 1e-7), 1.0 - 1e-7)
-        sin_t = tl.sqrt_rn(1.0 - cc * cc)
-        phi = cc * cos_m - sin_t * sin_m
-        dphi = cos_m + tl.div_rn(cc * sin_m, sin_t)
-        hard = c > th
-        f = tl.where(hard, phi, c - mm)
-        fp = tl.where(hard, dphi, one)
-    return f, fp
+# the table's columns, as the kernels see them
+_MT_COS, _MT_SIN, _MT_TH, _MT_OFF, _MT_M3 = (tl.constexpr(i) for i in (COS_M2, SIN_M2, THRESHOLD, OFFSET, M3))
 
 
 @triton.jit
@@ -46,9 +25,84 @@ def _target_info(t, ignore_index, C):
     return valid, valid & in_range, valid & (~in_range)
 
 
-def margin_kwargs(margin_type: str, margin: float) -> dict:
-    """The margin's launch arguments of the per-row kernels: MARGIN (code), m, cos m, sin m,
-    th = cos(pi - m) (the arcface switch point) and mm = m sin m (its fallback's offset)."""
-    m = float(margin)
-    return dict(MARGIN=MARGIN_CODES[margin_type], margin=m, cos_m=math.cos(m), sin_m=math.sin(m),
-                th=math.cos(math.pi - m), mm=m * math.sin(m))
+@triton.jit
+def _row_preamble(tgt_ptr, alpha_ptr, B, C, ignore_index, stride_t, BLOCK_R: tl.constexpr):
+    """The opening of the per-row kernels (_fwd_combine_kernel, _bwd_rows_kernel): this program's
+    rows (int64) and their mask, the target rules (_target_info), the safe target column ty (0 where
+    there is none: loads through it are masked by has_t) and alpha."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    t = tl.load(tgt_ptr + rows * stride_t, mask=rmask, other=ignore_index)
+    valid, has_t, bad = _target_info(t, ignore_index, C)
+    ty = tl.where(has_t, t, 0)
+    alpha = tl.load(alpha_ptr).to(tl.float32)
+    return rows, rmask, valid, has_t, bad, ty, alpha
+
+
+@triton.jit
+def _margin(c, rows, rmask, mt_ptr, stride_mr, stride_mc, MARGIN: tl.constexpr, DETACHED: tl.constexpr):
+    """f(c) and f'(c) of the target column (eager.margin_value_and_slope), from each row's entry of the
+    float64 margin table (margins.margin_table; stride_mr = 0 for a single row), rounded to fp32 here
+    as eager rounds the table to its compute dtype. additive: c - m3. angular: cos(theta + m2) - m3
+    = c~ cos m2 - sin(theta) sin m2 - m3 with c~ = clamp(c, -1 + 1e-7, 1 - 1e-7), sin(theta) =
+    sqrt(1 - c~^2), slope cos m2 + c~ sin m2 / sin(theta) at the clamped point, where c > th; the
+    monotonic fallback c - (m2 sin m2 + m3) with slope 1 where c <= th (the strict comparison of the
+    unclamped c with the threshold rounded to fp32, as eager). DETACHED: the slope is taken as 1."""
+    one = tl.full(c.shape, 1.0, tl.float32)
+    if MARGIN == 0:
+        f = c
+        fp = one
+    else:
+        row = mt_ptr + rows * stride_mr
+        m3 = tl.load(row + _MT_M3 * stride_mc, mask=rmask, other=0.0).to(tl.float32)
+        if MARGIN == 1:
+            f = c - m3
+            fp = one
+        else:
+            cos_m = tl.load(row + _MT_COS * stride_mc, mask=rmask, other=0.0).to(tl.float32)
+            sin_m = tl.load(row + _MT_SIN * stride_mc, mask=rmask, other=0.0).to(tl.float32)
+            th = tl.load(row + _MT_TH * stride_mc, mask=rmask, other=0.0).to(tl.float32)
+            off = tl.load(row + _MT_OFF * stride_mc, mask=rmask, other=0.0).to(tl.float32)
+            cc = tl.minimum(tl.maximum(c, -1.0 + 1e-7), 1.0 - 1e-7)
+            sin_t = tl.sqrt_rn(1.0 - cc * cc)
+            phi = cc * cos_m - sin_t * sin_m - m3
+            dphi = cos_m + tl.div_rn(cc * sin_m, sin_t)
+            hard = c > th
+            f = tl.where(hard, phi, c - off)
+            fp = tl.where(hard, dphi, one)
+    if DETACHED:
+        fp = one
+    return f, fp
+
+
+def margin_args(margins, margin_kind: str, margin_detached: bool, B: int, placeholder) -> dict:
+    """The margin's launch arguments of the per-row kernels: the table's pointer and strides (row
+    stride 0 for a single row, which every row shares), MARGIN (the kind's code) and DETACHED."""
+    code = MARGIN_CODES[margin_kind]
+    if code == 0:
+        return dict(mt_ptr=placeholder, stride_mr=0, stride_mc=0, MARGIN=0, DETACHED=bool(margin_detached))
+    return dict(mt_ptr=margins, stride_mr=margins.stride(0) if margins.shape[0] == B else 0,
+                stride_mc=margins.stride(1), MARGIN=code, DETACHED=bool(margin_detached))
+
+
+def check_margin_inputs(x, margins, label_smoothing, margin_kind: str) -> None:
+    """The margin table and the label smoothing as the op takes them (contract.py), else an error
+    naming the argument. Only metadata is read (no host synchronization)."""
+    B = x.shape[0]
+    if margin_kind not in MARGIN_CODES:
+        raise ValueError(f"margin_kind must be one of {tuple(MARGIN_CODES)}, got {margin_kind!r}")
+    if margins is None:
+        if margin_kind != "none":
+            raise ValueError(f"margin_kind={margin_kind!r} needs the margins table, got None")
+    else:
+        if margins.dim() != 2 or margins.shape[1] != 5 or margins.shape[0] not in (1, B):
+            raise ValueError(f"margins must be the (1, 5) or ({B}, 5) table of margins.margin_table, "
+                             f"got shape {tuple(margins.shape)}")
+        if not margins.is_floating_point() or margins.device != x.device:
+            raise ValueError(f"margins must be a floating tensor on {x.device}, got {margins.dtype} on "
+                             f"{margins.device}")
+    if label_smoothing is not None and (label_smoothing.dim() != 0 or not label_smoothing.is_floating_point()
+                                        or label_smoothing.device != x.device):
+        raise ValueError(f"label_smoothing must be a 0-d floating tensor on {x.device}, got "
+                         f"{label_smoothing.dtype} of shape {tuple(label_smoothing.shape)} on {label_smoothing.device}")
+

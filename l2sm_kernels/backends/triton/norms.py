@@ -11,6 +11,30 @@ from .config import _pow2
 
 
 @triton.jit
+def _row_norms(base, mask, D, stride_d, D64: tl.constexpr, BLOCK_D: tl.constexpr):
+    """|v_i| (fp32) of the rows starting at the pointers `base` (masked rows give 0).
+
+    The squares are summed in float64 and the square root taken there, then rounded to fp32 once, as
+    eager.normalize_rows does: an fp32 sum of squares overflows once |v| > ~1.8e19 (the norm itself
+    fits fp32), which turned such a row into a zero vector (docs/reliability.md, case 31), and it
+    underflows below ~1e-19. Cost (estimated, unmeasured): one conversion and one fp64 fused
+    multiply-add per element, on the passes that read each row once (norms of x and of W, the per-row
+    kernels' target rows, the dW pass's |W_j| per class block), never inside the products. An H100 /
+    H200 does ~34 fp64 TFLOP/s: bf16 rows streamed at 4.8 TB/s need 2.4e12 FMAs/s, a seventh of it,
+    so these passes stay bound by memory. On a GPU whose fp64 runs at 1/64 of fp32 (RTX 4090: ~1.3
+    TFLOP/s) the W pass takes ~2 C K D / 1.3e12 s (0.8 ms at C K = 1M, D = 512), about its 1 ms of
+    reading there: at most twice the pass, and it runs once per step.
+    The alternative, a max-abs pass before a scaled fp32 sum, reads every row twice."""
+    acc = tl.zeros(base.shape, tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + _didx(tl.arange(0, BLOCK_D), D64)
+        v = tl.load(base[:, None] + d[None, :] * stride_d, mask=mask[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float64)
+        acc += tl.sum(v * v, 1)
+    return tl.sqrt(acc).to(tl.float32)  # fp64 sqrt is correctly rounded (sqrt.rn.f64; numpy's sqrt)
+
+
+@triton.jit
 def _inv_norm_kernel(
     v_ptr, out_ptr,  # pointers: (N, D) input, (N,) fp32 output
     N, D, eps,  # sizes, eps
@@ -20,13 +44,8 @@ def _inv_norm_kernel(
     """out_i = 1 / max(|v_i|, eps) in fp32 (a zero row gives 1 / eps, so v_hat = v / eps = 0: no NaN)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + _didx(tl.arange(0, BLOCK_D), D64)
-        v = tl.load(v_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
-                    mask=rmask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-        acc += tl.sum(v * v, 1)
-    tl.store(out_ptr + rows, tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(acc), eps)), mask=rmask)
+    norm = _row_norms(v_ptr + rows * stride_n, rmask, D, stride_d, D64, BLOCK_D)
+    tl.store(out_ptr + rows, tl.div_rn(1.0, tl.maximum(norm, eps)), mask=rmask)
 
 
 @triton.jit
