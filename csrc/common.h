@@ -194,16 +194,28 @@ inline double smoothing_value(const c10::optional<at::Tensor>& s) {
 
 // The class cosine of K sub-centers: max_k cos[k] inv[k] (cos: the unscaled products x_hat . W_k,
 // inv: 1 / max(|W_k|, eps)), ties to the lowest k, NaN wins (as torch.max: the first NaN).
-// *win: the winning k.
+// *win: the winning k. Branch-free selects (the comparisons of random cosines would mispredict
+// half the time); the NaN case takes a second, rare pass.
 template <typename T>
 L2SM_INLINE T class_max(const T* cos, const T* inv, int64_t K, int64_t* win) {
   T best = cos[0] * inv[0];
   int64_t w = 0;
+  bool nan = best != best;
   for (int64_t k = 1; k < K; ++k) {
     const T v = cos[k] * inv[k];
-    if (!(v <= best) && best == best) {  // v > best, or v is the first NaN
-      best = v;
-      w = k;
+    const bool gt = v > best;  // strict: a tie keeps the lower k
+    best = gt ? v : best;
+    w = gt ? k : w;
+    nan |= v != v;
+  }
+  if (nan) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T v = cos[k] * inv[k];
+      if (v != v) {
+        best = v;
+        w = k;
+        break;
+      }
     }
   }
   *win = w;

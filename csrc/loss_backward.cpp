@@ -81,26 +81,43 @@ L2SM_INLINE void backward_span(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t j
   }
 }
 
-// The same with K > 1 sub-centers: class j's cosine is the max of its K products (class_max), its
-// dC' goes to the winning sub-center, the class's other K - 1 entries become 0.
+// Classes per sub-block of the epilogue (backward_cols_impl): K = 1 columns, or K > 1 classes of K
+// columns each up to this many columns. It also sizes backward_span_k's stack buffers.
+constexpr int64_t kBlock = 512;
+
+// The same with K > 1 sub-centers (at most kBlock classes): class j's cosine is the max of its K
+// products (class_max), its dC' goes to the winning sub-center, the class's other K - 1 entries
+// become 0. Two passes: the maxima (a strided, branch-free scalar pass) into stack buffers, then the
+// exponentials and sums vectorized over the classes as for K = 1.
 template <typename T, bool DC, bool DB, bool DA>
 L2SM_INLINE void backward_span_k(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk) {
-  const int64_t K = a.K;
-  const T* inv = a.inv_wn;
+  const int64_t K = a.K, n = jb - ja;
+  const T* inv = a.inv_wn + ja * K;
+  const T* b = a.bias + ja;
   const T al = a.alpha;
-  for (int64_t j = ja; j < jb; ++j) {
-    T* seg = Lr + j * K;
-    int64_t win;
-    const T c = class_max(seg, inv + j * K, K, &win);
-    const T p = vexp<T>(al * c + a.bias[j] - lse);
+  double* db = a.db + ja;
+  double* da = a.da + ja;
+  T* seg = Lr + ja * K;
+  T cls[kBlock], val[kBlock];
+  int32_t win[kBlock];
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t w;
+    cls[j] = class_max(seg + j * K, inv + j * K, K, &w);
+    win[j] = int32_t(w);
+    val[j] = inv[j * K + w];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T c = cls[j];
+    const T p = vexp<T>(al * c + b[j] - lse);
     const T dz = wp * p - wk;
-    if (DB) a.db[j] += double(dz);
-    if (DA) a.da[j] += double(dz) * double(c);
-    if (DC) {
-      const T v = al * dz * inv[j * K + win];
-      for (int64_t k = 0; k < K; ++k) seg[k] = T(0);
-      seg[win] = v;
-    }
+    if (DB) db[j] += double(dz);
+    if (DA) da[j] += double(dz) * double(c);
+    if (DC) val[j] = al * dz * val[j];
+  }
+  if (DC) {
+    std::fill(seg, seg + n * K, T(0));
+    for (int64_t j = 0; j < n; ++j) seg[j * K + win[j]] = val[j];
   }
 }
 
@@ -137,7 +154,7 @@ L2SM_INLINE void backward_target(T* Lr, const BwdArgs<T>& a, int64_t i, int64_t 
 template <typename T, bool DC, bool DB, bool DA>
 L2SM_INLINE void backward_cols_impl(const BwdArgs<T>& a, int64_t j0, int64_t j1) {
   // sub-blocks of classes keep the db / da accumulators and the rows' segments in L1 / L2
-  const int64_t block = std::max<int64_t>(1, 512 / a.K);
+  const int64_t block = std::max<int64_t>(1, kBlock / a.K);
   for (int64_t jb0 = j0; jb0 < j1; jb0 += block) {
     const int64_t jb1 = std::min(j1, jb0 + block);
     for (int64_t i = 0; i < a.B; ++i) {  // rows in order: each class's sums have a fixed order

@@ -307,11 +307,14 @@ def test_confident_rows_loss_and_target_gradient(dtype, margin_type, margin):
     assert float(rel_db.max()) <= tol, rel_db
 
 
-def test_bitwise_deterministic(chunk):
+@pytest.mark.parametrize("K", [1, 3])
+def test_bitwise_deterministic(chunk, K):
     """Reliability case 21: the same inputs twice give bitwise-identical outputs, whatever the chunk size
-    (several threads' shares included)."""
-    case = make_case(16, 24, 301, seed=33, bias=True, alpha_grad=True, normalize_weight=True,
-                     margin_type="arcface", margin=0.4, label_smoothing=0.1, ignore_rows=2)
+    (several threads' shares included); with sub-centers and per-row margins too."""
+    margin = (1.0, torch.linspace(0.1, 0.5, 16, dtype=torch.float64), 0.1) if K > 1 else 0.4
+    case = make_case(16, 24, 301, seed=33, bias=True, alpha_grad=True, normalize_weight=True, subcenters=K,
+                     margin_type="combined" if K > 1 else "arcface", margin=margin, label_smoothing=0.1,
+                     ignore_rows=2)
     for n in (0, 7, 50):
         o1, g1 = _run_with_chunk(case, n, chunk, torch.tensor(2.0))
         o2, g2 = _run_with_chunk(case, n, chunk, torch.tensor(2.0))
@@ -396,8 +399,13 @@ def test_chunk_knobs(chunk):
         assert cpu.chunk_for(256, 100, 512) == 100
         assert cpu.chunk_for(100_000, 10**6, 512) == 64
         assert cpu.chunk_for(256, 65536, 512, torch.float64) == 640
+        # K sub-centers: the budget counts B x chunk x K values (chunk K rows of W), classes a multiple of 64
+        assert cpu.chunk_for(256, 65536, 512, subcenters=3) == (4 << 20) // (769 * 4) // 3 // 64 * 64 == 448
+        assert cpu.chunk_for(256, 65536, 512, subcenters=1000) == 64  # at least 64 classes
+        assert cpu._ext()._split(256, 65536, 512, 4, 2, 3)[0] == 448
         chunk(7)
         assert cpu.get_chunk_classes() == 7 and cpu.chunk_for(256, 65536, 512) == 7
+        assert cpu.chunk_for(256, 65536, 512, subcenters=3) == 7  # a fixed chunk is in classes
         for bad in (-1, 1.5, True):
             with pytest.raises(ValueError, match="chunk_classes must be an int >= 0"):
                 cpu.set_chunk_classes(bad)
@@ -596,30 +604,33 @@ def test_broken_extension_says_rebuild():
 # ---------------------------------------------------------------------------------------------
 # memory: the workspace, never a B x C buffer (reliability case 22)
 # ---------------------------------------------------------------------------------------------
-def test_peak_memory_is_the_workspace(chunk):
-    """Forward + backward allocate the gradients plus the documented workspace: per thread a B x chunk
-    buffer, chunk-length vectors and (backward) a (B, D) dX accumulator, plus x_hat. With B x C four
-    times larger than that, any B x C buffer would show."""
-    B, D, C = 64, 32, 20000
+@pytest.mark.parametrize("K", [1, 3])
+def test_peak_memory_is_the_workspace(chunk, K):
+    """Forward + backward allocate the gradients plus the documented workspace: per thread a
+    B x chunk x K buffer, chunk-length vectors and (backward) a (B, D) dX accumulator, plus x_hat and
+    B-vectors (lse, aux, the per-row statistics). With B x C four times larger than that, any B x C
+    buffer would show. K = 3 sub-centers: a chunk of 256 classes is 768 rows of W."""
+    B, D, C = 64, 32, 20000 // K
     chunk(256)
     g = torch.Generator().manual_seed(36)
     x = torch.randn(B, D, generator=g).requires_grad_()
-    w = torch.randn(C, D, generator=g).requires_grad_()
+    w = torch.randn(C * K, D, generator=g).requires_grad_()
     t = torch.randint(0, C, (B,), generator=g)
 
     def step():
-        L.l2_softmax_loss(x, w, t, backend="cpu", normalize_weight=True).backward()
+        L.l2_softmax_loss(x, w, t, backend="cpu", normalize_weight=True, subcenters=K, margin_type="arcface",
+                          margin=0.5).backward()
 
     step()
     x.grad = w.grad = None
     peak = cpu_peak_bytes(step)
     grads = (x.numel() + w.numel()) * 4
     threads = torch.get_num_threads()
-    # per thread and class of a chunk: inverse norm, norm, bias (4 bytes each), the db and d alpha
-    # sums (8 bytes each): 7 x 4 bytes
-    bound = threads * (B * 256 + 7 * 256 + B * D) * 4 + 4 * B * D * 4 + 64 * B * 8 + (1 << 16)
+    # per thread and row of W in a chunk: inverse norm, norm (4 bytes each); per class: bias (4), the
+    # db and d alpha sums (8 bytes each): 4 x (2 K + 5) bytes
+    bound = threads * (B * 256 * K + (2 * K + 5) * 256 + B * D) * 4 + 4 * B * D * 4 + 64 * B * 8 + (1 << 16)
     assert peak - grads <= bound, (peak - grads, bound)
-    assert bound < B * C * 4 / 4
+    assert bound < B * C * K * 4 / 4
 
 
 # ---------------------------------------------------------------------------------------------
