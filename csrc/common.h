@@ -1,20 +1,22 @@
 // Shared helpers of the C++ CPU kernels (loss.h has the overview): the float32 exp, the target-column
-// margin, row normalization and its backward, and the checks and set-up that the forward and the
-// backward share.
+// margin (the per-row margin table rounded to the compute dtype), the sub-center maximum, row
+// normalization and its backward, and the checks and set-up that the forward and the backward share.
 //
 // Numerics: everything is computed in the compute dtype T (float64 if any of x, W, b is float64,
 // else float32; fp16 / bf16 inputs are converted a chunk at a time). Accumulated in double: the
-// norms, the per-row sums of exponentials (and of logits, for label smoothing), and the sums over the
-// B rows of the bias gradient and of the alpha gradient's per-class terms (and their sum over the
-// classes). The BLAS products (logits, dX, dW) accumulate in T, as plain torch's do. Every output
-// element is computed in a fixed order that depends only on the chunk size and the number of threads:
-// results are bitwise reproducible.
+// norms, the per-row sums of exponentials (the non-target columns apart from the target's logit, so
+// that a confident row's loss and 1 - p_y keep their relative precision; loss_forward.cpp), the sums
+// of logits (label smoothing), and the sums over the B rows of the bias gradient and of the alpha
+// gradient's per-class terms (and their sum over the classes). The BLAS products (logits, dX, dW)
+// accumulate in T, as plain torch's do. Every output element is computed in a fixed order that
+// depends only on the chunk size and the number of threads: results are bitwise reproducible.
 //
 // Everything here is inline (or a template) in namespace l2sm_cpu: one definition shared by every
 // translation unit. The multiversioned hot loops (L2SM_CLONES) are defined in the .cpp files only.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -24,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 // Hot loops are compiled for AVX-512 and AVX2 as well as the baseline and picked at load time
 // (GCC function multiversioning); the loops are written so that GCC vectorizes them. Only on
@@ -96,54 +99,128 @@ L2SM_INLINE double vexp<double>(double x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// the target-column margin f(c) and f'(c) (backends/eager.py: margin_value_and_slope)
+// the target-column margin f(c) and f'(c) (backends/eager.py: margin_value_and_slope), from the
+// per-row margin table of l2sm_kernels/margins.py
 // ---------------------------------------------------------------------------------------------
-enum MarginType { kNone = 0, kCosface = 1, kArcface = 2 };
+enum MarginKind { kNone = 0, kAdditive = 1, kAngular = 2 };
 
-struct Margin {
-  int type = kNone;
-  double m = 0.0, cos_m = 1.0, sin_m = 0.0, threshold = -1.0;
+// The table's columns (margins.MARGIN_COLUMNS): cos m2, sin m2, threshold, m2 sin m2 + m3, m3.
+constexpr int64_t kMarginColumns = 5;
 
-  Margin(const std::string& name, double margin) : m(margin) {
+// The margin of one call in the compute dtype T: the (R, 5) float64 table read once on the host and
+// each value rounded to T once (as eager's table.to(dtype)), so that the switch c > th compares two
+// values of T exactly as eager and the reference expect (tests/test_margins.py: one ulp either side
+// of the switch point). R = 1: every row uses row 0; R = B: row i uses row i.
+template <typename T>
+struct Margins {
+  int kind = kNone;
+  bool detached = false;
+  int64_t rows = 0;
+  std::vector<T> cos_m, sin_m, th, offset, m3;  // (R) each
+
+  Margins(c10::string_view kind_name, bool detached_, const c10::optional<at::Tensor>& table, int64_t B)
+      : detached(detached_) {
+    const std::string name(kind_name);
     if (name == "none") {
-      type = kNone;
-    } else if (name == "cosface") {
-      type = kCosface;
-    } else if (name == "arcface") {
-      type = kArcface;
+      kind = kNone;
+    } else if (name == "additive") {
+      kind = kAdditive;
+    } else if (name == "angular") {
+      kind = kAngular;
     } else {
-      TORCH_CHECK(false, "l2sm::cpu: margin_type must be 'none', 'cosface' or 'arcface', got '", name, "'");
+      TORCH_CHECK(false, "l2sm::cpu: margin_kind must be 'none', 'additive' or 'angular', got '", name, "'");
     }
-    cos_m = std::cos(margin);
-    sin_m = std::sin(margin);
-    threshold = std::cos(3.14159265358979323846 - margin);
+    if (kind == kNone) return;  // a table, if any, has no effect (as in eager)
+    TORCH_CHECK(table.has_value(), "l2sm::cpu: margin_kind '", name,
+                "' needs the margins table (l2sm_kernels.margins.margin_table), got None");
+    const at::Tensor& t = *table;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.dim() == 2 &&
+                    t.size(1) == kMarginColumns && (t.size(0) == 1 || t.size(0) == B),
+                "l2sm::cpu: margins must be a float64 CPU tensor of shape (1, 5) or (", B,
+                ", 5) (l2sm_kernels.margins.margin_table), got ", t.scalar_type(), " of shape ", t.sizes(),
+                " on ", t.device());
+    rows = t.size(0);
+    const at::Tensor tc = t.contiguous();
+    const double* p = tc.data_ptr<double>();
+    for (std::vector<T>* v : {&cos_m, &sin_m, &th, &offset, &m3}) v->resize(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* q = p + r * kMarginColumns;
+      cos_m[r] = T(q[0]);
+      sin_m[r] = T(q[1]);
+      th[r] = T(q[2]);
+      offset[r] = T(q[3]);
+      m3[r] = T(q[4]);
+    }
   }
 
-  template <typename T>
-  L2SM_INLINE void apply(T c, T& f, T& slope) const {
-    if (type == kNone) {
+  // f(c) and f'(c) of row i's target cosine c; each step rounds in T in eager's order (no FMA:
+  // setup.py's -ffp-contract=off).
+  L2SM_INLINE void apply(int64_t i, T c, T& f, T& slope) const {
+    slope = T(1);
+    if (kind == kNone) {
       f = c;
-      slope = T(1);
-    } else if (type == kCosface) {
-      f = c - T(m);
-      slope = T(1);
-    } else {
-      // arcface: cos(theta + m) = c~ cos m - sin(theta) sin m, sin(theta) = sqrt(1 - c~^2);
-      // d/dc = cos m + c~ sin m / sin(theta), both at the clamped c~ (docs/design.md, "The operation"
-      // and "The backward"). Beyond theta = pi - m the monotonic fallback c - m sin m (slope 1).
+      return;
+    }
+    const int64_t r = rows == 1 ? 0 : i;
+    if (kind == kAdditive) {
+      f = c - m3[r];  // c - m3 (cosface)
+      return;
+    }
+    // angular: cos(theta + m2) - m3 = c~ cos m2 - sin(theta) sin m2 - m3, sin(theta) = sqrt(1 - c~^2);
+    // d/dc = cos m2 + c~ sin m2 / sin(theta), both at the clamped c~ (the clamp keeps sin(theta) > 0
+    // at c = +-1). Where c <= th (arccos(c) + m2 >= pi; th = +inf where m2 = 0, -inf where m2 < 0)
+    // the monotonic fallback c - (m2 sin m2 + m3), slope 1 (docs/design.md, "The margins").
+    if (c > th[r]) {
       const T lo = T(-1 + kArcfaceClamp), hi = T(1 - kArcfaceClamp);
-      T cc = c < lo ? lo : (c > hi ? hi : c);
-      T sin_t = std::sqrt(T(1) - cc * cc);
-      if (c > T(threshold)) {
-        f = cc * T(cos_m) - sin_t * T(sin_m);
-        slope = T(cos_m) + cc * T(sin_m) / sin_t;
-      } else {
-        f = c - T(m * sin_m);
-        slope = T(1);
-      }
+      const T cc = c < lo ? lo : (c > hi ? hi : c);
+      const T sin_t = std::sqrt(T(1) - cc * cc);
+      f = cc * cos_m[r] - sin_t * sin_m[r] - m3[r];
+      if (!detached) slope = cos_m[r] + cc * sin_m[r] / sin_t;
+    } else {
+      f = c - offset[r];
     }
   }
 };
+
+// The label smoothing s: None (0) or a 0-d floating CPU tensor, read on the host (a CPU scalar: no
+// device synchronization). Used in double.
+inline double smoothing_value(const c10::optional<at::Tensor>& s) {
+  if (!s.has_value()) return 0.0;
+  TORCH_CHECK(s->dim() == 0 && at::isFloatingType(s->scalar_type()) && s->device().is_cpu(),
+              "l2sm::cpu: label_smoothing must be None or a 0-d floating CPU tensor, got ", s->scalar_type(),
+              " of shape ", s->sizes(), " on ", s->device());
+  return s->to(at::kDouble).item<double>();
+}
+
+// The class cosine of K sub-centers: max_k cos[k] inv[k] (cos: the unscaled products x_hat . W_k,
+// inv: 1 / max(|W_k|, eps)), ties to the lowest k, NaN wins (as torch.max: the first NaN).
+// *win: the winning k. Branch-free selects (the comparisons of random cosines would mispredict
+// half the time); the NaN case takes a second, rare pass.
+template <typename T>
+L2SM_INLINE T class_max(const T* cos, const T* inv, int64_t K, int64_t* win) {
+  T best = cos[0] * inv[0];
+  int64_t w = 0;
+  bool nan = best != best;
+  for (int64_t k = 1; k < K; ++k) {
+    const T v = cos[k] * inv[k];
+    const bool gt = v > best;  // strict: a tie keeps the lower k
+    best = gt ? v : best;
+    w = gt ? k : w;
+    nan |= v != v;
+  }
+  if (nan) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T v = cos[k] * inv[k];
+      if (v != v) {
+        best = v;
+        w = k;
+        break;
+      }
+    }
+  }
+  *win = w;
+  return best;
+}
 
 // ---------------------------------------------------------------------------------------------
 // row and column normalization helpers
@@ -196,11 +273,16 @@ inline at::ScalarType compute_type(const at::Tensor& x, const at::Tensor& w, con
   return f64 ? at::kDouble : at::kFloat;
 }
 
-inline void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target, const at::Tensor& alpha,
-                         const c10::optional<at::Tensor>& bias) {
+// Checks the tensors and K; -> C, the number of classes (weight has C K rows: rows [jK, jK + K) are
+// class j's sub-centers).
+inline int64_t check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                            const at::Tensor& alpha, const c10::optional<at::Tensor>& bias, int64_t K) {
   TORCH_CHECK(x.dim() == 2, "l2sm::cpu: x must be 2-D (B, D), got ", x.sizes());
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "l2sm::cpu: weight must be (C, ", x.size(1), "), got ",
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "l2sm::cpu: weight must be (C K, ", x.size(1), "), got ",
               w.sizes());
+  TORCH_CHECK(K >= 1, "l2sm::cpu: subcenters must be >= 1, got ", K);
+  TORCH_CHECK(w.size(0) % K == 0, "l2sm::cpu: weight has ", w.size(0), " rows, not a multiple of subcenters = ", K);
+  const int64_t C = w.size(0) / K;
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "l2sm::cpu: target must be (", x.size(0),
               ",), got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "l2sm::cpu: target must be int64, got ", target.scalar_type());
@@ -216,11 +298,12 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Ten
     TORCH_CHECK(t->device().is_cpu(), "l2sm::cpu: all tensors must be CPU tensors, got one on ", t->device());
   }
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "l2sm::cpu: bias must be (", w.size(0),
-                ",), got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "l2sm::cpu: bias must be (", C, ",) (one per class), got ",
+                bias->sizes());
     TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->device().is_cpu(),
                 "l2sm::cpu: bias must be a floating CPU tensor");
   }
+  return C;
 }
 
 // The row's target class where it has a valid one (not ignore_index, inside [0, C)), else -1;
@@ -244,6 +327,62 @@ inline at::Tensor target_columns(const at::Tensor& target, int64_t C, int64_t ig
     cp[i] = (v && in_range) ? tp[i] : -1;
   }
   return tcol;
+}
+
+// The target class's cosine of each row with a valid target, computed in double from x and W as
+// stored (any dtype and strides): c = (x . W_r / max(|x|, eps)) / max(|W_r|, eps) (W's norm only with
+// normalize_weight), the max over the class's K sub-centers (ties to the lowest, NaN wins, as
+// class_max), rounded to T once; *win: the winning sub-center (0 where the row has no target).
+// The chunk's BLAS value of the same cosine carries the rounding of x_hat, of the dot product in T
+// and of 1/|W_r|: a few ulps, which the angular margin amplifies in the target's gradient (f' has
+// slope ~ sin m2 / sin^3(theta): ~1e4 near c = -1 with m2 < 0, tests/test_margins.py's fallback
+// region). Here the target's c is within half an ulp of the exact one, which the forward and the
+// backward both use (the other columns keep the BLAS values). O(B K D) work in all.
+template <typename T>
+void target_cosines(const at::Tensor& x, const at::Tensor& w, const int64_t* tcol, int64_t K, bool normalize_weight,
+                    double eps, T* c_t, int64_t* win) {
+  const int64_t B = x.size(0), D = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2sm_cpu_target_x", [&] {
+    using SX = scalar_t;
+    const SX* xp = x.data_ptr<SX>();
+    const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "l2sm_cpu_target_w", [&] {
+      using SW = scalar_t;
+      const SW* wp = w.data_ptr<SW>();
+      const int64_t ws0 = w.stride(0), ws1 = w.stride(1);
+      at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          c_t[i] = T(0);
+          win[i] = 0;
+          if (tcol[i] < 0) continue;
+          const SX* xr = xp + i * xs0;
+          double xx = 0.0;
+          for (int64_t k = 0; k < D; ++k) {
+            const double a = static_cast<double>(xr[k * xs1]);
+            xx += a * a;
+          }
+          const double xn = std::max(std::sqrt(xx), eps);
+          double best = 0.0;
+          for (int64_t s = 0; s < K; ++s) {
+            const SW* wr = wp + (tcol[i] * K + s) * ws0;
+            double dot = 0.0, ww = 0.0;
+            for (int64_t k = 0; k < D; ++k) {
+              const double a = static_cast<double>(xr[k * xs1]), b = static_cast<double>(wr[k * ws1]);
+              dot += a * b;
+              ww += b * b;
+            }
+            double c = dot / xn;
+            if (normalize_weight) c /= std::max(std::sqrt(ww), eps);
+            if (s == 0 || (!(c <= best) && best == best)) {
+              best = c;
+              win[i] = s;
+            }
+          }
+          c_t[i] = T(best);
+        }
+      });
+    });
+  });
 }
 
 // x_hat (B x D, contiguous, T) and |x| (B) of the features.

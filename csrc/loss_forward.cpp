@@ -1,10 +1,28 @@
 // The forward of backend "cpu" (loss.h has the overview; chunking.h the chunks and threads).
 //
-// Per chunk: the BLAS product gives the chunk's cosines, then the epilogue (forward_rows) turns them
-// into logits z = alpha f(c) + b in place and folds them into per-row statistics of the worker: an
-// online logsumexp (running max, rescaled sum of exponentials in double), the sum of the logits
-// (label smoothing) and z at the target. After the walk the workers' statistics are combined in
-// worker order into lse and the loss. aux is empty: the backward recomputes the logits from lse.
+// Per chunk: the BLAS product gives the chunk's products x_hat . W_r (B x cc K), then the epilogue
+// (forward_rows) turns each row's segment into the cc class logits z = alpha g + b in place (g: the
+// class cosine, the maximum over its K sub-centers; on the target column f(c) of the target's cosine
+// computed in double beforehand, common.h: target_cosines) and folds them into
+// per-row statistics of the worker: an online logsumexp of the NON-target logits (running max of
+// all logits, rescaled sum of the non-target exponentials in double), the sum of the logits (label
+// smoothing) and z at the target. After the walk the workers' statistics are combined in worker
+// order into lse, the loss and aux.
+//
+// Confident rows. The target's logit is kept apart from the sum of the others, so that
+// lse_nt = logsumexp_{j != y} z_j and z_y meet only in (all in double, d = lse_nt - z_y,
+// v = exp(-|d|) in [0, 1]):
+//     lse     = max(lse_nt, z_y) + log1p(v)
+//     loss_t  = lse - z_y = log1p(v)  (d <= 0: the target leads)   or   d + log1p(v)  (d > 0)
+//     q       = 1 - p_y   = v / (1 + v)                                 or   1 / (1 + v)
+// No two large numbers cancel: for a row with 1 - p_y = 1e-13 the loss (about q) keeps the relative
+// precision of the non-target exponentials (an fp32 exp each, <= 1 ulp) instead of being the
+// difference of two rounded logsumexps (0 in fp32; a relative error of 1e-2 in fp64). Rows without a
+// target sum every column; non-finite logits take the plain lse - z_y (NaN / inf as F.cross_entropy).
+//
+// aux (B,) in the compute dtype: q_i = 1 - p_iy of each row with a target (0 elsewhere). The backward
+// forms the target column's dz from it (dz_y = grad_lse p_y - grad_loss q + ...) instead of p_y - 1,
+// which cancels: the backward's own p_y = exp(z_y - lse) sees lse rounded to T.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -27,51 +45,67 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct FwdArgs {
-  T* L;              // (B x cc) chunk of cosines x_hat . W_j (unscaled by 1/|W_j|); overwritten with z
-  int64_t cc, c0;    // chunk width, first class of the chunk
-  const T* inv_wn;   // (cc) 1 / max(|W_j|, eps), or all ones without normalize_weight
-  const T* bias;     // (cc) bias of the chunk, or zeros
+  T* L;              // (B x cc K) products x_hat . W_r (unscaled by 1/|W_r|); row i's first cc values
+                     // are overwritten with its class logits z
+  int64_t cc, c0, K;  // chunk width in classes, first class of the chunk, sub-centers per class
+  const T* inv_wn;   // (cc K) 1 / max(|W_r|, eps), or all ones without normalize_weight
+  const T* bias;     // (cc) bias of the chunk's classes, or zeros
   T alpha;
   const int64_t* tcol;  // (B) the row's target class, or -1 where the row has no valid target
-  const Margin* margin;
+  const T* c_t;         // (B) the target class's cosine (common.h: target_cosines)
+  const Margins<T>* margins;
   bool smoothing;
-  T* row_max;          // (B) running max of z
-  double* row_sum;     // (B) sum_j exp(z_ij - shift(row_max)), shift(m) = m if finite else 0
+  T* row_max;          // (B) running max of z over all columns (the target's included)
+  double* row_sum;     // (B) sum_{j != y} exp(z_ij - shift(row_max)), shift(m) = m if finite else 0
   double* row_zsum;    // (B) sum_j z_ij (label smoothing)
   T* row_zt;           // (B) z at the target column
 };
 
+// sum_{j in [ja, jb)} exp(z_j - sh), each exponential in T, summed in double
+template <typename T>
+L2SM_INLINE double sum_exp(const T* z, int64_t ja, int64_t jb, T sh) {
+  double sc = 0.0;
+#pragma omp simd reduction(+ : sc)
+  for (int64_t j = ja; j < jb; ++j) sc += double(vexp<T>(z[j] - sh));
+  return sc;
+}
+
 template <typename T>
 L2SM_INLINE void forward_rows_impl(const FwdArgs<T>& a, int64_t r0, int64_t r1) {
-  const int64_t cc = a.cc;
+  const int64_t cc = a.cc, K = a.K;
   const T* inv = a.inv_wn;
   const T* b = a.bias;
   const T al = a.alpha;
   for (int64_t i = r0; i < r1; ++i) {
-    T* z = a.L + i * cc;
+    T* z = a.L + i * cc * K;  // int64: B cc K may exceed 2^31
     const int64_t t = a.tcol[i] - a.c0;
     const bool has_t = a.tcol[i] >= 0 && t >= 0 && t < cc;
-    const T c_t = has_t ? z[t] * inv[t] : T(0);
-    for (int64_t j = 0; j < cc; ++j) z[j] = al * (z[j] * inv[j]) + b[j];
+    if (K == 1) {
+      for (int64_t j = 0; j < cc; ++j) z[j] = al * (z[j] * inv[j]) + b[j];
+    } else {
+      // class j's cosine is the max of its K products z[jK .. jK + K) (each times its own inverse
+      // norm); z[j] is written after those are read, and j <= jK: compaction in place.
+      int64_t win;
+      for (int64_t j = 0; j < cc; ++j) z[j] = al * class_max(z + j * K, inv + j * K, K, &win) + b[j];
+    }
     if (has_t) {
       T f, slope;
-      a.margin->apply(c_t, f, slope);
+      a.margins->apply(i, a.c_t[i], f, slope);  // row i's margins, its target's precise cosine
       z[t] = al * f + b[t];
       a.row_zt[i] = z[t];
     }
     T mc = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : mc)
     for (int64_t j = 0; j < cc; ++j) mc = z[j] > mc ? z[j] : mc;
-    // online logsumexp. The shift is the running max unless that is +-inf (then 0, as
-    // torch.logsumexp does): an all -inf row gives lse = -inf, a +inf logit gives +inf, and NaN
-    // logits reach the sum (exp(NaN) = NaN) whatever the max reduction made of them.
+    // online logsumexp of the non-target columns, shifted by the running max of all columns. The
+    // shift is that max unless it is +-inf (then 0, as torch.logsumexp does): an all -inf row gives
+    // lse = -inf, a +inf logit gives +inf, and NaN logits reach the sum (exp(NaN) = NaN) whatever the
+    // max reduction made of them.
     const T m_old = a.row_max[i];
     const T m_new = mc > m_old ? mc : m_old;
     const T sh_old = std::isfinite(m_old) ? m_old : T(0);
     const T sh_new = std::isfinite(m_new) ? m_new : T(0);
-    double sc = 0.0;
-#pragma omp simd reduction(+ : sc)
-    for (int64_t j = 0; j < cc; ++j) sc += double(vexp<T>(z[j] - sh_new));
+    const double sc = has_t ? sum_exp(z, 0, t, sh_new) + sum_exp(z, t + 1, cc, sh_new) : sum_exp(z, 0, cc, sh_new);
     double s = a.row_sum[i];
     if (s != 0.0) s *= std::exp(double(sh_old) - double(sh_new));
     a.row_sum[i] = s + sc;
@@ -93,53 +127,84 @@ inline void forward_rows(const FwdArgs<float>& a, int64_t r0, int64_t r1) { forw
 inline void forward_rows(const FwdArgs<double>& a, int64_t r0, int64_t r1) { forward_rows_f64(a, r0, r1); }
 
 // ---------------------------------------------------------------------------------------------
+// one row's lse, target loss and q from its combined statistics (in double; see the file comment)
+// ---------------------------------------------------------------------------------------------
+struct RowResult {
+  double lse, loss_t, q;
+};
+
+// sh: the shift (the row's max logit, 0 where that is infinite); sum_nt: sum_{j != y} exp(z_j - sh);
+// zt: the target's logit.
+inline RowResult target_row(double sh, double sum_nt, double zt) {
+  const double inf = std::numeric_limits<double>::infinity();
+  if (std::isfinite(zt) && sum_nt < inf) {  // sum_nt >= 0 and finite (not NaN): no +inf / NaN logit
+    const double lse_nt = sum_nt > 0.0 ? sh + std::log(sum_nt) : -inf;  // -inf: no other column
+    const double d = lse_nt - zt;
+    const double v = std::exp(-std::fabs(d));  // in [0, 1]; 0 where d = -inf
+    const double l1 = std::log1p(v);
+    const bool leads = d <= 0.0;
+    return {std::max(lse_nt, zt) + l1, leads ? l1 : d + l1, leads ? v / (1.0 + v) : 1.0 / (1.0 + v)};
+  }
+  // a non-finite logit: the plain formulas, which give F.cross_entropy's inf / NaN
+  const double lse = sh + std::log(sum_nt + std::exp(zt - sh));
+  return {lse, lse - zt, 1.0 - std::exp(zt - lse)};
+}
+
+// ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                                            const at::Tensor& target, const at::Tensor& alpha,
                                                            const c10::optional<at::Tensor>& bias,
-                                                           bool normalize_weight, const Margin& margin,
-                                                           int64_t ignore_index, double s, double eps) {
+                                                           const c10::optional<at::Tensor>& margin_table,
+                                                           double s, bool normalize_weight, c10::string_view kind,
+                                                           bool detached, int64_t K, int64_t C,
+                                                           int64_t ignore_index, double eps) {
   constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
-  const int64_t B = x.size(0), C = weight.size(0), D = x.size(1);
+  const int64_t B = x.size(0), D = x.size(1);
   const auto opt = x.options().dtype(ct);
-  at::Tensor loss = at::empty({B}, opt), lse = at::empty({B}, opt), aux = at::empty({0}, opt);
+  const Margins<T> margins(kind, detached, margin_table, B);
+  at::Tensor loss = at::empty({B}, opt), lse = at::empty({B}, opt), aux = at::empty({B}, opt);
   if (B == 0) return {loss, lse, aux};
 
   at::Tensor valid, bad;
   at::Tensor tcol = target_columns(target, C, ignore_index, &valid, &bad);
   at::Tensor x_hat, x_norm;
   normalized_features<T>(x, eps, &x_hat, &x_norm);
+  std::vector<T> c_t(B);
+  std::vector<int64_t> win(B);
+  target_cosines<T>(x, weight, tcol.data_ptr<int64_t>(), K, normalize_weight, eps, c_t.data(), win.data());
   const T al = T(alpha_value(alpha));
-  const Split split(B, C, D, sizeof(T));
+  const Split split(B, C, D, sizeof(T), K);
   const int64_t nw = split.workers;
 
-  // per worker and row: running max, rescaled sum of exponentials, sum of logits; z at the target
-  // (each row's target lies in one worker's range: written once)
+  // per worker and row: running max, rescaled sum of the non-target exponentials, sum of logits; z at
+  // the target (each row's target lies in one worker's range: written once)
   std::vector<T> row_max(nw * B, -std::numeric_limits<T>::infinity()), row_zt(B, T(0));
   std::vector<double> row_sum(nw * B, 0.0), row_zsum(nw * B, 0.0);
 
   split.run([&](int64_t w) {
-    ChunkBuffers<T> buf(weight, B, D, split.max_chunk(w, C), opt);
+    ChunkBuffers<T> buf(weight, B, D, split.max_chunk(w, C), K, opt);
     const auto range = split.classes(w, C);
     for (int64_t c0 = range.first; c0 < range.second; c0 += split.chunk) {
       const int64_t cc = std::min(split.chunk, range.second - c0);
       at::Tensor Lv;
       buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv);
-      FwdArgs<T> a{Lv.data_ptr<T>(), cc, c0, buf.inv_wn.template data_ptr<T>(), buf.bbuf.template data_ptr<T>(), al,
-                   tcol.data_ptr<int64_t>(), &margin, s > 0, row_max.data() + w * B, row_sum.data() + w * B,
-                   row_zsum.data() + w * B, row_zt.data()};
+      FwdArgs<T> a{Lv.data_ptr<T>(), cc, c0, K, buf.inv_wn.template data_ptr<T>(), buf.bbuf.template data_ptr<T>(),
+                   al, tcol.data_ptr<int64_t>(), c_t.data(), &margins, s != 0.0, row_max.data() + w * B,
+                   row_sum.data() + w * B, row_zsum.data() + w * B, row_zt.data()};
       at::parallel_for(0, B, 8, [&](int64_t r0, int64_t r1) { forward_rows(a, r0, r1); });
     }
   });
 
-  // lse_i = shift + log(sum_w s_w exp(shift_w - shift)), shift = max over workers (0 when infinite);
-  // loss_i = (1 - s)(lse_i - z_iy) + s (lse_i - mean_j z_ij); 0 on ignored rows, NaN on rows whose
-  // target is out of range.
+  // per row, in double: the shift = max over workers (0 when infinite), the workers' sums rescaled to
+  // it, then lse, the target term and q (target_row); loss_i = (1 - s) loss_t + s (lse_i - mean_j z_ij);
+  // 0 on ignored rows, NaN on rows whose target is out of range.
   T* lp = loss.data_ptr<T>();
   T* sp = lse.data_ptr<T>();
-  const bool* vp = valid.data_ptr<bool>();
+  T* qp = aux.data_ptr<T>();
+  const int64_t* tp = tcol.data_ptr<int64_t>();
   const bool* bdp = bad.data_ptr<bool>();
   for (int64_t i = 0; i < B; ++i) {
     T m = -std::numeric_limits<T>::infinity();
@@ -152,10 +217,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
       if (sw != 0.0) sum += sw * std::exp((std::isfinite(mw) ? double(mw) : 0.0) - sh);
       zsum += row_zsum[w * B + i];
     }
-    sp[i] = T(sh + std::log(sum));
-    double li = (1.0 - s) * (double(sp[i]) - double(row_zt[i]));
-    if (s > 0) li += s * (double(sp[i]) - zsum / double(C));
-    lp[i] = bdp[i] ? std::numeric_limits<T>::quiet_NaN() : (vp[i] ? T(li) : T(0));
+    if (tp[i] >= 0) {
+      const RowResult r = target_row(sh, sum, double(row_zt[i]));
+      double li = (1.0 - s) * r.loss_t;
+      if (s != 0.0) li += s * (r.lse - zsum / double(C));
+      sp[i] = T(r.lse);
+      lp[i] = T(li);
+      qp[i] = T(r.q);
+    } else {  // no valid target: every column is in the sum
+      sp[i] = T(sh + std::log(sum));
+      lp[i] = bdp[i] ? std::numeric_limits<T>::quiet_NaN() : T(0);  // ignored: 0
+      qp[i] = T(0);
+    }
   }
   return {loss, lse, aux};
 }
@@ -164,19 +237,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const at::Tensor& alpha,
-    const c10::optional<at::Tensor>& bias, bool normalize_weight, c10::string_view margin_type, double margin,
-    int64_t ignore_index, double label_smoothing, double eps, bool need_x, bool need_weight, bool need_bias,
-    bool need_alpha) {
-  // need_* are hints for aux; this backend's aux is empty (the backward recomputes from lse)
-  check_inputs(x, weight, target, alpha, bias);
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& margins,
+    const c10::optional<at::Tensor>& label_smoothing, bool normalize_weight, c10::string_view margin_kind,
+    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps, bool need_x, bool need_weight,
+    bool need_bias, bool need_alpha) {
+  // need_* are hints for aux; this backend's aux (q per row) does not depend on them
+  const int64_t C = check_inputs(x, weight, target, alpha, bias, subcenters);
   const KernelGuard guard;
-  const Margin mg(std::string(margin_type), margin);
+  const double s = smoothing_value(label_smoothing);
   if (compute_type(x, weight, bias) == at::kDouble) {
-    return forward_impl<double>(x, weight, target, alpha, bias, normalize_weight, mg, ignore_index,
-                                label_smoothing, eps);
+    return forward_impl<double>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
+                                margin_detached, subcenters, C, ignore_index, eps);
   }
-  return forward_impl<float>(x, weight, target, alpha, bias, normalize_weight, mg, ignore_index, label_smoothing,
-                             eps);
+  return forward_impl<float>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
+                             margin_detached, subcenters, C, ignore_index, eps);
 }
 
 }  // namespace l2sm_cpu

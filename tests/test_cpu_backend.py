@@ -2,10 +2,12 @@
 (test_l2_softmax.py) runs it against the float64 reference like every backend.
 
 Here: the C++ schemas are the op boundary's; results do not depend on the chunk size (a tiny chunk,
-a chunk that does not divide C, several threads' shares) beyond rounding and are bitwise
-reproducible; the workspace stays within its documented bound (no B x C buffer); the thread-local
-state (autograd, autocast) reaches the worker threads; the package works, and says why, without the
-extension. "Reliability case N" refers to the numbered cases of docs/reliability.md."""
+a chunk that does not divide C, several threads' shares; with sub-centers too) beyond rounding and
+are bitwise reproducible; confident rows (1 - p_y down to 1e-13) keep their loss and target gradient
+to a small relative error; the workspace stays within its documented bound (no B x C buffer); the
+thread-local state (autograd, autocast) reaches the worker threads; a bad environment knob never
+breaks the import; the package works, and says why, without the extension. "Reliability case N"
+refers to the numbered cases of docs/reliability.md."""
 import math
 import os
 import subprocess
@@ -66,26 +68,48 @@ def test_auto_picks_cpu_for_cpu_tensors(dtypes):
 
 def test_op_rejects_bad_arguments_clearly():
     """Called below the public API, the op still names what is wrong instead of reading out of bounds."""
-    fwd = torch.ops.l2sm.cpu_forward.default
+    fwd, bwd = torch.ops.l2sm.cpu_forward.default, torch.ops.l2sm.cpu_backward.default
     x, w, t, a = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), torch.tensor(2.0)
-    opts = L2SMOptions().op_args() + (False, False, False, False)  # no gradient hints
+    needs = (False, False, False, False)  # no gradient hints
+    tensors, args = (None, None), L2SMOptions().op_args()  # margins, smoothing; the options
+
+    def call(x=x, w=w, t=t, a=a, b=None, tensors=tensors, args=args):
+        return fwd(x, w, t, a, b, *tensors, *args, *needs)
+
     with pytest.raises(RuntimeError, match="weight must be"):
-        fwd(x, torch.randn(5, 3), t, a, None, *opts)
+        call(w=torch.randn(5, 3))
     with pytest.raises(RuntimeError, match="target must be int64"):
-        fwd(x, w, t.int(), a, None, *opts)
+        call(t=t.int())
     with pytest.raises(RuntimeError, match="bias must be"):
-        fwd(x, w, t, a, torch.randn(4), *opts)
-    with pytest.raises(RuntimeError, match="margin_type must be"):
-        fwd(x, w, t, a, None, False, "sphereface", *opts[2:])
+        call(b=torch.randn(4))
+    with pytest.raises(RuntimeError, match="margin_kind must be"):
+        call(args=(False, "sphereface") + args[2:])
     # alpha of one element but not 0-d: grad_alpha would not have alpha's shape (the fake kernel's)
     with pytest.raises(RuntimeError, match=r"alpha must be a 0-d floating tensor, got shape \[1\]"):
-        fwd(x, w, t, a.reshape(1), None, *opts)
+        call(a=a.reshape(1))
     with pytest.raises(RuntimeError, match="alpha must be a 0-d floating tensor"):
-        fwd(x, w, t, torch.tensor(2), None, *opts)
-    loss, lse, aux = fwd(x, w, t, a, None, *opts)
+        call(a=torch.tensor(2))
+    # the margin table: present for a margin, float64 (1, 5) or (B, 5); sub-centers divide W's rows
+    angular = L2SMOptions(margin_type="arcface", margin=0.5)
+    table, _ = angular.op_tensors(3, "cpu")
+    with pytest.raises(RuntimeError, match="margin_kind 'angular' needs the margins table"):
+        call(args=angular.op_args())
+    for bad in (table.float(), table[:, :4], torch.cat([table] * 2)):
+        with pytest.raises(RuntimeError, match=r"margins must be a float64 CPU tensor of shape \(1, 5\) or \(3, 5\)"):
+            call(tensors=(bad, None), args=angular.op_args())
+    with pytest.raises(RuntimeError, match="label_smoothing must be None or a 0-d floating CPU tensor"):
+        call(tensors=(None, torch.tensor([0.1])))
+    with pytest.raises(RuntimeError, match="not a multiple of subcenters = 2"):
+        call(args=(False, "none", False, 2, -100, 1e-12))
+    with pytest.raises(RuntimeError, match=r"bias must be \(5,\) \(one per class\)"):
+        call(w=torch.randn(10, 4), b=torch.randn(10), args=(False, "none", False, 2, -100, 1e-12))
+    loss, lse, aux = call()
+    assert aux.shape == (3,) and aux.dtype == torch.float32  # q = 1 - p_y per row
     with pytest.raises(RuntimeError, match=r"alpha must be a 0-d floating tensor, got shape \[1\]"):
-        torch.ops.l2sm.cpu_backward.default(torch.ones(3), torch.zeros(3), x, w, t, a.reshape(1), None, lse, aux,
-                                            *opts[:6], True, True, False, True)
+        bwd(torch.ones(3), torch.zeros(3), x, w, t, a.reshape(1), None, *tensors, lse, aux, *args, True, True, False,
+            True)
+    with pytest.raises(RuntimeError, match=r"aux must be the \(B,\) tensor cpu_forward returned"):
+        bwd(torch.ones(3), torch.zeros(3), x, w, t, a, None, *tensors, lse, aux[:0], *args, True, True, False, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +158,41 @@ def test_chunk_size_independence(chunk, dtype, wdtype):
             assert max_err(g, base_g[k]) <= rel * base_g[k].abs().max() + 1e-30, (n, k)
 
 
+@pytest.mark.parametrize("n", [1, 7, 0])
+def test_subcenters_chunked_against_reference(chunk, n):
+    """K = 3 sub-centers with per-row margins: a chunk of 1 class (3 rows of W), 7 classes (not
+    dividing C = 61) and the default, against the float64 reference; and the chunks agree with each
+    other up to fp32 rounding."""
+    m2 = torch.rand(11, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.5
+    case = make_case(11, 24, 61, seed=36, subcenters=3, bias=True, alpha_grad=True, normalize_weight=True,
+                     margin_type="combined", margin=(1.0, m2, 0.15), label_smoothing=0.1, ignore_rows=1,
+                     reduction="none")
+    go = torch.randn(11, generator=torch.Generator().manual_seed(7))
+    chunk(n)
+    check_case(case, "cpu", go)
+    out, grads = run(case, "cpu", go)
+    base_out, base_g = _run_with_chunk(case, 0, chunk, go)
+    assert max_err(out, base_out) <= 2e-5 * base_out.abs().max()
+    for k in grads:
+        assert max_err(grads[k], base_g[k]) <= 2e-5 * base_g[k].abs().max(), k
+
+
+def test_subcenter_losers_get_exactly_zero(chunk):
+    """Only each class's winning sub-center (per row) receives gradient: the sub-centers that no row
+    picks (those with an exactly zero row in the float64 reference's dW, autograd through max) get an
+    exactly zero dW row, and the others do not, whatever the chunking."""
+    K, C, D = 4, 40, 16
+    case = make_case(6, D, C, seed=37, subcenters=K, normalize_weight=True, margin_type="arcface", margin=0.3)
+    for n in (1, 7, 0):
+        chunk(n)
+        _, grads = run(case, "cpu")
+        _, ref = run_reference(case, True)
+        dw, rdw = grads["weight"].view(C, K, D), ref["weight"].view(C, K, D)
+        zero_ref = rdw.abs().amax(dim=2) == 0
+        assert torch.equal(dw.abs().amax(dim=2) == 0, zero_ref), n
+        assert zero_ref.any()
+
+
 def test_bias_and_alpha_grads_at_large_batch():
     """db and d alpha sum B = 65536 rows per class (C = 16, mean reduction: grad_loss = 1/B): the
     per-class sums are accumulated in double, so their error stays at plain torch's (summed in fp32
@@ -166,11 +225,96 @@ def test_weight_rows_of_huge_norm():
         assert max_err(grads["weight"][j], ref["weight"][j]) <= ATOL_REL[torch.float32] * scale, j
 
 
-def test_bitwise_deterministic(chunk):
+# ---------------------------------------------------------------------------------------------
+# confident rows: the loss and the target's gradient to a small relative error (issue 15 item 2)
+# ---------------------------------------------------------------------------------------------
+CONFIDENT_Q = [1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13]
+# largest relative error against float64 of each row's loss and of its target's db, per dtype
+CONFIDENT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-13}  # seen: 3.0e-6, 8.1e-15
+
+
+def _confident_case(dtype, margin_type, margin, q_wanted):
+    """Row i: target class i, one competitor B + i; W = identity (D = C) and x_i = e_i + beta_i e_{B+i},
+    so that z_ii - z_i,B+i alone sets 1 - p_y (the other classes, at cosine 0, and the other rows'
+    logits on class i are ~exp(-58) below: 1e-12 of q at most). beta_i is solved in float64 by
+    bisection on the reference's 1 - p_y; the reference then sees the rounded inputs."""
+    B = len(q_wanted)
+    C = 2 * B + 2
+    alpha = 64.0
+    kw = dict(normalize_weight=True, margin_type=margin_type, margin=margin, reduction="none")
+    t = torch.arange(B)
+    W = torch.eye(C, dtype=torch.float64)
+    want = torch.tensor(q_wanted, dtype=torch.float64)
+
+    def xs(beta):
+        x = torch.zeros(B, C, dtype=torch.float64)
+        x[t, t] = 1.0
+        x[t, B + t] = beta
+        return x
+
+    lo, hi = torch.zeros(B, dtype=torch.float64), torch.full((B,), 0.95, dtype=torch.float64)
+    for _ in range(60):  # 1 - p_y grows with beta
+        mid = (lo + hi) / 2
+        q = -torch.expm1(-L.l2_softmax_loss_ref(xs(mid), W, t, alpha, **kw))
+        lo, hi = torch.where(q < want, mid, lo), torch.where(q < want, hi, mid)
+    return xs(lo).to(dtype), W.to(dtype), t, alpha, kw
+
+
+def _confident_exact(x, W, t, alpha, kw):
+    """Each row's loss and db of its target class in float64 without cancellation: from the float64
+    reference logits z (l2_softmax_logits_ref), loss_i = log1p(sum_{j != y} exp(z_ij - z_iy)) (the
+    target leads), q_i = -expm1(-loss_i), db_y = -q_i + sum_{i' != i} p_i'y. (F.cross_entropy in float64,
+    lse - z_y, is itself off by ~1e-16 absolute: 1e-3 relative at q = 1e-13.)"""
+    opts = {k: v for k, v in kw.items() if k != "reduction"}
+    z = L.reference.l2_softmax_logits_ref(x.double(), W.double(), t, alpha, **opts)
+    B = z.shape[0]
+    zt = z[torch.arange(B), t]
+    others = z.clone()
+    others[torch.arange(B), t] = -math.inf
+    loss = torch.log1p(torch.exp(others - zt[:, None]).sum(1))
+    q = -torch.expm1(-loss)
+    p = torch.softmax(z, dim=1)  # tiny probabilities keep their relative precision
+    p[torch.arange(B), t] = 0.0
+    return loss, -q + p[:, t].sum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("margin_type,margin", [("none", 0.0), ("combined", (1.0, 0.2, 0.1))], ids=["plain", "combined"])
+def test_confident_rows_loss_and_target_gradient(dtype, margin_type, margin):
+    """Rows with 1 - p_y from 1e-7 down to 1e-13: each row's loss (about 1 - p_y) and its target's
+    gradient, seen through db of the row's own target class (no other row puts more than 1e-12 of
+    that there: db_y = dz_yy = -(1 - p_y)), within CONFIDENT_RTOL relative of float64 computed without
+    cancellation (_confident_exact). fp32: the inputs' cosines carry ~1e-7 relative rounding, 64
+    times that in the logit differences, about 4e-6 in 1 - p_y. The forward keeps the target's logit
+    apart from the non-target sum (loss = log1p(...), never lse - z_y), the backward takes 1 - p_y
+    from the forward's aux (never p - 1). With lse - z_y in fp32 the loss was 0 below ~1e-7 (a
+    relative error of 1), in fp64 1e-3 off at 1e-13; with p - 1 the fp32 target gradient was 0."""
+    x, W, t, alpha, kw = _confident_case(dtype, margin_type, margin, CONFIDENT_Q)
+    b = torch.zeros(W.shape[0], dtype=dtype, requires_grad=True)
+    loss = L.l2_softmax_loss(x, W, t, alpha, b, backend="cpu", **kw)
+    (db,) = torch.autograd.grad(loss, [b], torch.ones_like(loss))
+    exact_loss, exact_db = _confident_exact(x, W, t, alpha, kw)
+    q = -torch.expm1(-exact_loss)
+    assert torch.allclose(q, torch.tensor(CONFIDENT_Q, dtype=torch.float64), rtol=0.01), q  # the rows' 1 - p_y
+    assert torch.allclose(exact_db, -q, rtol=1e-11)  # no other row's probability on the target class
+    # the exact values are F.cross_entropy's where that is accurate (1 - p_y = 1e-7: 1e-9 relative)
+    ref = L.l2_softmax_loss_ref(x.double(), W.double(), t, alpha, **kw)
+    assert abs(float(ref[0] / exact_loss[0]) - 1) < 1e-8
+    rel_loss = ((loss.detach().double() - exact_loss) / exact_loss).abs()
+    rel_db = ((db[t].double() - exact_db) / exact_db).abs()
+    tol = CONFIDENT_RTOL[dtype]
+    assert float(rel_loss.max()) <= tol, rel_loss
+    assert float(rel_db.max()) <= tol, rel_db
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_bitwise_deterministic(chunk, K):
     """Reliability case 21: the same inputs twice give bitwise-identical outputs, whatever the chunk size
-    (several threads' shares included)."""
-    case = make_case(16, 24, 301, seed=33, bias=True, alpha_grad=True, normalize_weight=True,
-                     margin_type="arcface", margin=0.4, label_smoothing=0.1, ignore_rows=2)
+    (several threads' shares included); with sub-centers and per-row margins too."""
+    margin = (1.0, torch.linspace(0.1, 0.5, 16, dtype=torch.float64), 0.1) if K > 1 else 0.4
+    case = make_case(16, 24, 301, seed=33, bias=True, alpha_grad=True, normalize_weight=True, subcenters=K,
+                     margin_type="combined" if K > 1 else "arcface", margin=margin, label_smoothing=0.1,
+                     ignore_rows=2)
     for n in (0, 7, 50):
         o1, g1 = _run_with_chunk(case, n, chunk, torch.tensor(2.0))
         o2, g2 = _run_with_chunk(case, n, chunk, torch.tensor(2.0))
@@ -255,8 +399,13 @@ def test_chunk_knobs(chunk):
         assert cpu.chunk_for(256, 100, 512) == 100
         assert cpu.chunk_for(100_000, 10**6, 512) == 64
         assert cpu.chunk_for(256, 65536, 512, torch.float64) == 640
+        # K sub-centers: the budget counts B x chunk x K values (chunk K rows of W), classes a multiple of 64
+        assert cpu.chunk_for(256, 65536, 512, subcenters=3) == (4 << 20) // (769 * 4) // 3 // 64 * 64 == 448
+        assert cpu.chunk_for(256, 65536, 512, subcenters=1000) == 64  # at least 64 classes
+        assert cpu._ext()._split(256, 65536, 512, 4, 2, 3)[0] == 448
         chunk(7)
         assert cpu.get_chunk_classes() == 7 and cpu.chunk_for(256, 65536, 512) == 7
+        assert cpu.chunk_for(256, 65536, 512, subcenters=3) == 7  # a fixed chunk is in classes
         for bad in (-1, 1.5, True):
             with pytest.raises(ValueError, match="chunk_classes must be an int >= 0"):
                 cpu.set_chunk_classes(bad)
@@ -303,9 +452,98 @@ def test_env_knobs():
                     L2SM_CPU_CHUNK="96", L2SM_CPU_WORKSPACE_MB="2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["96", str(2 << 20)]
-    r = _subprocess("import l2sm_kernels as L; print(L.available_backends()['cpu'].reason)", L2SM_CPU_CHUNK="lots")
+    assert "RuntimeWarning" not in r.stderr
+
+
+_KNOBS = """
+import warnings
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    import torch, l2sm_kernels as L
+import l2sm_kernels.backends.cpu as c
+print("AVAILABLE", L.available_backends()["cpu"].available)
+print("KNOBS", c.get_chunk_classes(), c.get_workspace_bytes())
+for name, note in sorted(c.knob_notes.items()):
+    print("NOTE", name, "|", note)
+for r in rec:
+    if issubclass(r.category, RuntimeWarning):
+        print("WARNING", r.message)
+x, w = torch.randn(4, 8), torch.randn(100, 8)
+t = torch.tensor([0, 1, 2, 3])
+print("LOSS", bool(torch.isfinite(L.l2_softmax_loss(x, w, t, backend="cpu"))))
+"""
+
+DEFAULT_WS = 4 << 20
+MAX_WS, MAX_CHUNK = 1 << 40, 1 << 40
+
+
+# Pairs of (L2SM_CPU_WORKSPACE_MB, L2SM_CPU_CHUNK) values (one process each; "" = unset), the workspace and chunk
+# the backend then has, and what the note of each bad one says.
+BAD_KNOBS = [
+    ("inf", "99999999999999999999", DEFAULT_WS, MAX_CHUNK,
+     "ignored (not a finite number of MiB)", f"above the maximum; clamped to {MAX_CHUNK} classes"),
+    ("1e20", "-5", MAX_WS, 0,
+     "above the maximum of 1048576 MiB (1 TiB); clamped to it", "ignored (negative (0 means: from the workspace budget))"),
+    ("nan", "1.5", DEFAULT_WS, 0, "ignored (not a finite number of MiB)", "ignored (not an integer number of classes)"),
+    ("-3", "lots", DEFAULT_WS, 0, "ignored (not positive)", "ignored (not an integer number of classes)"),
+    ("1e-9", "", DEFAULT_WS, 0, "ignored (less than one byte)", None),
+    ("four", "96", DEFAULT_WS, 96, "ignored (not a number of MiB)", None),
+]
+
+
+@pytest.mark.parametrize("ws,chunk_value,workspace,chunk_classes,ws_why,chunk_why", BAD_KNOBS,
+                         ids=[f"{w}|{c}" for w, c, *_ in BAD_KNOBS])
+def test_bad_env_knob_never_breaks_the_import(ws, chunk_value, workspace, chunk_classes, ws_why, chunk_why):
+    """Issue 11 item 9: a bad tuning variable leaves `import l2sm_kernels` working and the cpu backend
+    available, with that knob at its default (or clamped to its documented maximum, for a valid but
+    too large value); a RuntimeWarning at load names the variable and the value, and
+    l2sm_kernels.backends.cpu.knob_notes keeps the reason. (Before: inf raised OverflowError, 1e20 and
+    the 20-digit chunk a TypeError from pybind, text made the backend unavailable.)"""
+    r = _subprocess(_KNOBS, L2SM_CPU_WORKSPACE_MB=ws, L2SM_CPU_CHUNK=chunk_value)
     assert r.returncode == 0, r.stderr
-    assert "bad L2SM_CPU_CHUNK" in r.stdout and "'lots'" in r.stdout
+    out = r.stdout
+    assert "AVAILABLE True" in out and "LOSS True" in out, out
+    assert f"KNOBS {chunk_classes} {workspace}" in out, out
+    for name, value, why in (("L2SM_CPU_WORKSPACE_MB", ws, ws_why), ("L2SM_CPU_CHUNK", chunk_value, chunk_why)):
+        note = f"{name}={value!r}"
+        if why is None:
+            assert f"NOTE {name}" not in out and note not in out, out
+            continue
+        assert f"NOTE {name} | {note}" in out and why in out, out
+        assert f"WARNING l2sm_kernels: {note}" in out, out
+
+
+def test_bad_env_knob_under_warnings_as_errors():
+    """-W error: the warning cannot be shown (it would raise inside the import); the import still
+    succeeds and knob_notes says what was ignored."""
+    e = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             L2SM_CPU_WORKSPACE_MB="inf")
+    e.pop("L2SM_REQUIRE_BACKENDS", None)
+    code = ("import l2sm_kernels as L, l2sm_kernels.backends.cpu as c; "
+            "print(L.available_backends()['cpu'].available, c.get_workspace_bytes(), sorted(c.knob_notes))")
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", str(DEFAULT_WS), "['L2SM_CPU_WORKSPACE_MB']"]
+
+
+def test_knob_setters_refuse_out_of_range(chunk):
+    """The Python setters raise a ValueError naming the knob for values beyond the maxima (pybind
+    would raise a TypeError past 2^63)."""
+    old = cpu.get_workspace_bytes()
+    try:
+        cpu.set_workspace_bytes(cpu.MAX_WORKSPACE_BYTES)
+        cpu.set_chunk_classes(cpu.MAX_CHUNK_CLASSES)
+        assert cpu.chunk_for(256, 1000, 512) == 1000
+        for big in (cpu.MAX_WORKSPACE_BYTES + 1, 10**20):
+            with pytest.raises(ValueError, match="workspace_bytes must be an int > 0"):
+                cpu.set_workspace_bytes(big)
+        with pytest.raises(ValueError, match="chunk_classes must be an int >= 0"):
+            cpu.set_chunk_classes(10**20)
+        assert cpu.MAX_WORKSPACE_BYTES == cpu._ext().MAX_WORKSPACE_BYTES
+        assert cpu.MAX_CHUNK_CLASSES == cpu._ext().MAX_CHUNK_CLASSES
+    finally:
+        cpu.set_workspace_bytes(old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,30 +604,33 @@ def test_broken_extension_says_rebuild():
 # ---------------------------------------------------------------------------------------------
 # memory: the workspace, never a B x C buffer (reliability case 22)
 # ---------------------------------------------------------------------------------------------
-def test_peak_memory_is_the_workspace(chunk):
-    """Forward + backward allocate the gradients plus the documented workspace: per thread a B x chunk
-    buffer, chunk-length vectors and (backward) a (B, D) dX accumulator, plus x_hat. With B x C four
-    times larger than that, any B x C buffer would show."""
-    B, D, C = 64, 32, 20000
+@pytest.mark.parametrize("K", [1, 3])
+def test_peak_memory_is_the_workspace(chunk, K):
+    """Forward + backward allocate the gradients plus the documented workspace: per thread a
+    B x chunk x K buffer, chunk-length vectors and (backward) a (B, D) dX accumulator, plus x_hat and
+    B-vectors (lse, aux, the per-row statistics). With B x C four times larger than that, any B x C
+    buffer would show. K = 3 sub-centers: a chunk of 256 classes is 768 rows of W."""
+    B, D, C = 64, 32, 20000 // K
     chunk(256)
     g = torch.Generator().manual_seed(36)
     x = torch.randn(B, D, generator=g).requires_grad_()
-    w = torch.randn(C, D, generator=g).requires_grad_()
+    w = torch.randn(C * K, D, generator=g).requires_grad_()
     t = torch.randint(0, C, (B,), generator=g)
 
     def step():
-        L.l2_softmax_loss(x, w, t, backend="cpu", normalize_weight=True).backward()
+        L.l2_softmax_loss(x, w, t, backend="cpu", normalize_weight=True, subcenters=K, margin_type="arcface",
+                          margin=0.5).backward()
 
     step()
     x.grad = w.grad = None
     peak = cpu_peak_bytes(step)
     grads = (x.numel() + w.numel()) * 4
     threads = torch.get_num_threads()
-    # per thread and class of a chunk: inverse norm, norm, bias (4 bytes each), the db and d alpha
-    # sums (8 bytes each): 7 x 4 bytes
-    bound = threads * (B * 256 + 7 * 256 + B * D) * 4 + 4 * B * D * 4 + 64 * B * 8 + (1 << 16)
+    # per thread and row of W in a chunk: inverse norm, norm (4 bytes each); per class: bias (4), the
+    # db and d alpha sums (8 bytes each): 4 x (2 K + 5) bytes
+    bound = threads * (B * 256 * K + (2 * K + 5) * 256 + B * D) * 4 + 4 * B * D * 4 + 64 * B * 8 + (1 << 16)
     assert peak - grads <= bound, (peak - grads, bound)
-    assert bound < B * C * 4 / 4
+    assert bound < B * C * K * 4 / 4
 
 
 # ---------------------------------------------------------------------------------------------
