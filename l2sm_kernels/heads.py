@@ -14,6 +14,8 @@ m2 = 0.5) are affected.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .loss import reduce_rows
@@ -106,12 +108,20 @@ class MagFaceLoss(L2SoftmaxLoss):
     Assessment", CVPR 2021). The feature magnitude a_i = clip(|x_i|, l_a, u_a) sets an angular margin
         m(a) = (u_m - l_m) / (u_a - l_a) (a - l_a) + l_m        (l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8)
     (target logit s cos(theta + m(a)), s = 64) and a regularizer g(a) = 1 / a + a / u_a^2 is added with
-    weight lambda_g = 35: loss_i = CE_i + lambda_g g(a_i). The regularizer's gradient reaches the
-    features' magnitude; the margin's does not (the op's margins carry no gradient), where the
-    reference code also differentiates m(a)."""
+    weight lambda_g = 35: loss_i = CE_i + lambda_g g(a_i).
+
+    Both terms reach the magnitude, as in the paper: g pulls a up towards u_a, the margin (larger for a
+    larger a) pushes a hard sample's magnitude down; their balance is what makes a a quality score. The
+    op's margins carry no gradient, so the margin's part is restored here from per-row values: with
+    c_i the target cosine (one gather of the target rows, O(B D)) and p_i = exp(-CE_i) the target's
+    probability, dCE_i / dm_i = s (p_i - 1) df/dm (df/dm = -sin(theta + m) on the angular branch,
+    -(sin m + m cos m) on the fallback), applied through a zero-valued term c_i (m - m.detach()).
+    No label smoothing (p_i would not follow from CE_i)."""
 
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
                  l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, **kwargs):
+        if kwargs.get("label_smoothing", 0.0) != 0.0:
+            raise ValueError("MagFaceLoss does not take label_smoothing (its margin gradient needs p_y = exp(-CE))")
         self.s, self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = s, l_a, u_a, l_m, u_m, lambda_g
         super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
                          margin=(1.0, 0.0, 0.0), **kwargs)
@@ -128,11 +138,29 @@ class MagFaceLoss(L2SoftmaxLoss):
     def batch_margin(self, features, target):
         return (1.0, self.margin_of(self.magnitude(features.detach())), 0.0)
 
+    @torch.no_grad()
+    def _margin_slope(self, features, target, m, ce):
+        """dCE_i / dm_i (0 on ignored rows), from the target cosine and p_y = exp(-CE_i)."""
+        valid = target != self.options.ignore_index
+        y = torch.where(valid, target, torch.zeros_like(target))
+        K = self.options.subcenters
+        rows = (y[:, None] * K + torch.arange(K, device=y.device)).reshape(-1)
+        w = torch.nn.functional.normalize(self.weight.detach().float().index_select(0, rows), dim=1)
+        x = torch.nn.functional.normalize(features.detach().float(), dim=1, eps=self.options.eps)
+        c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1).clamp(-1.0, 1.0)
+        theta = torch.acos(c)
+        df = torch.where(theta + m < math.pi, -torch.sin(theta + m), -(torch.sin(m) + m * torch.cos(m)))
+        p = torch.exp(-ce.detach().float())
+        return torch.where(valid, self.s * (p - 1) * df, torch.zeros_like(df))
+
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = self.magnitude(features)
-        ce = self._loss(features, target, (1.0, self.margin_of(a.detach()), 0.0), "none")
+        m = self.margin_of(a)
+        ce = self._loss(features, target, (1.0, m.detach(), 0.0), "none")
         valid = target != self.options.ignore_index
-        rows = ce + torch.where(valid, self.lambda_g * self.regularizer(a), torch.zeros_like(a)).to(ce.dtype)
+        margin_term = self._margin_slope(features, target, m.detach(), ce) * (m - m.detach())  # value 0
+        rows = ce + (torch.where(valid, self.lambda_g * self.regularizer(a), torch.zeros_like(a))
+                     + margin_term).to(ce.dtype)
         return reduce_rows(rows, target, self.options.ignore_index, self.reduction)
 
     def head_config(self) -> dict:

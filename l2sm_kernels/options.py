@@ -17,6 +17,7 @@ math.isfinite or float(), so they trace (as guards) instead of breaking the grap
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -147,6 +148,22 @@ class L2SMOptions:
                 "use m1 = 1.0 with m2 (additive angular) and m3 (additive cosine)"
             )
         return (1.0, _check_margin_value("margin m2", m2, upper=True), _check_margin_value("margin m3", m3))
+
+    def _key(self) -> tuple:
+        """The fields, tensors by identity (their values are per call and may live on a device)."""
+        def k(v):
+            if isinstance(v, tuple):
+                return tuple(k(u) for u in v)
+            return ("tensor", id(v)) if isinstance(v, torch.Tensor) else v
+        return tuple(k(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def __eq__(self, other):
+        if not isinstance(other, L2SMOptions):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
     # ------------------------------------------------------------------------------- derived
     def margin_parts(self):

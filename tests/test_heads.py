@@ -25,7 +25,8 @@ def _inputs(device, seed=0, scale=25.0):
 
 def _check_against_reference(head, x, y, margin, extra=None):
     """head(x, y) and its gradients (x, W) against the float64 reference with the given margin
-    (a combined (1, m2, m3)), plus `extra(x)` (a differentiable per-batch term) when given."""
+    (a combined (1, m2, m3), or a function of the reference's features returning one: a margin that
+    depends on them differentiably), plus `extra(x)` (a differentiable per-batch term) when given."""
     xs = x.clone().requires_grad_(True)
     out = head(xs, y)
     gx, gw = torch.autograd.grad(out, [xs, head.weight])
@@ -34,7 +35,8 @@ def _check_against_reference(head, x, y, margin, extra=None):
         dt = torch.float64 if upcast else x.dtype
         xr = x.detach().to(dt).requires_grad_(True)
         wr = head.weight.detach().to(dt).requires_grad_(True)
-        m = tuple(v.detach().to(dt) if isinstance(v, torch.Tensor) else v for v in margin)
+        m = margin(xr) if callable(margin) else margin
+        m = tuple((v if callable(margin) else v.detach()).to(dt) if isinstance(v, torch.Tensor) else v for v in m)
         loss = L.l2_softmax_loss_ref(xr, wr, y, head.s, normalize_weight=True, margin_type="combined", margin=m,
                                      subcenters=head.options.subcenters, upcast=upcast)
         if extra is not None:
@@ -87,20 +89,22 @@ def test_adaface_schedule(backend, device):
 
 def test_magface_schedule_and_regularizer(backend, device):
     """MagFace (Meng et al. 2021), written out: a = clip(|x|, 10, 110); m(a) = (0.8 - 0.45) / (110 - 10)
-    (a - 10) + 0.45; loss = CE(s cos(theta + m(a))) + 35 mean(1 / a + a / 110^2); the regularizer's
-    gradient reaches |x|, the margin's does not."""
+    (a - 10) + 0.45; loss = CE(s cos(theta + m(a))) + 35 mean(1 / a + a / 110^2); both the margin's and
+    the regularizer's gradients reach |x| (the reference differentiates m(a) by autograd)."""
     torch.manual_seed(3)
     head = L.MagFaceLoss(D, C, backend=backend).to(device)
     x, y = _inputs(device, seed=3, scale=60.0)
     a = x.double().norm(dim=1).clamp(10, 110)
     assert float(a.min()) > 10 or float(a.max()) < 110  # the schedule is exercised away from both clips
-    m = (0.8 - 0.45) / (110 - 10) * (a - 10) + 0.45
+
+    def margin(xr):
+        return 1.0, (0.8 - 0.45) / (110 - 10) * (xr.norm(dim=1).clamp(10, 110) - 10) + 0.45, 0.0
 
     def reg(xr):
         ar = xr.norm(dim=1).clamp(10, 110)
         return 35.0 * (1.0 / ar + ar / 110 ** 2).mean()
 
-    _check_against_reference(head, x, y, (1.0, m, 0.0), extra=reg)
+    _check_against_reference(head, x, y, margin, extra=reg)
 
 
 @pytest.mark.parametrize("variant", ["arc", "cos"])
@@ -133,6 +137,7 @@ def test_compile_fullgraph_training_step(backend, device, name):
     def step(inp, y):
         return head(net(inp), y)
 
+    torch._dynamo.reset()  # the same code object compiles for every head: start each test afresh
     compiled = torch.compile(step, fullgraph=True)
     if name == "elasticface":  # random margins: the compiled RNG stream differs from eager's
         head.generator = None

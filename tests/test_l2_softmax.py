@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import l2sm_kernels as L
 from l2sm_kernels.backends import ops_for
 from l2sm_kernels.testing import assert_accurate, check_case, make_case, max_err, run, run_reference
+from l2sm_kernels.testing.accuracy import confident_case, confident_exact
 
 from conftest import is_slow, supports_fp64
 
@@ -298,6 +299,46 @@ def test_confident_rows_bf16(backend, device):
     ref, _ = run_reference(case, True)
     assert ref.max() < 1e-3 and ref.min() > 1e-5  # every row confident, none saturated
     check_case(case, backend, torch.ones(8, device=device))
+
+
+CONFIDENT_Q = [1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13]
+# largest relative error against float64 of each row's loss and of its target's db, per dtype
+CONFIDENT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-13}  # seen on cpu: 3.0e-6, 8.1e-15
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("margin_type,margin", [("none", 0.0), ("combined", (1.0, 0.2, 0.1))], ids=["plain", "combined"])
+def test_confident_rows_absolute(backend, device, dtype, margin_type, margin):
+    """An absolute accuracy claim of the cpu and triton backends (docs/design.md, "Confident rows"):
+    rows with 1 - p_y from 1e-7 down to 1e-13: each row's loss (about 1 - p_y) and its target's
+    gradient, seen through db of the row's own target class (no other row puts more than 1e-12 of
+    that there: db_y = dz_yy = -(1 - p_y)), within CONFIDENT_RTOL relative of float64 computed without
+    cancellation (_confident_exact). fp32: the inputs' cosines carry ~1e-7 relative rounding, 64
+    times that in the logit differences, about 4e-6 in 1 - p_y. The forward keeps the target's logit
+    apart from the non-target sum (loss = log1p(...), never lse - z_y), the backward takes 1 - p_y
+    from the forward's aux (never p - 1). With lse - z_y in fp32 the loss was 0 below ~1e-7 (a
+    relative error of 1), in fp64 1e-3 off at 1e-13; with p - 1 the fp32 target gradient was 0."""
+    if backend == "eager":
+        pytest.skip("eager is plain torch: it forms p - 1 and lse - z_y (held to the accuracy relation only)")
+    if dtype == torch.float64 and not supports_fp64(backend):
+        pytest.skip(f"{backend} does not take float64")
+    x, W, t, alpha, kw = confident_case(dtype, margin_type, margin, CONFIDENT_Q)
+    b = torch.zeros(W.shape[0], dtype=dtype, device=device, requires_grad=True)
+    loss = L.l2_softmax_loss(x.to(device), W.to(device), t.to(device), alpha, b, backend=backend, **kw)
+    (db,) = torch.autograd.grad(loss, [b], torch.ones_like(loss))
+    loss, db = loss.cpu(), db.cpu()
+    exact_loss, exact_db = confident_exact(x, W, t, alpha, kw)
+    q = -torch.expm1(-exact_loss)
+    assert torch.allclose(q, torch.tensor(CONFIDENT_Q, dtype=torch.float64), rtol=0.01), q  # the rows' 1 - p_y
+    assert torch.allclose(exact_db, -q, rtol=1e-11)  # no other row's probability on the target class
+    # the exact values are F.cross_entropy's where that is accurate (1 - p_y = 1e-7: 1e-9 relative)
+    ref = L.l2_softmax_loss_ref(x.double(), W.double(), t, alpha, **kw)
+    assert abs(float(ref[0] / exact_loss[0]) - 1) < 1e-8
+    rel_loss = ((loss.detach().double() - exact_loss) / exact_loss).abs()
+    rel_db = ((db[t].double() - exact_db) / exact_db).abs()
+    tol = CONFIDENT_RTOL[dtype]
+    assert float(rel_loss.max()) <= tol, rel_loss
+    assert float(rel_db.max()) <= tol, rel_db
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,12 +3,13 @@ gradients, and the accuracy relation (docs/conventions.md, "Accuracy relation": 
 most 2x the error of plain torch in the same dtype, plus a small atol)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..loss import l2_softmax_loss
-from ..reference import l2_softmax_loss_ref
+from ..reference import l2_softmax_logits_ref, l2_softmax_loss_ref
 
 # atol of the accuracy relation, relative to the largest reference value of the compared tensor
 ATOL_REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
@@ -137,3 +138,49 @@ def check_case(case: Case, backend: str, grad_output=None, dtype=None) -> None:
 
 def _any64(case: Case) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in (case.x, case.weight, case.bias))
+
+
+# ----------------------------------------------------------------------------- confident rows
+def confident_case(dtype, margin_type, margin, q_wanted):
+    """Row i: target class i, one competitor B + i; W = identity (D = C) and x_i = e_i + beta_i e_{B+i},
+    so that z_ii - z_i,B+i alone sets 1 - p_y (the other classes, at cosine 0, and the other rows'
+    logits on class i are ~exp(-58) below: 1e-12 of q at most). beta_i is solved in float64 by
+    bisection on the reference's 1 - p_y; the reference then sees the rounded inputs."""
+    B = len(q_wanted)
+    C = 2 * B + 2
+    alpha = 64.0
+    kw = dict(normalize_weight=True, margin_type=margin_type, margin=margin, reduction="none")
+    t = torch.arange(B)
+    W = torch.eye(C, dtype=torch.float64)
+    want = torch.tensor(q_wanted, dtype=torch.float64)
+
+    def xs(beta):
+        x = torch.zeros(B, C, dtype=torch.float64)
+        x[t, t] = 1.0
+        x[t, B + t] = beta
+        return x
+
+    lo, hi = torch.zeros(B, dtype=torch.float64), torch.full((B,), 0.95, dtype=torch.float64)
+    for _ in range(60):  # 1 - p_y grows with beta
+        mid = (lo + hi) / 2
+        q = -torch.expm1(-l2_softmax_loss_ref(xs(mid), W, t, alpha, **kw))
+        lo, hi = torch.where(q < want, mid, lo), torch.where(q < want, hi, mid)
+    return xs(lo).to(dtype), W.to(dtype), t, alpha, kw
+
+
+def confident_exact(x, W, t, alpha, kw):
+    """Each row's loss and db of its target class in float64 without cancellation: from the float64
+    reference logits z (l2_softmax_logits_ref), loss_i = log1p(sum_{j != y} exp(z_ij - z_iy)) (the
+    target leads), q_i = -expm1(-loss_i), db_y = -q_i + sum_{i' != i} p_i'y. (F.cross_entropy in float64,
+    lse - z_y, is itself off by ~1e-16 absolute: 1e-3 relative at q = 1e-13.)"""
+    opts = {k: v for k, v in kw.items() if k != "reduction"}
+    z = l2_softmax_logits_ref(x.double(), W.double(), t, alpha, **opts)
+    B = z.shape[0]
+    zt = z[torch.arange(B), t]
+    others = z.clone()
+    others[torch.arange(B), t] = -math.inf
+    loss = torch.log1p(torch.exp(others - zt[:, None]).sum(1))
+    q = -torch.expm1(-loss)
+    p = torch.softmax(z, dim=1)  # tiny probabilities keep their relative precision
+    p[torch.arange(B), t] = 0.0
+    return loss, -q + p[:, t].sum(0)
