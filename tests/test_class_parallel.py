@@ -643,7 +643,8 @@ def _work_disagree(rank, world):
 
     good = float(call())
     per_rank = {  # one rank differs from the others in one value
-        r"the feature dimension D: \[8, .*9\]": dict(features=torch.randn(B, D + last), weight_shard=torch.randn(n, D + last)),
+        r"the feature dimension D: \[8, .*9\]": dict(features=torch.randn(B, D + last),
+                                                      weight_shard=torch.randn(n, D + last)),
         r"the features' dtype: \['torch.float32', .*'torch.float64'\]": dict(
             features=x.double() if last else x, weight_shard=w.double() if last else w),
         r"weight_shard's dtype": dict(weight_shard=w.double() if last else w),
@@ -791,16 +792,32 @@ def _noop(rank, world):
     assert float(t[0]) == sum(range(world))
 
 
+def _train_and_drop_ddp(rank, world):
+    """A few training steps with DDP around a backbone and the class-parallel head; returns without
+    cleaning up, as user code does (DDP's reference cycles wait for the garbage collector)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    backbone = DDP(torch.nn.Linear(D, D))
+    head = LD.ClassParallelL2SoftmaxLoss(D, 10, seed=0, backend="eager")
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        loss = head(backbone(torch.randn(4, D, generator=g)), torch.randint(0, 10, (4,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 @pytest.mark.skipif(not os.environ.get("L2SM_TEARDOWN_STRESS"), reason="set L2SM_TEARDOWN_STRESS=N to run")
 def test_launcher_teardown_stress():
     """Start, use and stop a 2-process group N times: every worker must exit with status 0 within
-    30 s (docs/reliability.md, case 30). Opt-in: about 5 s a round on 2 cores."""
+    30 s (docs/reliability.md, case 30). Opt-in: about 12 s a round on the busy 2-core machine."""
     rounds = int(os.environ["L2SM_TEARDOWN_STRESS"])
     codes = []
     for _ in range(rounds):
         g = _Group(2)
         g.run(_noop)
-        g.run(_work_ddp, "eager")  # DDP objects and their Reducers too
+        g.run(_train_and_drop_ddp)  # DDP objects left to the garbage collector, as user code leaves them
         codes.append(g.close())
     clean = sum(all(c == 0 for c in v) for v in codes)
     print(f"teardown stress: {clean} / {rounds} rounds exited cleanly; exit codes {codes}")
@@ -818,6 +835,26 @@ def test_subsets_cover_pairs():
 
 def test_errors():
     _spawn(_work_errors, 2)
+
+
+def test_cuda_check_runs_once_per_key():
+    """The agreement check's schedule (no GPU needed: only the device type matters): CPU tensors every
+    call; CUDA the first call per module / group until it passes, or every call with CHECK_EVERY_CALL;
+    keys are held weakly."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    key, other = torch.nn.Module(), torch.nn.Module()
+    assert LDC._check_due(cuda, key) and LDC._check_due(cpu, key)
+    LDC._mark_checked(cuda, key)
+    assert not LDC._check_due(cuda, key) and LDC._check_due(cuda, other) and LDC._check_due(cpu, key)
+    LDC.CHECK_EVERY_CALL = True
+    try:
+        assert LDC._check_due(cuda, key)
+    finally:
+        LDC.CHECK_EVERY_CALL = False
+    n = len(LDC._CHECKED)
+    del key
+    gc.collect()
+    assert len(LDC._CHECKED) == n - 1
 
 
 def test_needs_init():

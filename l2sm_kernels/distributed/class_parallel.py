@@ -74,6 +74,7 @@ Requirements and conventions:
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 import sys
 import weakref
@@ -721,9 +722,9 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend, self.sample_rate = reduction, backend, float(sample_rate)
         self.last_sampled = None
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.alpha_init = alpha
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_local, in_features, **factory))
@@ -752,7 +753,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         pieces = []
         for block in range(lo // blk, (hi + blk - 1) // blk):
             g = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2 ** 63))
-            rows = torch.rand(blk, self.in_features, generator=g, dtype=torch.float64, device="cpu") * (2 * bound) - bound
+            rows = torch.rand(blk, self.in_features, generator=g, dtype=torch.float64, device="cpu")
+            rows = rows * (2 * bound) - bound
             a, e = max(lo, block * blk), min(hi, (block + 1) * blk)
             pieces.append(rows[a - block * blk: e - block * blk])
         if pieces:
