@@ -6,9 +6,15 @@ size and serve every test of this file; each test runs many cases inside them. E
 same full problem from a seed, takes its slices, runs the distributed loss, and checks its own
 gradient slices with the accuracy relation (docs/conventions.md): err(distributed) <= 2 err(single-process op) +
 atol, both errors against the float64 reference (in float64 that is the reference's atol, 1e-10 of
-the largest value: no loosened tolerance). fp16 / bf16 features' gradient adds exactly the rounding
-the op boundary applies to each rank's contribution (l2sm_kernels/testing/rank_rounding.py).
+the largest value: no loosened tolerance), and again with plain torch's error in the working dtype
+(l2_softmax_loss_ref(upcast=False), the baseline of docs/conventions.md) in place of the
+single-process op's, so that an error the single-process op shares cannot pass. fp16 / bf16
+features' gradient adds exactly the rounding the op boundary applies to each rank's contribution
+(l2sm_kernels/testing/rank_rounding.py). The workers exit in the order README prescribes and the
+module's teardown fails unless every worker exits with status 0.
 """
+import contextlib
+import gc
 import itertools
 import math
 import os
@@ -47,6 +53,17 @@ FEW_COMBOS = [
     dict(margin=MARGINS[2], normalize_weight=True, bias=False, label_smoothing=0.1, ignore_rows=0,
          reduction="sum", alpha_grad=True),
 ]
+# arcface's fallback region (target cosine below cos(pi - m)), every other axis covered
+FALLBACK_COMBOS = [
+    dict(margin=("arcface", 0.5), normalize_weight=True, bias=False, label_smoothing=0.0, ignore_rows=0,
+         reduction="mean", alpha_grad=False),
+    dict(margin=("arcface", 0.5), normalize_weight=False, bias=True, label_smoothing=0.1, ignore_rows=2,
+         reduction="none", alpha_grad=True),
+    dict(margin=("arcface", 1.2), normalize_weight=True, bias=True, label_smoothing=0.1, ignore_rows=1,
+         reduction="sum", alpha_grad=True),
+    dict(margin=("arcface", 1.2), normalize_weight=False, bias=False, label_smoothing=0.0, ignore_rows=0,
+         reduction="mean", alpha_grad=False),
+]
 LAYOUTS = {2: dict(shards=[9, 14], batch=[5, 5], uneven_batch=[3, 6]),
            3: dict(shards=[5, 11, 7], batch=[4, 4, 4], uneven_batch=[2, 5, 3])}
 D = 8
@@ -62,7 +79,12 @@ def _free_port() -> int:
 
 
 def _serve(rank, world, port, tasks, results):
-    """A worker process: join the gloo group, then run fn(rank, world, *args) for each task."""
+    """A worker process: join the gloo group, then run fn(rank, world, *args) for each task.
+
+    The exit order is the one README's "Class-parallel training" prescribes (docs/reliability.md,
+    case 30): the tasks' objects are unreachable, every rank passes a barrier, gc.collect() frees
+    DDP's reference cycles (whose C++ Reducer holds the group), and destroy_process_group() drops the
+    group through its Python object before the interpreter exits."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -76,7 +98,9 @@ def _serve(rank, world, port, tasks, results):
             results.put((rank, None))
         except BaseException:  # noqa: BLE001 - everything goes back to the test
             results.put((rank, traceback.format_exc()))
+        del task, fn, args
     dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -87,7 +111,7 @@ class _Group:
 
     def __init__(self, world):
         ctx = mp.get_context("spawn")
-        self.world = world
+        self.world, self.forced = world, False
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
         port = _free_port()
@@ -117,6 +141,8 @@ class _Group:
             done.add(rank)
 
     def close(self, force=False):
+        """Stop the workers; returns their exit codes (0: a clean exit; -9: killed after hanging 30 s)."""
+        self.forced = self.forced or force
         if not force:
             for q in self.tasks:
                 q.put(None)
@@ -126,6 +152,7 @@ class _Group:
             if p.is_alive():
                 p.kill()
                 p.join()
+        return [p.exitcode for p in self.procs]
 
 
 _GROUPS = {}
@@ -134,9 +161,9 @@ _GROUPS = {}
 @pytest.fixture(scope="module", autouse=True)
 def _close_groups():
     yield
-    for g in _GROUPS.values():
-        g.close()
+    codes = {world: g.close() for world, g in _GROUPS.items() if not g.forced}  # not those a failure ended
     _GROUPS.clear()
+    assert all(c == 0 for v in codes.values() for c in v), f"workers did not exit cleanly: exit codes {codes}"
 
 
 def _spawn(fn, world, *args):
@@ -151,19 +178,30 @@ def _spawn(fn, world, *args):
 # ---------------------------------------------------------------------------------------------
 # one case: the full problem on every rank, this rank's slices, the comparison
 # ---------------------------------------------------------------------------------------------
-def _problem(combo, shards, batch, dtype, seed, targets_from=None, wdtype=None):
-    """Full inputs (leaves) for the single-process op; targets_from: restrict targets to these classes."""
+def _problem(combo, shards, batch, dtype, seed, targets_from=None, wdtype=None, fallback=False):
+    """Full inputs (leaves) for the single-process op; targets_from: restrict targets to these classes.
+    fallback: the rows of even index that are not ignored get x_i close to -W_hat_y (row 0 exactly),
+    so that their target cosine lies below cos(pi - m), arcface's fallback region; the weight rows
+    then have norms in [1, 1.5] so that x_hat . W_y is below it without normalize_weight too."""
     g = torch.Generator().manual_seed(seed)
     wdtype = wdtype or dtype
     C, Bg = sum(shards), sum(batch)
-    x = torch.randn(Bg, D, generator=g, dtype=torch.float64).to(dtype)
-    w = (torch.randn(C, D, generator=g, dtype=torch.float64) * 0.3).to(wdtype)
+    x = torch.randn(Bg, D, generator=g, dtype=torch.float64)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64) * 0.3
     b = (torch.randn(C, generator=g, dtype=torch.float64) * 0.5).to(wdtype) if combo["bias"] else None
     pool = torch.arange(C) if targets_from is None else torch.as_tensor(targets_from)
     t = pool[torch.randint(0, len(pool), (Bg,), generator=g)]
     if combo["ignore_rows"]:
         rows = torch.randperm(Bg, generator=g)[: combo["ignore_rows"]]
         t[rows] = -100
+    if fallback:
+        w = w / w.norm(dim=1, keepdim=True) * (1 + 0.5 * torch.rand(C, 1, generator=g, dtype=torch.float64))
+        w_hat = w / w.norm(dim=1, keepdim=True)
+        noise = 0.05 * torch.randn(Bg, D, generator=g, dtype=torch.float64)
+        noise[0] = 0  # exactly opposite: cosine -1
+        far = -(w_hat[t.clamp_min(0)] + noise) * x.norm(dim=1, keepdim=True)
+        x = torch.where(((torch.arange(Bg) % 2 == 0) & (t != -100))[:, None], far, x)
+    x, w = x.to(dtype), w.to(wdtype)
     adt = torch.float64 if dtype == torch.float64 else torch.float32
     alpha = torch.tensor(12.0, dtype=adt) if combo["alpha_grad"] else 12.0
     go = torch.randn(Bg, generator=g, dtype=torch.float64) if combo["reduction"] == "none" \
@@ -197,10 +235,16 @@ def _single(fn, x, w, b, t, alpha, go, upcast=False, **kw):
 
 
 def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None, targets_from=None,
-           sample_rate=1.0, tag="", wdtype=None):
+           sample_rate=1.0, tag="", wdtype=None, fallback=False):
     """Distributed vs single-process vs float64 reference for one case; returns this rank's loss."""
-    x, w, b, t, alpha, go = _problem(combo, shards, batch, dtype, seed, targets_from, wdtype)
+    x, w, b, t, alpha, go = _problem(combo, shards, batch, dtype, seed, targets_from, wdtype, fallback)
     kw = _kwargs(combo)
+    if fallback:  # the case does reach arcface's fallback region (target cosine < cos(pi - m))
+        xd, wd = x.double(), w.double()
+        wd = wd / wd.norm(dim=1, keepdim=True) if kw["normalize_weight"] else wd
+        c = (xd / xd.norm(dim=1, keepdim=True) * wd[t.clamp_min(0)]).sum(dim=1)
+        rows = (torch.arange(len(t)) % 2 == 0) & (t != -100)
+        assert bool(rows.any()) and bool((c[rows] < math.cos(math.pi - kw["margin"])).all()), c
     r0, r1 = sum(batch[:rank]), sum(batch[: rank + 1])
     c0, c1 = sum(shards[:rank]), sum(shards[: rank + 1])
     leaves = dict(x=_leaf(x[r0:r1]), weight=_leaf(w[c0:c1]), bias=_leaf(b[c0:c1] if b is not None else None),
@@ -227,10 +271,19 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
                          go, **kw)
     ref, rg = _single(lambda *a, **k: L.l2_softmax_loss_ref(*a, upcast=True, **k), x, sub_w, sub_b, sub_t, alpha, go,
                       upcast=True, **kw)
+    # plain torch in the working dtype: the baseline of the accuracy relation itself (docs/conventions.md),
+    # so that the distributed loss is held to the float64 reference even where the single-process op errs
+    # (with float64 inputs plain torch is the reference computation itself: its error is 0)
+    if x.dtype == w.dtype == torch.float64:
+        plain, pg = ref, rg
+    else:
+        plain, pg = _single(lambda *a, **k: L.l2_softmax_loss_ref(*a, upcast=False, **k), x, sub_w, sub_b, sub_t,
+                            alpha, go, **kw)
     name = f"{tag} rank {rank} {combo} {dtype} {wdtype or dtype}"
     assert out.dtype == single.dtype, name
     assert out.shape == single.shape, name
     assert_accurate(f"loss [{name}]", out, ref, single, dtype)
+    assert_accurate(f"loss vs plain torch [{name}]", out, ref, plain, dtype)
 
     def full_rows(g_sub, n):  # a gradient of the sampled rows, scattered back to all n classes
         if sampled is None:
@@ -243,16 +296,18 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
         assert g is not None, f"no gradient for {k} [{name}]"
         assert g.dtype == leaves[k].dtype and g.shape == leaves[k].shape, f"grad {k} [{name}]"
         if k == "x":
-            want, plain = rg[k][r0:r1], sg[k][r0:r1]
+            want, bases = rg[k][r0:r1], (sg[k][r0:r1], pg[k][r0:r1])
         elif k in ("weight", "bias"):
-            want, plain = full_rows(rg[k], w.shape[0])[c0:c1], full_rows(sg[k], w.shape[0])[c0:c1]
+            want, bases = full_rows(rg[k], w.shape[0])[c0:c1], (full_rows(sg[k], w.shape[0])[c0:c1],
+                                                                 full_rows(pg[k], w.shape[0])[c0:c1])
         else:
-            want, plain = rg[k], sg[k]
-        if k == "x" and dtype in (torch.float16, torch.bfloat16):
-            assert_accurate_rank_sum(f"grad x [{name}]", g, want, plain, x, sub_w, sub_t, alpha, sub_b, go, shards,
-                                     (r0, r1), kw)
-        else:
-            assert_accurate(f"grad {k} [{name}]", g, want, plain, dtype if k == "alpha" else leaves[k].dtype)
+            want, bases = rg[k], (sg[k], pg[k])
+        for base, what in zip(bases, ("", " vs plain torch")):
+            if k == "x" and dtype in (torch.float16, torch.bfloat16):
+                assert_accurate_rank_sum(f"grad x{what} [{name}]", g, want, base, x, sub_w, sub_t, alpha, sub_b, go,
+                                         shards, (r0, r1), kw)
+            else:
+                assert_accurate(f"grad {k}{what} [{name}]", g, want, base, dtype if k == "alpha" else leaves[k].dtype)
         if sampled is not None and k in ("weight", "bias"):
             unsampled = torch.ones(c1 - c0, dtype=torch.bool)
             unsampled[sampled[(sampled >= c0) & (sampled < c1)] - c0] = False
@@ -444,6 +499,207 @@ def _work_errors(rank, world):
         LD.ClassParallelL2SoftmaxLoss(D, 10, shard_sizes=[5] * (world + 1))
 
 
+def _work_arcface_fallback(rank, world, backend, dtype, combos):
+    """Rows whose target cosine is below cos(pi - m) (x close to -W_hat_y): arcface's fallback
+    c - m sin(m) instead of cos(arccos(c) + m), against the float64 reference."""
+    lay = LAYOUTS[world]
+    for i, combo in enumerate(combos):
+        batch = lay["uneven_batch"] if i % 2 else lay["batch"]
+        _check(rank, combo, lay["shards"], batch, dtype, backend, seed=300 + i, batch_sizes=batch if i % 2 else None,
+               tag="arcface fallback", fallback=True)
+
+
+def _work_meta_init(rank, world):
+    """Meta-device construction, to_empty, reset_parameters: every parameter and buffer set, alpha
+    included; the full matrix a function of one seed (rank 0's draw) whatever each rank's RNG."""
+    C = 23
+    g0 = torch.Generator().manual_seed(100)
+    seed0 = int(torch.randint(0, 2 ** 62, (1,), generator=g0))  # rank 0's first draw after manual_seed(100)
+    for learn_alpha, seed in ((False, None), (True, None), (True, 5)):
+        with torch.device("meta"):
+            m = LD.ClassParallelL2SoftmaxLoss(D, C, alpha=7.5, learn_alpha=learn_alpha, bias=True, seed=seed,
+                                              dtype=torch.float64, backend="eager")
+        assert m.weight.is_meta and m.bias.is_meta and m.alpha.is_meta
+        m.to_empty(device="cpu")
+        with torch.no_grad():  # what to_empty may leave behind
+            for t in list(m.parameters()) + list(m.buffers()):
+                t.fill_(math.nan)
+        torch.manual_seed(100 + rank)  # every rank's RNG differs
+        m.reset_parameters()
+        assert isinstance(m.alpha, torch.nn.Parameter) == learn_alpha
+        assert m.alpha.dtype == torch.float32 and float(m.alpha) == 7.5, m.alpha
+        assert bool((m.bias == 0).all())
+        full = m.full_state_dict()
+        want = LD.ClassParallelL2SoftmaxLoss(D, C, alpha=7.5, bias=True, seed=seed0 if seed is None else seed,
+                                             dtype=torch.float64, backend="eager").full_state_dict()
+        assert torch.equal(full["weight"], want["weight"]), "the full matrix is not the one of rank 0's seed"
+        alphas = [None] * world
+        dist.all_gather_object(alphas, float(m.alpha))
+        assert alphas == [7.5] * world
+    # a seeded module: reset_parameters() reproduces the constructor's matrix and alpha
+    m = LD.ClassParallelL2SoftmaxLoss(D, C, alpha=3.0, learn_alpha=True, seed=9, dtype=torch.float64)
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+        m.alpha.fill_(0.5)
+    m.reset_parameters()
+    assert torch.equal(m.weight, w0) and float(m.alpha) == 3.0
+    # an unseeded module: one seed for every rank, drawn anew by each reset
+    torch.manual_seed(200 + rank)
+    m = LD.ClassParallelL2SoftmaxLoss(D, C, dtype=torch.float64)
+    seed1 = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(200)))
+    want = LD.ClassParallelL2SoftmaxLoss(D, C, seed=seed1, dtype=torch.float64).full_state_dict()["weight"]
+    assert torch.equal(m.full_state_dict()["weight"], want)
+
+
+def _sum_hook(state, bucket):
+    """A DDP communication hook that sums the ranks' gradients instead of averaging them."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.backbone = torch.nn.Linear(D, D, dtype=torch.float64)
+        self.head = head
+
+    def forward(self, x, y):
+        return self.head(self.backbone(x), y)
+
+
+def _work_ddp(rank, world, backend):
+    """DistributedDataParallel around the head: refused before DDP broadcasts anything (the shards
+    survive); allowed when DDP ignores the shard; the documented way (DDP around the backbone only)
+    gives the single-process gradients (the backbone's with a summing communication hook)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    C, B = 6 * world, 4  # even shards: DDP's shape check passes, so only the refusal stops the broadcast
+    kw = dict(alpha=10.0, learn_alpha=True, bias=True, normalize_weight=True, margin_type="arcface", margin=0.3,
+              backend=backend, dtype=torch.float64)
+    head = LD.ClassParallelL2SoftmaxLoss(D, C, seed=3, **kw)
+    with torch.no_grad():
+        head.bias.normal_(generator=torch.Generator().manual_seed(rank))
+    w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+    with pytest.raises(RuntimeError, match=r"must not be wrapped in DistributedDataParallel.*Wrap the backbone"):
+        DDP(head)
+    torch.manual_seed(0)  # the same backbone on every rank
+    net = _Net(head)
+    with pytest.raises(RuntimeError, match=r"'head' must not be wrapped.*\['head.weight', 'head.bias'\]"):
+        DDP(net)
+    assert torch.equal(head.weight, w0) and torch.equal(head.bias, b0)
+
+    # the global batch, and the single-process model on it (float64)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(B * world, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B * world,), generator=g)
+    mine = slice(B * rank, B * (rank + 1))
+    c0, c1 = head.class_start, head.class_start + head.num_local
+    ref_net = _Net(L.L2SoftmaxLoss(D, C, **kw))
+    ref_net.backbone.load_state_dict(net.backbone.state_dict())
+    ref_net.head.load_state_dict(head.full_state_dict())
+    ref_net(x, y).backward()
+
+    def check(backbone_grad_scale):
+        assert torch.equal(head.weight, w0) and torch.equal(head.bias, b0), "a shard was overwritten"
+        torch.testing.assert_close(head.weight.grad, ref_net.head.weight.grad[c0:c1], rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(head.bias.grad, ref_net.head.bias.grad[c0:c1], rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(head.alpha.grad, ref_net.head.alpha.grad, rtol=1e-11, atol=1e-12)
+        for p, q in zip(net.backbone.parameters(), ref_net.backbone.parameters()):
+            torch.testing.assert_close(p.grad, q.grad * backbone_grad_scale, rtol=1e-11, atol=1e-12)
+        net.zero_grad(set_to_none=True)
+
+    # the head inside the wrapped model, its shard ignored by DDP: allowed; DDP averages the backbone's
+    # gradients, and every rank's loss is the global one, so the backbone gets 1/world of its gradient
+    DDP._set_params_and_buffers_to_ignore_for_model(net, ["head.weight", "head.bias"])
+    ddp = DDP(net)
+    ddp(x[mine], y[mine]).backward()
+    check(1.0 / world)
+    del ddp
+    # the documented way: DDP around the backbone only, the head outside; a summing hook gives the
+    # backbone the gradient of the global loss
+    ddp = DDP(net.backbone)
+    head(ddp(x[mine]), y[mine]).backward()
+    check(1.0 / world)
+    ddp.register_comm_hook(None, _sum_hook)
+    head(ddp(x[mine]), y[mine]).backward()
+    check(1.0)
+    del ddp
+    gc.collect()
+
+
+def _work_disagree(rank, world):
+    """Ranks that disagree (D, dtypes, options, alpha, requires_grad, batch_sizes, a local argument
+    error on one rank): every rank raises the same ValueError, and the group stays usable."""
+    lay = LAYOUTS[world]
+    B, shards = lay["batch"][rank], lay["shards"]
+    c0, n = sum(shards[:rank]), shards[rank]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(B, D, generator=g)
+    w = torch.randn(n, D, generator=g)
+    t = torch.randint(0, sum(shards), (B,), generator=g)
+    last = rank == world - 1
+
+    def call(**kw):
+        args = dict(features=x, weight_shard=w, target=t, class_start=c0, backend="eager")
+        args.update(kw)
+        return LD.class_parallel_l2_softmax_loss(**args)
+
+    good = float(call())
+    per_rank = {  # one rank differs from the others in one value
+        r"the feature dimension D: \[8, .*9\]": dict(features=torch.randn(B, D + last),
+                                                      weight_shard=torch.randn(n, D + last)),
+        r"the features' dtype: \['torch.float32', .*'torch.float64'\]": dict(
+            features=x.double() if last else x, weight_shard=w.double() if last else w),
+        r"weight_shard's dtype": dict(weight_shard=w.double() if last else w),
+        r"bias_shard \(its dtype, or None\): \['None', .*'torch.float32'\]": dict(
+            bias_shard=torch.zeros(n) if last else None),
+        r"label_smoothing: \[0.0, .*0.1\]": dict(label_smoothing=0.1 if last else 0.0),
+        r"margin_type: \['none', .*'cosface'\]": dict(margin_type="cosface" if last else "none"),
+        r"margin: \[0.2, .*0.3\]": dict(margin_type="arcface", margin=0.3 if last else 0.2),
+        r"normalize_weight: \[0, .*1\]": dict(normalize_weight=last),
+        r"ignore_index": dict(ignore_index=-1 if last else -100),
+        r"eps": dict(eps=1e-6 if last else 1e-12),
+        r"reduction: \['mean', .*'sum'\]": dict(reduction="sum" if last else "mean"),
+        r"sample_rate: \[1.0, .*0.5\]": dict(sample_rate=0.5 if last else 1.0),
+        r"alpha: \[16.0, .*12.0\]": dict(alpha=12.0 if last else 16.0),
+        r"alpha: \[16.0, .*16.5\]": dict(alpha=torch.tensor(16.5 if last else 16.0)),
+        r"alpha's dtype": dict(alpha=torch.tensor(16.0, dtype=torch.float64 if last else torch.float32)),
+        r"alpha.requires_grad: \[0, .*1\]": dict(alpha=torch.tensor(16.0, requires_grad=last)),
+        r"features.requires_grad: \[0, .*1\]": dict(features=x.clone().requires_grad_(last)),
+        r"weight_shard.requires_grad": dict(weight_shard=w.clone().requires_grad_(last)),
+        # the lists differ, each consistent with its own rank's batch size (rank 0 would pass its
+        # local check and block in a collective)
+        r"batch_sizes: the ranks passed different lists": dict(batch_sizes=lay["batch"][:-1] + [B + last]),
+        r"batch_sizes: the ranks passed different lists \(lengths \[-1, ": dict(
+            batch_sizes=lay["batch"] if rank else None),
+        r"batch_sizes: the ranks passed different lists \(lengths \[": dict(
+            batch_sizes=lay["batch"] + ([0] if last else [])),
+    }
+    for match, kw in per_rank.items():
+        with pytest.raises(ValueError, match=match):
+            call(**kw)
+        assert float(call()) == good, "the group is out of step after a refused call"
+    with torch.no_grad() if last else contextlib.nullcontext(), \
+            pytest.raises(ValueError, match=r"grad mode \(torch.is_grad_enabled\(\)\): \[1, .*0\]"):
+        call(features=x.clone().requires_grad_(True))
+    # the same bad list on every rank: every rank raises the same message
+    with pytest.raises(ValueError, match=rf"batch_sizes must list the {world} ranks' batch sizes: they are"):
+        call(batch_sizes=[B + 1] * world)
+    # a local argument error on one rank: that rank raises it, the others say which rank and why
+    bad = dict(margin_type="sphereface") if last else {}
+    match = (r"margin_type must be one of" if last else
+             rf"rank {world - 1} of the group rejected its arguments.*ValueError: margin_type must be one of")
+    with pytest.raises(ValueError, match=match):
+        call(**bad)
+    with pytest.raises(TypeError, match=r"target must be an int64 tensor" if last else r"rejected its arguments"):
+        call(target=t.float() if last else t)
+    with pytest.raises(ValueError, match=r"batch_sizes\[i\] must be an int" if last else r"rejected its arguments"):
+        call(batch_sizes=[-1] * world if last else None)
+    # the module: the same check
+    with pytest.raises(ValueError, match=r"the ranks disagree on label_smoothing"):
+        LD.ClassParallelL2SoftmaxLoss(D, sum(shards), shard_sizes=shards, label_smoothing=0.1 * last, seed=0)(x, t)
+    assert float(call()) == good
+
+
 # ---------------------------------------------------------------------------------------------
 # the tests
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +760,72 @@ def test_module_save_load(backend, tmp_path):
     _spawn(_work_module, 3, backend, str(tmp_path))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_arcface_fallback_region(backend, world):
+    """Rows whose target cosine is below cos(pi - m) (x close to -W_hat_y, one exactly opposite):
+    loss and gradients against the float64 reference and the single-process op."""
+    dtype = torch.float64 if supports_fp64(backend) else torch.float32
+    _spawn(_work_arcface_fallback, world, backend, dtype, FALLBACK_COMBOS[:2] if is_slow(backend) else FALLBACK_COMBOS)
+
+
+def test_meta_device_init():
+    """with torch.device("meta"), then to_empty + reset_parameters: weight, bias and alpha set; the
+    full matrix is the one of rank 0's seed whatever each rank's RNG (docs/reliability.md, case 26)."""
+    _spawn(_work_meta_init, 3)
+
+
+def test_ddp_around_the_head():
+    """DistributedDataParallel around the head is refused before it broadcasts (the shards survive);
+    with the shard ignored, or DDP around the backbone only, every gradient is the single-process one."""
+    _spawn(_work_ddp, 2, "eager")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_that_disagree(world):
+    """D, dtypes, options, alpha, requires_grad, grad mode, batch_sizes or a local argument error that
+    differ between the ranks: every rank raises a clear ValueError / TypeError instead of an abort or a
+    hang, and the group stays usable (docs/reliability.md, case 29)."""
+    _spawn(_work_disagree, world)
+
+
+def _noop(rank, world):
+    t = torch.full((3,), float(rank))
+    dist.all_reduce(t)
+    assert float(t[0]) == sum(range(world))
+
+
+def _train_and_drop_ddp(rank, world):
+    """A few training steps with DDP around a backbone and the class-parallel head; returns without
+    cleaning up, as user code does (DDP's reference cycles wait for the garbage collector)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    backbone = DDP(torch.nn.Linear(D, D))
+    head = LD.ClassParallelL2SoftmaxLoss(D, 10, seed=0, backend="eager")
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        loss = head(backbone(torch.randn(4, D, generator=g)), torch.randint(0, 10, (4,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.skipif(not os.environ.get("L2SM_TEARDOWN_STRESS"), reason="set L2SM_TEARDOWN_STRESS=N to run")
+def test_launcher_teardown_stress():
+    """Start, use and stop a 2-process group N times: every worker must exit with status 0 within
+    30 s (docs/reliability.md, case 30). Opt-in: about 12 s a round on the busy 2-core machine."""
+    rounds = int(os.environ["L2SM_TEARDOWN_STRESS"])
+    codes = []
+    for _ in range(rounds):
+        g = _Group(2)
+        g.run(_noop)
+        g.run(_train_and_drop_ddp)  # DDP objects left to the garbage collector, as user code leaves them
+        codes.append(g.close())
+    clean = sum(all(c == 0 for c in v) for v in codes)
+    print(f"teardown stress: {clean} / {rounds} rounds exited cleanly; exit codes {codes}")
+    assert clean == rounds, codes
+
+
 def _pairs(combos):
     return {p for c in combos for p in itertools.combinations(sorted((k, str(v)) for k, v in c.items()), 2)}
 
@@ -515,6 +837,26 @@ def test_subsets_cover_pairs():
 
 def test_errors():
     _spawn(_work_errors, 2)
+
+
+def test_cuda_check_runs_once_per_key():
+    """The agreement check's schedule (no GPU needed: only the device type matters): CPU tensors every
+    call; CUDA the first call per module / group until it passes, or every call with CHECK_EVERY_CALL;
+    keys are held weakly."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    key, other = torch.nn.Module(), torch.nn.Module()
+    assert LDC._check_due(cuda, key) and LDC._check_due(cpu, key)
+    LDC._mark_checked(cuda, key)
+    assert not LDC._check_due(cuda, key) and LDC._check_due(cuda, other) and LDC._check_due(cpu, key)
+    LDC.CHECK_EVERY_CALL = True
+    try:
+        assert LDC._check_due(cuda, key)
+    finally:
+        LDC.CHECK_EVERY_CALL = False
+    n = len(LDC._CHECKED)
+    del key
+    gc.collect()
+    assert len(LDC._CHECKED) == n - 1
 
 
 def test_needs_init():

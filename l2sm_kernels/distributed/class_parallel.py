@@ -27,7 +27,8 @@ How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of doc
 Communication per step (W never moves; f = bytes of the features' dtype, 4 or 8 for the statistics):
     forward:  all-gather B_g x D features (B_g D f bytes) + B_g int64 targets,
               all-reduce(MAX) of B_g values, all-reduce(SUM) of 3 or 4 B_g-vectors (+1 value);
-              for CPU tensors also an all-gather of 3 ints per rank that validates the layout.
+              the agreement check's all-gather of 25 int64 per rank (every call on CPU tensors,
+              the first call per module / group on CUDA: see below).
     backward: reduce-scatter of the B_g x D feature gradients in the compute dtype (B_g D 4 bytes for
               fp32 / fp16 / bf16 features: the sum over ranks is rounded to the features' dtype once;
               with gloo an all-reduce of them by default); an all-reduce of one value for a
@@ -47,21 +48,38 @@ Scaling with P ranks (C classes, B per rank, B_g = P B):
     communication:    O(B_g D) per step, independent of C; it grows with P at a fixed per-rank batch.
 
 Requirements and conventions:
-- Every rank of `group` calls with the same options, alpha value, batch layout and requires_grad
-  pattern; the shards tile [0, C) (checked on CPU tensors; on CUDA a target that no shard or two
-  shards own triggers an asynchronous device assert, and the row's loss is NaN).
-- Batch sizes: equal on every rank (checked on CPU tensors), or pass batch_sizes (the same list on
-  every rank) for uneven ones; rows are padded to the largest for the collectives.
+- Every rank of `group` calls with the same D, dtypes, options, alpha (value and dtype), batch
+  layout, requires_grad pattern and grad mode, and the shards tile [0, C). The agreement check
+  (_check_ranks) gathers all of these (and each rank's batch size, class_start, shard size, and
+  whether its arguments passed local validation) in ONE all-gather before any collective whose
+  size depends on them, and every rank raises the same error on a mismatch (instead of gloo's
+  SIGABRT or a hang until the process-group timeout). It runs on every call for CPU tensors, and on
+  the first call per module (per group for the functional form) for CUDA tensors, where reading
+  the gathered table is a host sync (set CHECK_EVERY_CALL = True to check every step there). Later
+  CUDA calls trust the layout: a target that no shard or two shards own then triggers an
+  asynchronous device assert and the row's loss is NaN; a rank whose local argument check fails
+  raises alone. The targets are range-checked on CPU tensors only.
+- Batch sizes: equal on every rank, or pass batch_sizes (the same list on every rank) for uneven
+  ones; rows are padded to the largest for the collectives.
 - The result is the loss of the global batch, the same on every rank. reduction="none" returns the
   B_g per-row losses in rank order (rank 0's rows first). The upstream gradient must be the same on
   every rank (it is for any function of the global loss computed identically on every rank).
+  DistributedDataParallel around a backbone that feeds the loss averages the backbone's gradients
+  over the ranks, so the backbone gets 1/P of the global loss's gradient unless a communication
+  hook sums them (demo/class_parallel_training.py). DDP around the head itself is refused.
 - No host synchronization in the CUDA path, except in Partial FC sampling (the number of positive
-  classes decides the sample size, as in InsightFace's PartialFC whose torch.unique syncs too).
+  classes decides the sample size, as in InsightFace's PartialFC whose torch.unique syncs too) and
+  the first call's agreement check.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import struct
+import sys
+import weakref
+import zlib
 from typing import Sequence
 
 import torch
@@ -72,7 +90,17 @@ from torch import nn
 from ..backends import ops_for, resolve
 from ..backends.registry import check_backend
 from ..loss import _alpha_tensor, check_inputs
-from ..options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate, compute_dtype
+from ..options import (
+    FLOAT_DTYPES,
+    MARGIN_TYPES,
+    REDUCTIONS,
+    L2SMOptions,
+    check_alpha,
+    check_int,
+    check_reduction,
+    check_sample_rate,
+    compute_dtype,
+)
 from ..reference import target_margin
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelL2SoftmaxLoss"]
@@ -206,33 +234,6 @@ def partial_fc_sample(target: torch.Tensor, class_start: int, num_local: int, sa
     return torch.topk(score, k, sorted=False).indices.sort().values
 
 
-def _check_layout(B: int, class_start: int, n: int, batch_sizes, world: int, group) -> int:
-    """CPU tensors only (no device sync to pay): the batch sizes agree and the shards tile [0, C).
-    Every rank sees the same gathered layout and raises the same error. Returns C."""
-    info = torch.tensor([B, class_start, n], dtype=torch.int64)
-    all_info = torch.empty(world * 3, dtype=torch.int64)
-    _all_gather_single(all_info, info, group=group)
-    rows = all_info.view(world, 3).tolist()
-    sizes = [r[0] for r in rows]
-    expected = list(batch_sizes) if batch_sizes is not None else [sizes[0]] * world
-    if sizes != expected:
-        what = "batch_sizes" if batch_sizes is not None else "equal batch sizes (pass batch_sizes for uneven ones)"
-        raise ValueError(f"features: the ranks' batch sizes are {sizes}, expected {what} = {expected}")
-    spans = sorted((start, start + cnt, r) for r, (_, start, cnt) in enumerate(rows) if cnt > 0)
-    pos = 0
-    for start, end, r in spans:
-        if start != pos:
-            raise ValueError(
-                f"class_start: the ranks' shards [class_start, class_start + n) must tile [0, num_classes) "
-                f"without gaps or overlaps; got {[(s, s + c) for _, s, c in rows]} (rank {r} starts at {start}, "
-                f"expected {pos})"
-            )
-        pos = end
-    if pos == 0:
-        raise ValueError("weight_shard: the ranks' shards hold no class at all")
-    return pos
-
-
 def _check_targets(target_g: torch.Tensor, num_classes: int, ignore_index: int, sizes) -> None:
     """CPU: every target of the global batch is in [0, C) or ignore_index (the same error on every rank)."""
     bad = (target_g != ignore_index) & ((target_g < 0) | (target_g >= num_classes))
@@ -246,6 +247,169 @@ def _check_targets(target_g: torch.Tensor, num_classes: int, ignore_index: int, 
             f"target[{i - first}] on rank {r} = {int(target_g[i])} is outside [0, {num_classes}) "
             f"and is not ignore_index={ignore_index}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the ranks' agreement check (docs/reliability.md, case 29)
+# ---------------------------------------------------------------------------------------------
+# On CUDA tensors the check costs one host synchronization (it reads the gathered values), so it runs
+# on the first call per module (per group for the functional form) only; every rank makes the same
+# calls, so every rank skips or runs it alike. True: check every call on CUDA too (one sync a step).
+# CPU tensors are checked on every call (no device to wait for).
+CHECK_EVERY_CALL = False
+
+# what the check has passed once for (modules, process groups); weak, so nothing keeps a group alive
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_due(device: torch.device, key) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu" or CHECK_EVERY_CALL:
+        return True
+    try:
+        return key not in _CHECKED
+    except TypeError:  # not weakly referenceable: check every call
+        return True
+
+
+def _mark_checked(device: torch.device, key) -> None:
+    if device.type != "cpu":
+        try:
+            _CHECKED.add(key)
+        except TypeError:
+            pass
+
+
+class _Args:
+    """The locally validated arguments of one call (_prepare)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+# The values every rank must pass alike, in the order they are gathered: (what, kind, value of _Args).
+# kind: "int" (ints and bools), "float" (compared bit for bit), "name" (strings, dtypes, None: compared
+# by a CRC-32 of str()), "tensor" (a 0-d tensor, compared bit for bit as float64 on its device: no host
+# read). A mismatch in any of them would make the ranks' collectives differ in size or number (gloo
+# aborts the process, NCCL reads garbage or hangs), so they are compared before the first collective
+# whose size depends on them.
+_AGREE = (
+    ("the feature dimension D", "int", lambda a: a.D),
+    ("the features' dtype", "name", lambda a: a.features.dtype),
+    ("weight_shard's dtype", "name", lambda a: a.weight.dtype),
+    ("bias_shard (its dtype, or None)", "name", lambda a: None if a.bias is None else a.bias.dtype),
+    ("alpha's dtype", "name", lambda a: a.alpha_t.dtype),
+    ("normalize_weight", "int", lambda a: a.opts.normalize_weight),
+    ("margin_type", "name", lambda a: a.opts.margin_type),
+    ("margin", "name", lambda a: a.opts.to_dict()["margin"]),
+    ("ignore_index", "int", lambda a: a.opts.ignore_index),
+    ("label_smoothing", "name", lambda a: a.opts.to_dict()["label_smoothing"]),
+    ("eps", "float", lambda a: a.opts.eps),
+    ("reduction", "name", lambda a: a.reduction),
+    ("sample_rate", "float", lambda a: a.sample_rate),
+    ("grad mode (torch.is_grad_enabled())", "int", lambda a: torch.is_grad_enabled()),
+    ("features.requires_grad", "int", lambda a: a.features.requires_grad),
+    ("weight_shard.requires_grad", "int", lambda a: a.weight.requires_grad),
+    ("bias_shard.requires_grad", "int", lambda a: a.bias is not None and a.bias.requires_grad),
+    ("alpha.requires_grad", "int", lambda a: a.alpha_t.requires_grad),
+    ("len(batch_sizes) (-1: None)", "int", lambda a: -1 if a.batch_sizes is None else len(a.batch_sizes)),
+    ("batch_sizes", "name", lambda a: a.batch_sizes),
+    ("alpha", "tensor", lambda a: a.alpha_t),
+)
+_HEAD = ("a local argument error", "the batch size", "class_start", "the shard size")
+_NAMES = {zlib.crc32(str(v).encode()): str(v) for v in
+          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, None)}
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _encode(kind: str, v) -> int:
+    if kind == "float":
+        return _bits(v)
+    if kind == "int" and -2 ** 63 <= int(v) < 2 ** 63:
+        return int(v)
+    return zlib.crc32(str(v).encode())
+
+
+def _decode(kind: str, v: int):
+    if kind in ("float", "tensor"):
+        return struct.unpack("<d", struct.pack("<q", v))[0]
+    if kind == "name":
+        return _NAMES.get(v, f"<crc32 {v:#010x}>")
+    return v
+
+
+def _check_ranks(a, err, world: int, rank: int, group, device: torch.device) -> int:
+    """One all-gather of every rank's layout (batch size, class_start, shard size) and of the values
+    in _AGREE, on `device` (the features': gloo and NCCL both carry it); every rank reads the same
+    table and raises the same error. A rank whose arguments failed local validation (err) takes part
+    with a flag, and every rank raises (the others with its message), instead of leaving the others
+    blocked in a collective. Returns C (the shards' union)."""
+    host = [1, 0, 0, 0] if a is None else [0, a.B, a.class_start, a.n]
+    tensors = [(label, getter) for label, kind, getter in _AGREE if kind == "tensor"]
+    host += [0 if a is None else _encode(kind, getter(a)) for label, kind, getter in _AGREE if kind != "tensor"]
+    info = torch.tensor(host, dtype=torch.int64).to(device)
+    if tensors:
+        if a is None:
+            bits = torch.zeros(len(tensors), dtype=torch.int64, device=device)
+        else:  # on the device: no host read of a CUDA alpha
+            bits = torch.stack([getter(a).detach().reshape(()).to(device, torch.float64).view(torch.int64)
+                                for _, getter in tensors])
+        info = torch.cat([info, bits])
+    width = info.numel()
+    table = torch.empty(world * width, dtype=torch.int64, device=device)
+    _all_gather_single(table, info, group=group)
+    rows = table.view(world, width).tolist()  # the one host read (a sync on CUDA)
+
+    failed = [r for r in range(world) if rows[r][0]]
+    if failed:
+        msgs = [None] * world
+        dist.all_gather_object(msgs, None if err is None else (type(err).__name__, str(err)), group=group)
+        if err is not None:
+            raise err
+        name, msg = msgs[failed[0]]
+        exc = {"TypeError": TypeError, "ValueError": ValueError}.get(name, RuntimeError)
+        raise exc(f"rank {failed[0]} of the group rejected its arguments, so every rank stops: {name}: {msg}")
+
+    kinds = [k for _, k, _ in _AGREE if k != "tensor"] + ["tensor"] * len(tensors)
+    labels = [lab for lab, k, _ in _AGREE if k != "tensor"] + [lab for lab, _ in tensors]
+    sizes = [r[1] for r in rows]
+    for j, (label, kind) in enumerate(zip(labels, kinds), start=len(_HEAD)):
+        col = [r[j] for r in rows]
+        if len(set(col)) == 1:
+            continue
+        if label.startswith("len(batch_sizes)") or label == "batch_sizes":
+            lens = [r[labels.index("len(batch_sizes) (-1: None)") + len(_HEAD)] for r in rows]
+            raise ValueError(f"batch_sizes: the ranks passed different lists (lengths {lens} on ranks 0..{world - 1}, "
+                             f"-1: None); pass the same list on every rank (the ranks' batch sizes are {sizes})")
+        shown = [_decode(kind, v) for v in col]
+        raise ValueError(f"the ranks disagree on {label}: {shown} on ranks 0..{world - 1}; every rank of the group "
+                         f"must pass the same")
+
+    # every rank holds the same batch_sizes now
+    if a.batch_sizes is not None:
+        if sizes != a.batch_sizes:
+            raise ValueError(f"batch_sizes must list the {world} ranks' batch sizes: they are {sizes}, "
+                             f"got batch_sizes = {a.batch_sizes}")
+    elif len(set(sizes)) != 1:
+        raise ValueError(f"features: the ranks' batch sizes are {sizes}, expected equal batch sizes "
+                         f"(pass batch_sizes for uneven ones)")
+    spans = sorted((r[2], r[2] + r[3], i) for i, r in enumerate(rows) if r[3] > 0)
+    pos = 0
+    for start, end, r in spans:
+        if start != pos:
+            raise ValueError(
+                f"class_start: the ranks' shards [class_start, class_start + n) must tile [0, num_classes) "
+                f"without gaps or overlaps; got {[(x[2], x[2] + x[3]) for x in rows]} (rank {r} starts at {start}, "
+                f"expected {pos})"
+            )
+        pos = end
+    if pos == 0:
+        raise ValueError("weight_shard: the ranks' shards hold no class at all")
+    return pos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,43 +449,74 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                            generator=generator)[0]
 
 
-def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
-                    margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
-                    sample_rate, generator):
-    """-> (loss, sampled local indices or None)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("class_parallel_l2_softmax_loss needs torch.distributed initialized "
-                           "(torch.distributed.init_process_group)")
+def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
+             margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes, sample_rate) -> _Args:
+    """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
+    the argument), and what the step derives from them."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
     check_reduction(reduction)
-    check_sample_rate(sample_rate)
+    sample_rate = check_sample_rate(sample_rate)
     check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
                  classes="shard_classes", allow_no_classes=True)
     B, D = features.shape
-    n = weight_shard.shape[0]
     class_start = check_int("class_start", class_start, 0)
-    device = features.device
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     if batch_sizes is not None:
         batch_sizes = [check_int("batch_sizes[i]", b, 0) for b in batch_sizes]
-        if len(batch_sizes) != world or batch_sizes[rank] != B:
-            raise ValueError(f"batch_sizes must list the {world} ranks' batch sizes with batch_sizes[{rank}] = {B} "
-                             f"(this rank's), got {batch_sizes}")
-    sizes = list(batch_sizes) if batch_sizes is not None else [B] * world
     cdt = compute_dtype(features, weight_shard, bias_shard)
-    alpha_t = _alpha_tensor(alpha, device, cdt)
+    alpha_t = _alpha_tensor(alpha, features.device, cdt)
     dtypes = {features.dtype, weight_shard.dtype} | ({bias_shard.dtype} if bias_shard is not None else set())
-    name = resolve(backend, device.type, dtypes)
-    forward_op, _ = ops_for(name)
+    forward_op, _ = ops_for(resolve(backend, features.device.type, dtypes))
+    return _Args(opts=opts, reduction=reduction, sample_rate=sample_rate, features=features, weight=weight_shard,
+                 bias=bias_shard, B=B, D=D, n=weight_shard.shape[0], class_start=class_start,
+                 batch_sizes=batch_sizes, cdt=cdt, alpha_t=alpha_t, forward_op=forward_op)
+
+
+def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs):
+    """This shard's forward op on the global batch: (loss_r, lse_r, aux). The one place that spells
+    the op's schema. LOCAL target indices (-1 on rows owned elsewhere, which the op ignores) and no
+    label smoothing: the smoothing term is summed over the ranks separately (_shard_logit_sum)."""
+    shard_opts = dataclasses.replace(opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0)
+    return forward_op(X, W, local, alpha, b, *shard_opts.op_arguments(X.shape[0], X.device), *needs)
+
+
+def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
+                    margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
+                    sample_rate, generator, check_key=None):
+    """-> (loss, sampled local indices or None). check_key: what the CUDA agreement check is done once
+    for (the module; None: the group)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("class_parallel_l2_softmax_loss needs torch.distributed initialized "
+                           "(torch.distributed.init_process_group)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
+    key = check_key if check_key is not None else (group if group is not None else dist.group.WORLD)
+    check = _check_due(device, key)
+    try:
+        a = _prepare(features, weight_shard, target, class_start, alpha, bias_shard,
+                     normalize_weight=normalize_weight, margin=margin, margin_type=margin_type, reduction=reduction,
+                     ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, backend=backend,
+                     batch_sizes=batch_sizes, sample_rate=sample_rate)
+        err = None
+    except Exception as e:  # every rank learns of it in _check_ranks, which re-raises it here
+        if not check:
+            raise
+        a, err = None, e
+    if check:
+        # before any collective whose size depends on the checked values
+        num_classes_all = _check_ranks(a, err, world, rank, group, device)
+        _mark_checked(device, key)
+    elif a.batch_sizes is not None and (len(a.batch_sizes) != world or a.batch_sizes[rank] != a.B):
+        raise ValueError(f"batch_sizes must list the {world} ranks' batch sizes with batch_sizes[{rank}] = {a.B} "
+                         f"(this rank's), got {a.batch_sizes}")
+    opts, B, n, class_start, cdt, alpha_t = a.opts, a.B, a.n, a.class_start, a.cdt, a.alpha_t
+    sizes = list(a.batch_sizes) if a.batch_sizes is not None else [B] * world
     s = opts.label_smoothing
 
-    # 1. gather the global batch (features differentiably, alpha through the same node)
-    check = device.type == "cpu" and not torch.compiler.is_compiling()
-    if check:
-        num_classes_all = _check_layout(B, class_start, n, batch_sizes, world, group)
+    # 1. gather the global batch (features differentiably, alpha through the same node); targets
+    # are range-checked on CPU tensors only (reading them is a host sync on CUDA)
     target_g = _gather_rows(target.long(), sizes, group)
-    if check:
+    if check and device.type == "cpu":
         _check_targets(target_g, num_classes_all, ignore_index, sizes)
     X, Xc, alpha_g = _GatherFeatures.apply(features, alpha_t, sizes, rank, group, cdt)
     Xc = Xc if Xc.numel() else X  # the global features in the compute dtype
@@ -344,9 +539,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     if k > 0:
         needs = (grad_on and X.requires_grad, grad_on and W.requires_grad,
                  grad_on and b is not None and b.requires_grad, grad_on and alpha_g.requires_grad)
-        shard_opts = dataclasses.replace(opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0)
-        loss_r, lse_r, _aux = forward_op(X, W, local, alpha_g, b, *shard_opts.op_arguments(X.shape[0], device),
-                                         *needs)
+        loss_r, lse_r, _aux = _shard_forward(a.forward_op, X, W, local, alpha_g, b, opts, needs)
     else:
         # nothing to contribute; stay connected to every differentiable input (with exact zeros,
         # an empty slice sums to 0 even if X holds inf) so that this rank's backward runs the same
@@ -424,6 +617,50 @@ def _shard_logit_sum(X, W, b, local, own, alpha, opts, cdt):
 
 
 # ---------------------------------------------------------------------------------------------
+# DistributedDataParallel around the head (docs/reliability.md, case 29)
+# ---------------------------------------------------------------------------------------------
+_DDP_MESSAGE = (
+    "ClassParallelL2SoftmaxLoss {where} must not be wrapped in DistributedDataParallel: DDP would broadcast "
+    "rank 0's shard of the class matrix over every other rank's shard and average the shards' gradients. "
+    "Wrap the backbone, not the class-parallel head (the head does its own communication), or have DDP ignore "
+    "the head's shard: DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, {names}) "
+    "before wrapping model."
+)
+
+
+def _ddp_init_code():
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel.__init__.__code__
+
+
+def _refuse_ddp(head: nn.Module, prefix: str) -> None:
+    """Called from head.named_modules(): if DistributedDataParallel.__init__ is on the stack (it lists
+    its module's parameters, and thereby this head's, before it broadcasts rank 0's parameters),
+    raise unless DDP ignores the head's weight and bias. DDP only honours an ignore list set on the
+    module it wraps (the root), so the head cannot opt itself out; it can refuse. Cost: a walk of a
+    few dozen frames, comparing code objects."""
+    if torch.compiler.is_compiling():
+        return
+    code = _ddp_init_code()
+    f = sys._getframe(2)
+    for _ in range(200):
+        if f is None:
+            return
+        if f.f_code is code:
+            break
+        f = f.f_back
+    else:
+        return
+    names = [f"{prefix}.{n}" if prefix else n for n in ("weight", "bias") if head._parameters.get(n) is not None]
+    ddp = f.f_locals.get("self")
+    ignored = getattr(ddp, "parameters_to_ignore", None)
+    if ignored is None:  # a torch that reads the ignore list later: read it from the wrapped module
+        ignored = getattr(f.f_locals.get("module"), "_ddp_params_and_buffers_to_ignore", ())
+    if not all(n in ignored for n in names):
+        raise RuntimeError(_DDP_MESSAGE.format(where=f"'{prefix}'" if prefix else "(this module)", names=names))
+
+
+# ---------------------------------------------------------------------------------------------
 # the module
 # ---------------------------------------------------------------------------------------------
 class ClassParallelL2SoftmaxLoss(nn.Module):
@@ -439,9 +676,19 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
     full matrix with the keys of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process
     L2SoftmaxLoss loads it; load_full_state_dict(state) takes this rank's rows of a full one (load
     it with torch.load(..., mmap=True) so that no rank reads all of it into memory).
-    Initialization: weight uniform in +-1/sqrt(in_features) like L2SoftmaxLoss, drawn in blocks of
-    classes seeded from `seed` (from torch's default RNG when None) and the block index: the full
-    matrix does not depend on the number of ranks, and shards of equally seeded ranks differ.
+    Initialization (reset_parameters): weight uniform in +-1/sqrt(in_features) like L2SoftmaxLoss,
+    drawn in blocks of classes seeded from one seed and the block index, so the full matrix does
+    not depend on the number of ranks and shards of equally seeded ranks differ; bias zero; alpha
+    the constructor's value. The seed is `seed`, or, when None, rank 0's draw from torch's default
+    RNG broadcast to the group (every rank gets the same matrix whatever its RNG state; the
+    construction and reset_parameters() are then collectives). Meta-device construction
+    (`with torch.device("meta")`) allocates nothing and initializes nothing; to_empty(device=...)
+    then reset_parameters() initializes every parameter and buffer.
+
+    Not for DistributedDataParallel: DDP would broadcast rank 0's shard over the others and average
+    the shards' gradients, so DDP(head), or DDP(model) with the head inside, raises a RuntimeError
+    before DDP broadcasts anything (unless DDP is told to ignore the head's weight and bias). Wrap
+    the backbone, not the class-parallel head.
     """
 
     INIT_BLOCK = 4096  # classes per independently seeded block of the initialization
@@ -476,41 +723,85 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend, self.sample_rate = reduction, backend, float(sample_rate)
         self.last_sampled = None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        self.alpha_init = alpha
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_local, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
-        alpha_t = torch.tensor(float(alpha), dtype=torch.float32, device=device)
+        alpha_t = torch.empty((), dtype=torch.float32, device=device)
         if learn_alpha:
             self.alpha = nn.Parameter(alpha_t)
         else:
             self.register_buffer("alpha", alpha_t)
-        self.reset_parameters(seed)
+        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialize every parameter and buffer: weight from `seed` (see the class docstring), bias
+        zero, alpha the constructor's value. seed=None: the constructor's seed; if that was None too,
+        rank 0 draws one from torch's default RNG and broadcasts it (a collective: every rank calls
+        reset_parameters together), so the full matrix is a function of one seed on every rank.
+        On the meta device there is nothing to fill (and no collective): call it again after
+        to_empty()."""
+        if self.weight.is_meta:
+            return
         if seed is None:
-            seed = int(torch.randint(0, 2 ** 62, (1,)))
+            seed = self.seed if self.seed is not None else self._shared_seed()
         bound = 1.0 / math.sqrt(self.in_features)
         lo, hi, blk = self.class_start, self.class_start + self.num_local, self.INIT_BLOCK
         pieces = []
         for block in range(lo // blk, (hi + blk - 1) // blk):
             g = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2 ** 63))
-            rows = torch.rand(blk, self.in_features, generator=g, dtype=torch.float64) * (2 * bound) - bound
+            rows = torch.rand(blk, self.in_features, generator=g, dtype=torch.float64, device="cpu")
+            rows = rows * (2 * bound) - bound
             a, e = max(lo, block * blk), min(hi, (block + 1) * blk)
             pieces.append(rows[a - block * blk: e - block * blk])
         if pieces:
             self.weight.copy_(torch.cat(pieces))
         if self.bias is not None:
             self.bias.zero_()
+        self._set_alpha(self.alpha_init)
+
+    def _shared_seed(self) -> int:
+        """Rank 0's draw from torch's default RNG, broadcast to the group (every rank draws, so every
+        rank's RNG advances alike)."""
+        mine = int(torch.randint(0, 2 ** 62, (1,), device="cpu"))
+        box = [mine]
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return int(box[0])
+
+    @torch.no_grad()
+    def _set_alpha(self, value) -> None:
+        """The one place that writes alpha (a number or a 0-d tensor)."""
+        self.alpha.copy_(torch.as_tensor(value, dtype=torch.float64))
+
+    def _alpha_value(self) -> torch.Tensor:
+        """alpha as the loss uses it (0-d, differentiable when learnable)."""
+        return self.alpha
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        # DistributedDataParallel(head) reads this before it broadcasts anything: refuse (see _refuse_ddp)
+        raise RuntimeError(_DDP_MESSAGE.format(where="(the module DDP wraps)", names=["weight", "bias"]))
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        # DistributedDataParallel(model containing this head) lists the head's parameters through here
+        # before it broadcasts anything: refuse unless DDP ignores them (see _refuse_ddp)
+        _refuse_ddp(self, prefix)
+        return super().named_modules(memo, prefix, remove_duplicate)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         o = self.options
         loss, sampled = _class_parallel(
-            features, self.weight, target, self.class_start, self.alpha, self.bias, group=self.group,
+            features, self.weight, target, self.class_start, self._alpha_value(), self.bias, group=self.group,
             normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
             reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
-            backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator)
+            backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
+            check_key=self)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 
@@ -521,7 +812,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         out = {"weight": self._gather_full(self.weight, dst)}
         if self.bias is not None:
             out["bias"] = self._gather_full(self.bias, dst)
-        out["alpha"] = self.alpha.detach().clone()
+        out["alpha"] = self._alpha_value().detach().clone()
         return out if dst is None or dst == self.rank else None
 
     def _gather_full(self, t: torch.Tensor, dst):
@@ -560,13 +851,13 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         elif "bias" in state:
             raise ValueError("state has a 'bias' but this module has none (bias=False)")
         if "alpha" in state:
-            self.alpha.copy_(state["alpha"])
+            self._set_alpha(state["alpha"])
 
     def extra_repr(self) -> str:
         o = self.options
         s = (f"in_features={self.in_features}, num_classes={self.num_classes}, "
              f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}, "
-             f"alpha={float(self.alpha.detach()):g}, learn_alpha={isinstance(self.alpha, nn.Parameter)}, "
+             f"alpha={float(self._alpha_value().detach()):g}, learn_alpha={isinstance(self.alpha, nn.Parameter)}, "
              f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}{o.repr_extras()}")
         if self.sample_rate < 1:
             s += f", sample_rate={self.sample_rate:g}"
