@@ -92,10 +92,7 @@ class L2SoftmaxLoss(nn.Module):
         return "alpha_raw" in self._parameters
 
     def __getattr__(self, name):
-        if name == "alpha" and "alpha_raw" in self.__dict__.get("_parameters", {}):
-            # alpha_min + exp(alpha_raw): > alpha_min by construction, differentiable
-            return self._parameters["alpha_raw"].exp() + self.alpha_min
-        return super().__getattr__(name)
+        return getattr_with_alpha(self, name)
 
     @torch.no_grad()
     def set_alpha(self, value) -> None:
@@ -199,19 +196,35 @@ class L2SoftmaxLoss(nn.Module):
                 "strict=False)")
 
     def _register_state_hooks(self) -> None:
-        post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
-        post(_save_alpha_as_radius)
-        pre = getattr(self, "register_load_state_dict_pre_hook", None)
-        if pre is not None:
-            pre(_load_alpha_and_options)
-        else:  # older torch: the private form with the module as the first argument
-            self._register_load_state_dict_pre_hook(_load_alpha_and_options, with_module=True)
+        register_alpha_state_hooks(self, with_options=True)
+
+
+def getattr_with_alpha(module: nn.Module, name: str):
+    """nn.Module.__getattr__, plus `alpha` = alpha_min + exp(alpha_raw) for a learned alpha (> alpha_min
+    by construction, differentiable)."""
+    if name == "alpha" and "alpha_raw" in module.__dict__.get("_parameters", {}):
+        return module._parameters["alpha_raw"].exp() + module.alpha_min
+    return nn.Module.__getattr__(module, name)
 
 
 def default_alpha_min(num_classes: int) -> float:
     """The floor of a learned alpha: the paper's lower bound for target probability 0.9
     (alpha_lower_bound), or 0.5 below 3 classes where the bound is not defined."""
     return alpha_lower_bound(num_classes) if num_classes >= 3 else 0.5
+
+
+def register_alpha_state_hooks(module: nn.Module, with_options: bool = False) -> None:
+    """state_dict hooks of a module with an alpha (buffer, or learned as alpha_min + exp(alpha_raw)):
+    the state_dict stores the radius as "alpha" either way; with_options, a checkpoint without the
+    module's "_extra_state" (older versions) loads as if it matched."""
+    post = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+    post(_save_alpha_as_radius)
+    hook = _load_alpha_and_options if with_options else _load_alpha
+    pre = getattr(module, "register_load_state_dict_pre_hook", None)
+    if pre is not None:
+        pre(hook)
+    else:  # older torch: the private form with the module as the first argument
+        module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 def _save_alpha_as_radius(module, state_dict, prefix, local_metadata):
@@ -223,9 +236,17 @@ def _save_alpha_as_radius(module, state_dict, prefix, local_metadata):
 
 def _load_alpha_and_options(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                             error_msgs):
+    """load_state_dict pre-hook: _load_alpha, and a checkpoint from before the options were stored (no
+    "_extra_state") loads as if it matched."""
+    _load_alpha(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    extra = prefix + "_extra_state"
+    if extra not in state_dict:
+        state_dict[extra] = module.get_extra_state()
+
+
+def _load_alpha(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """load_state_dict pre-hook: "alpha" (the radius) becomes alpha_raw for a learned alpha (a radius
-    not above alpha_min, e.g. from a run whose plain alpha went negative, is refused); a checkpoint from
-    before the options were stored (no "_extra_state") loads as if it matched."""
+    not above alpha_min, e.g. from a run whose plain alpha went negative, is refused)."""
     key = prefix + "alpha"
     if module.learn_alpha and key in state_dict:
         a = state_dict.pop(key)
@@ -233,6 +254,3 @@ def _load_alpha_and_options(module, state_dict, prefix, local_metadata, strict, 
             raise RuntimeError(f"{type(module).__name__}: the checkpoint's alpha = {float(a):g} is not above "
                                f"alpha_min = {module.alpha_min:g}; a learned alpha is alpha_min + exp(alpha_raw)")
         state_dict[prefix + "alpha_raw"] = torch.log(a.detach().double() - module.alpha_min).to(torch.float32)
-    extra = prefix + "_extra_state"
-    if extra not in state_dict:
-        state_dict[extra] = module.get_extra_state()

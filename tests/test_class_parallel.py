@@ -431,8 +431,7 @@ def _work_module(rank, world, backend, tmpdir):
     assert abs(float(ld) - float(ls)) <= 1e-12 * abs(float(ls))
     for got, want in ((xd.grad, xs.grad[4 * rank: 4 * rank + 4]), (head.weight.grad, single.weight.grad[c0:c1]),
                       (head.bias.grad, single.bias.grad[c0:c1]),
-                      # single-process: alpha = alpha_min + exp(alpha_raw): dL/d alpha = dL/d alpha_raw / (alpha - alpha_min)
-                      (head.alpha.grad, single.alpha_raw.grad / (single.alpha.detach() - single.alpha_min))):
+                      (head.alpha_raw.grad, single.alpha_raw.grad)):  # both alpha_min + exp(alpha_raw)
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
     # save on rank 0 only, load into a module with another split
     part = head.full_state_dict(dst=0)
@@ -448,7 +447,7 @@ def _work_module(rank, world, backend, tmpdir):
     c0 = sum(sizes[:rank])
     assert torch.equal(other.weight, full["weight"][c0: c0 + sizes[rank]])
     assert torch.equal(other.bias, full["bias"][c0: c0 + sizes[rank]])
-    assert float(other.alpha) == float(head.alpha)
+    assert float(other.alpha.detach()) == pytest.approx(float(head.alpha.detach()), rel=1e-6)
     assert "shard=" in repr(other)
     # Partial FC through the module: last_sampled holds this rank's global class indices
     pfc = LD.ClassParallelL2SoftmaxLoss(D, C, sample_rate=0.5, backend=backend, dtype=torch.float64, seed=7, **kw)
@@ -509,6 +508,55 @@ def _work_arcface_fallback(rank, world, backend, dtype, combos):
                tag="arcface fallback", fallback=True)
 
 
+def _work_margin_family(rank, world, backend, dtype):
+    """Sub-centers (K = 1, 2, 3) with per-row margins (each rank passes its own rows' (B,) m2, m3),
+    label smoothing on and off, a "detached" case: every rank's loss and gradient slices against the
+    single-process op on the concatenated batch and the full matrix, and against the float64 reference."""
+    lay = LAYOUTS[world]
+    shards, batch = lay["shards"], lay["uneven_batch"]
+    C, Bg = sum(shards), sum(batch)
+    r0, r1 = sum(batch[:rank]), sum(batch[: rank + 1])
+    c0, c1 = sum(shards[:rank]), sum(shards[: rank + 1])
+    cases = [(1, 0.1, "exact"), (2, 0.0, "exact"), (3, 0.1, "exact"), (3, 0.1, "detached")]
+    for i, (K, ls, mg) in enumerate(cases):
+        g = torch.Generator().manual_seed(500 + i)
+        x = torch.randn(Bg, D, generator=g, dtype=torch.float64)
+        w = torch.randn(C * K, D, generator=g, dtype=torch.float64) * 0.3
+        b = torch.randn(C, generator=g, dtype=torch.float64) * 0.2
+        t = torch.randint(0, C, (Bg,), generator=g)
+        t[1] = -100
+        m2 = 0.2 + 0.4 * torch.rand(Bg, generator=g, dtype=torch.float64)
+        m2[::4] = 0.0
+        m3 = 0.3 * torch.rand(Bg, generator=g, dtype=torch.float64)
+        go = torch.randn(Bg, generator=g, dtype=torch.float64)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+        alpha = torch.tensor(10.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        common = dict(normalize_weight=True, margin_type="combined", label_smoothing=ls, subcenters=K,
+                      margin_grad=mg, reduction="none")
+        leaves = dict(x=_leaf(x[r0:r1]), weight=_leaf(w[c0 * K:c1 * K]), bias=_leaf(b[c0:c1]), alpha=_leaf(alpha))
+        out = LD.class_parallel_l2_softmax_loss(leaves["x"], leaves["weight"], t[r0:r1], c0, leaves["alpha"],
+                                                leaves["bias"], backend=backend, batch_sizes=batch,
+                                                margin=(1.0, m2[r0:r1], m3[r0:r1]), **common)
+        got = _grads(out, go, leaves)
+        kw = dict(common, margin=(1.0, m2, m3))
+        single, sg = _single(lambda *a, **k: L.l2_softmax_loss(*a, backend=backend, **k), x, w, b, t, alpha, go, **kw)
+        ref, rg = _single(lambda *a, **k: L.l2_softmax_loss_ref(*a, upcast=True, **k), x, w, b, t, alpha, go,
+                          upcast=True, **kw)
+        name = f"rank {rank} K={K} ls={ls} {mg} {dtype}"
+        assert_accurate(f"loss [{name}]", out.detach(), ref, single, dtype)
+        for k, gk in got.items():
+            if k == "x":
+                want, base = rg[k][r0:r1], sg[k][r0:r1]
+            elif k == "weight":
+                want, base = rg[k][c0 * K:c1 * K], sg[k][c0 * K:c1 * K]
+            elif k == "bias":
+                want, base = rg[k][c0:c1], sg[k][c0:c1]
+            else:
+                want, base = rg[k], sg[k]
+            assert gk is not None and gk.shape == leaves[k].shape, f"grad {k} [{name}]"
+            assert_accurate(f"grad {k} [{name}]", gk, want, base, dtype if k == "alpha" else leaves[k].dtype)
+
+
 def _work_meta_init(rank, world):
     """Meta-device construction, to_empty, reset_parameters: every parameter and buffer set, alpha
     included; the full matrix a function of one seed (rank 0's draw) whatever each rank's RNG."""
@@ -526,24 +574,24 @@ def _work_meta_init(rank, world):
                 t.fill_(math.nan)
         torch.manual_seed(100 + rank)  # every rank's RNG differs
         m.reset_parameters()
-        assert isinstance(m.alpha, torch.nn.Parameter) == learn_alpha
-        assert m.alpha.dtype == torch.float32 and float(m.alpha) == 7.5, m.alpha
+        assert m.learn_alpha == learn_alpha
+        assert m.alpha.dtype == torch.float32 and float(m.alpha.detach()) == pytest.approx(7.5, rel=1e-6), m.alpha
         assert bool((m.bias == 0).all())
         full = m.full_state_dict()
         want = LD.ClassParallelL2SoftmaxLoss(D, C, alpha=7.5, bias=True, seed=seed0 if seed is None else seed,
                                              dtype=torch.float64, backend="eager").full_state_dict()
         assert torch.equal(full["weight"], want["weight"]), "the full matrix is not the one of rank 0's seed"
         alphas = [None] * world
-        dist.all_gather_object(alphas, float(m.alpha))
-        assert alphas == [7.5] * world
+        dist.all_gather_object(alphas, float(m.alpha.detach()))
+        assert alphas == [alphas[0]] * world and alphas[0] == pytest.approx(7.5, rel=1e-6)
     # a seeded module: reset_parameters() reproduces the constructor's matrix and alpha
-    m = LD.ClassParallelL2SoftmaxLoss(D, C, alpha=3.0, learn_alpha=True, seed=9, dtype=torch.float64)
+    m = LD.ClassParallelL2SoftmaxLoss(D, C, alpha=6.0, learn_alpha=True, seed=9, dtype=torch.float64)
     w0 = m.weight.detach().clone()
     with torch.no_grad():
         m.weight.add_(1.0)
-        m.alpha.fill_(0.5)
+        m.alpha_raw.fill_(0.5)
     m.reset_parameters()
-    assert torch.equal(m.weight, w0) and float(m.alpha) == 3.0
+    assert torch.equal(m.weight, w0) and float(m.alpha.detach()) == pytest.approx(6.0, rel=1e-6)
     # an unseeded module: one seed for every rank, drawn anew by each reset
     torch.manual_seed(200 + rank)
     m = LD.ClassParallelL2SoftmaxLoss(D, C, dtype=torch.float64)
@@ -602,7 +650,7 @@ def _work_ddp(rank, world, backend):
         assert torch.equal(head.weight, w0) and torch.equal(head.bias, b0), "a shard was overwritten"
         torch.testing.assert_close(head.weight.grad, ref_net.head.weight.grad[c0:c1], rtol=1e-11, atol=1e-12)
         torch.testing.assert_close(head.bias.grad, ref_net.head.bias.grad[c0:c1], rtol=1e-11, atol=1e-12)
-        torch.testing.assert_close(head.alpha.grad, ref_net.head.alpha.grad, rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(head.alpha_raw.grad, ref_net.head.alpha_raw.grad, rtol=1e-11, atol=1e-12)
         for p, q in zip(net.backbone.parameters(), ref_net.backbone.parameters()):
             torch.testing.assert_close(p.grad, q.grad * backbone_grad_scale, rtol=1e-11, atol=1e-12)
         net.zero_grad(set_to_none=True)
@@ -690,7 +738,7 @@ def _work_disagree(rank, world):
              rf"rank {world - 1} of the group rejected its arguments.*ValueError: margin_type must be one of")
     with pytest.raises(ValueError, match=match):
         call(**bad)
-    with pytest.raises(TypeError, match=r"target must be an int64 tensor" if last else r"rejected its arguments"):
+    with pytest.raises(TypeError, match=r"target must be an int64 \(or int32\) tensor" if last else r"rejected its arguments"):
         call(target=t.float() if last else t)
     with pytest.raises(ValueError, match=r"batch_sizes\[i\] must be an int" if last else r"rejected its arguments"):
         call(batch_sizes=[-1] * world if last else None)
@@ -766,6 +814,15 @@ def test_arcface_fallback_region(backend, world):
     loss and gradients against the float64 reference and the single-process op."""
     dtype = torch.float64 if supports_fp64(backend) else torch.float32
     _spawn(_work_arcface_fallback, world, backend, dtype, FALLBACK_COMBOS[:2] if is_slow(backend) else FALLBACK_COMBOS)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_subcenters_and_per_row_margins(backend, world):
+    """The margin family across ranks: sub-centers, per-row margins (gathered with the rows), label
+    smoothing with sub-centers (its sum over a shard's classes comes from a second shard op), the
+    detached gradient."""
+    dtype = torch.float64 if supports_fp64(backend) else torch.float32
+    _spawn(_work_margin_family, world, backend, dtype)
 
 
 def test_meta_device_init():

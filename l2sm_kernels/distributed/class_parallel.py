@@ -89,9 +89,10 @@ from torch import nn
 
 from ..backends import ops_for, resolve
 from ..backends.registry import check_backend
-from ..loss import _alpha_tensor, check_inputs
+from ..loss import _alpha_tensor, check_inputs, check_option_tensors, warn_angular_unnormalized
 from ..options import (
     FLOAT_DTYPES,
+    MARGIN_GRADS,
     MARGIN_TYPES,
     REDUCTIONS,
     L2SMOptions,
@@ -101,7 +102,10 @@ from ..options import (
     check_sample_rate,
     compute_dtype,
 )
+from ..module import (L2SoftmaxLoss, default_alpha_min, getattr_with_alpha, initial_alpha,
+                      register_alpha_state_hooks)
 from ..reference import target_margin
+from ..sampling import partial_fc_sample
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelL2SoftmaxLoss"]
 
@@ -209,31 +213,6 @@ def shard_sizes(num_classes: int, world_size: int) -> list[int]:
     return [q + (r < rem) for r in range(world_size)]
 
 
-def partial_fc_sample(target: torch.Tensor, class_start: int, num_local: int, sample_rate: float, *,
-                      ignore_index: int = -100, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Partial FC negative sampling of one shard (An et al., "Killing Two Birds with One Stone",
-    CVPR 2022; InsightFace's PartialFC_V2.sample): every class of [class_start, class_start +
-    num_local) that is a target of the global batch `target`, plus random others, in all
-    max(int(sample_rate * num_local), positives) classes. Returns their sorted LOCAL indices (int64).
-
-    The draw uses torch.rand(num_local, generator=generator) on target's device (this rank's RNG when
-    generator is None). Ranks need not agree on anything: each samples its own shard from the global
-    targets, which every rank holds. Reading the number of positives is a host synchronization.
-    """
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    local = target - class_start
-    own = (local >= 0) & (local < num_local) & (target != ignore_index)
-    # mark positives without a data-dependent shape: slot 0 collects the rows owned elsewhere
-    slots = torch.zeros(num_local + 1, dtype=torch.bool, device=target.device)
-    slots[torch.where(own, local + 1, 0)] = True
-    positive = slots[1:]
-    k = max(int(sample_rate * num_local), int(positive.sum()))
-    score = torch.rand(num_local, generator=generator, device=target.device)
-    score = torch.where(positive, torch.full_like(score, 2.0), score)  # rand < 1 < 2: positives first
-    return torch.topk(score, k, sorted=False).indices.sort().values
-
-
 def _check_targets(target_g: torch.Tensor, num_classes: int, ignore_index: int, sizes) -> None:
     """CPU: every target of the global batch is in [0, C) or ignore_index (the same error on every rank)."""
     bad = (target_g != ignore_index) & ((target_g < 0) | (target_g >= num_classes))
@@ -302,9 +281,13 @@ _AGREE = (
     ("alpha's dtype", "name", lambda a: a.alpha_t.dtype),
     ("normalize_weight", "int", lambda a: a.opts.normalize_weight),
     ("margin_type", "name", lambda a: a.opts.margin_type),
-    ("margin", "name", lambda a: a.opts.to_dict()["margin"]),
+    ("margin", "float", lambda a: _number(a.opts.margin_parts()[0])),
+    ("the margin's additive part m3", "float", lambda a: _number(a.opts.margin_parts()[1])),
+    ("the margins' forms (m2, m3)", "name", lambda a: _margin_form(a.opts)),
+    ("subcenters", "int", lambda a: a.opts.subcenters),
+    ("margin_grad", "name", lambda a: a.opts.margin_grad),
     ("ignore_index", "int", lambda a: a.opts.ignore_index),
-    ("label_smoothing", "name", lambda a: a.opts.to_dict()["label_smoothing"]),
+    ("label_smoothing", "float", lambda a: _number(a.opts.label_smoothing)),
     ("eps", "float", lambda a: a.opts.eps),
     ("reduction", "name", lambda a: a.reduction),
     ("sample_rate", "float", lambda a: a.sample_rate),
@@ -316,10 +299,44 @@ _AGREE = (
     ("len(batch_sizes) (-1: None)", "int", lambda a: -1 if a.batch_sizes is None else len(a.batch_sizes)),
     ("batch_sizes", "name", lambda a: a.batch_sizes),
     ("alpha", "tensor", lambda a: a.alpha_t),
+    ("margin m2 (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.margin_parts()[0], a)),
+    ("margin m3 (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.margin_parts()[1], a)),
+    ("label_smoothing (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.label_smoothing, a)),
 )
 _HEAD = ("a local argument error", "the batch size", "class_start", "the shard size")
+_FORMS = ("none", "number", "0-d tensor", "per-row tensor")  # how a margin part is given (_form)
 _NAMES = {zlib.crc32(str(v).encode()): str(v) for v in
-          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, None)}
+          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, *MARGIN_GRADS, None,
+           *(f"({u}, {v})" for u in _FORMS for v in _FORMS))}
+
+
+def _form(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, torch.Tensor):
+        return "per-row tensor" if v.dim() == 1 else "0-d tensor"
+    return "number"
+
+
+def _margin_form(opts: L2SMOptions) -> str:
+    """How the margin's parts are given (a (B,) tensor holds each rank's own rows, so only its form is
+    compared; a 0-d tensor's value is compared on the device, numbers bit for bit)."""
+    m2, m3 = opts.margin_parts()
+    return f"({_form(m2)}, {_form(m3)})"
+
+
+def _number(v) -> float:
+    """A number option as itself, absent (None) as 0, a tensor as NaN (its value is compared apart)."""
+    if v is None:
+        return 0.0
+    return math.nan if isinstance(v, torch.Tensor) else v
+
+
+def _scalar_value(v, a) -> torch.Tensor:
+    """A 0-d tensor option's value for the agreement table (0 for anything else: compared elsewhere)."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        return v.detach()
+    return torch.zeros((), dtype=torch.float64, device=a.features.device)
 
 
 def _bits(x: float) -> int:
@@ -418,12 +435,14 @@ def _check_ranks(a, err, world: int, rank: int, group, device: torch.device) -> 
 def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, alpha=16.0, bias_shard=None, *,
                                    group=None, normalize_weight=False, margin=0.0, margin_type="none",
                                    reduction="mean", ignore_index=-100, label_smoothing=0.0, eps=1e-12,
-                                   backend="auto", batch_sizes=None, sample_rate=1.0, generator=None):
+                                   subcenters=1, margin_grad="exact", backend="auto", batch_sizes=None,
+                                   sample_rate=1.0, generator=None):
     """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
 
     Args:
         features: (B, D) this rank's rows of the batch.
-        weight_shard: (n, D) rows [class_start, class_start + n) of the global class matrix (n may be 0).
+        weight_shard: (n K, D): classes [class_start, class_start + n) of the global class matrix, K rows
+            (sub-centers) each (n may be 0).
         target: (B,) int64 global class indices of this rank's rows, or ignore_index.
         class_start: int, the first global class index of this rank's shard.
         alpha: a number > 0, or a 0-d tensor (may require grad: its gradient is the full one, summed
@@ -435,7 +454,8 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
             weight_shard / bias_shard get a zero gradient, and the loss is the loss over the sampled
             classes (label smoothing averages over them).
         generator: the torch.Generator of the sampling (this rank's RNG when None).
-        Other options: as l2_softmax_loss.
+        Other options: as l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
+            subcenters, margin_grad, label smoothing).
 
     Returns: the loss of the global batch, identical on every rank (reduction "mean" averages over the
         non-ignored rows of all ranks; "none" gives the B_g rows in rank order). Gradients of
@@ -445,21 +465,25 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
     return _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, group=group,
                            normalize_weight=normalize_weight, margin=margin, margin_type=margin_type,
                            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           eps=eps, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
-                           generator=generator)[0]
+                           eps=eps, subcenters=subcenters, margin_grad=margin_grad, backend=backend,
+                           batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator)[0]
 
 
 def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
-             margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes, sample_rate) -> _Args:
+             margin_type, reduction, ignore_index, label_smoothing, eps, subcenters, margin_grad, backend, batch_sizes,
+             sample_rate) -> _Args:
     """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
     the argument), and what the step derives from them."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
-                       ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
+                       ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
+                       margin_grad=margin_grad)
     check_reduction(reduction)
     sample_rate = check_sample_rate(sample_rate)
-    check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
-                 classes="shard_classes", allow_no_classes=True)
+    n = check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
+                     classes="shard_classes", allow_no_classes=True, subcenters=opts.subcenters)
     B, D = features.shape
+    opts = check_option_tensors(opts, B, features.device)
+    warn_angular_unnormalized(opts)
     class_start = check_int("class_start", class_start, 0)
     if batch_sizes is not None:
         batch_sizes = [check_int("batch_sizes[i]", b, 0) for b in batch_sizes]
@@ -468,8 +492,19 @@ def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, 
     dtypes = {features.dtype, weight_shard.dtype} | ({bias_shard.dtype} if bias_shard is not None else set())
     forward_op, _ = ops_for(resolve(backend, features.device.type, dtypes))
     return _Args(opts=opts, reduction=reduction, sample_rate=sample_rate, features=features, weight=weight_shard,
-                 bias=bias_shard, B=B, D=D, n=weight_shard.shape[0], class_start=class_start,
+                 bias=bias_shard, B=B, D=D, n=n, class_start=class_start,
                  batch_sizes=batch_sizes, cdt=cdt, alpha_t=alpha_t, forward_op=forward_op)
+
+
+def _global_options(opts: L2SMOptions, sizes, group) -> L2SMOptions:
+    """The options of the global batch: per-row margins ((B,) tensors of each rank's rows) gathered to
+    the B_g rows in rank order (no gradient flows to margins); everything else as given."""
+    m2, m3 = opts.margin_parts()
+    rows = [isinstance(v, torch.Tensor) and v.dim() == 1 for v in (m2, m3)]
+    if not any(rows):
+        return opts
+    m2, m3 = (_gather_rows(v.detach(), sizes, group) if r else (0.0 if v is None else v) for v, r in zip((m2, m3), rows))
+    return dataclasses.replace(opts, margin_type="combined", margin=(1.0, m2, m3))
 
 
 def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs):
@@ -482,7 +517,7 @@ def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs):
 
 def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
                     margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
-                    sample_rate, generator, check_key=None):
+                    sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None):
     """-> (loss, sampled local indices or None). check_key: what the CUDA agreement check is done once
     for (the module; None: the group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -495,8 +530,8 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     try:
         a = _prepare(features, weight_shard, target, class_start, alpha, bias_shard,
                      normalize_weight=normalize_weight, margin=margin, margin_type=margin_type, reduction=reduction,
-                     ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, backend=backend,
-                     batch_sizes=batch_sizes, sample_rate=sample_rate)
+                     ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
+                     margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate)
         err = None
     except Exception as e:  # every rank learns of it in _check_ranks, which re-raises it here
         if not check:
@@ -511,7 +546,10 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                          f"(this rank's), got {a.batch_sizes}")
     opts, B, n, class_start, cdt, alpha_t = a.opts, a.B, a.n, a.class_start, a.cdt, a.alpha_t
     sizes = list(a.batch_sizes) if a.batch_sizes is not None else [B] * world
+    opts = _global_options(opts, sizes, group)
+    K = opts.subcenters
     s = opts.label_smoothing
+    smooth = opts.smoothing_on
 
     # 1. gather the global batch (features differentiably, alpha through the same node); targets
     # are range-checked on CPU tensors only (reading them is a host sync on CUDA)
@@ -530,11 +568,12 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     if sample_rate < 1.0 and n > 0:
         sampled = partial_fc_sample(target_g, class_start, n, float(sample_rate), ignore_index=ignore_index,
                                     generator=generator)
-        W = weight_shard.index_select(0, sampled)  # backward: zeros on the unsampled rows
+        rows_s = (sampled[:, None] * K + torch.arange(K, device=sampled.device)).reshape(-1) if K > 1 else sampled
+        W = weight_shard.index_select(0, rows_s)  # backward: zeros on the unsampled rows
         b = bias_shard.index_select(0, sampled) if bias_shard is not None else None
         # every owned target is sampled, so searchsorted finds its exact position
         local = torch.where(own, torch.searchsorted(sampled, local.clamp_min(0)), local)
-    k = W.shape[0]
+    k = W.shape[0] // K  # classes in this shard's part (sampled ones with Partial FC)
     grad_on = torch.is_grad_enabled()
     if k > 0:
         needs = (grad_on and X.requires_grad, grad_on and W.requires_grad,
@@ -559,9 +598,13 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # only if no rank has a class
     parts.append(torch.exp(lse_r - m))
     parts.append(z_t)
-    if s > 0:
-        parts.append(_shard_logit_sum(Xc, W, b, local, own, alpha_g, opts, cdt) if k > 0
-                     else torch.zeros_like(lse_r) + lse_r[:0].sum())
+    if smooth:
+        if k == 0:
+            parts.append(torch.zeros_like(lse_r) + lse_r[:0].sum())
+        elif K == 1:
+            parts.append(_shard_logit_sum(Xc, W, b, local, own, alpha_g, opts, cdt))
+        else:
+            parts.append(_shard_logit_sum_subcenters(a.forward_op, X, Xc, W, b, local, own, alpha_g, opts, cdt, needs))
     parts.append(own.to(cdt))
     stats = torch.cat([torch.stack(parts).reshape(-1), torch.full((1,), float(k), dtype=cdt, device=device)])
     total = _SumOverRanks.apply(stats, group)
@@ -573,7 +616,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     # 3. the global loss of every row
     lse = m + torch.log(sumexp)
     loss = lse - (1 - s) * z_target
-    if s > 0:
+    if smooth:
         loss = loss - (s / num_classes) * rows[2]
     bad = valid & (owners != 1)  # a target no shard (or two shards) own: out of range, or a broken layout
     if device.type != "cpu" or torch.compiler.is_compiling():
@@ -588,6 +631,33 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     else:
         out = loss.sum() / valid.sum()
     return out, sampled
+
+
+def _shard_logit_sum_subcenters(forward_op, X, Xc, W, b, local, own, alpha, opts, cdt, needs):
+    """sum over this shard's classes of z_ij with K sub-centers (B_g,), differentiable. The class
+    cosines are maxima over sub-centers, so no column sum of W gives them: one more shard op with
+    label smoothing 1, no margin and a dummy target (class 0) gives lse - mean_j z'_ij = its loss, so
+    sum_j z'_ij = k (lse - loss) (2 GEMM-equivalents more, this combination only); then the target's
+    margin on the rows this shard owns, alpha (f(c_iy) - c_iy), with c_iy the maximum over the target's
+    K rows (a gather: O(B_g K D))."""
+    k = W.shape[0] // opts.subcenters
+    plain = dataclasses.replace(opts, margin_type="none", margin=0.0, label_smoothing=1.0, ignore_index=_LOCAL_IGNORE)
+    dummy = torch.zeros_like(local)
+    loss1, lse1, _ = forward_op(X, W, dummy, alpha, b, *plain.op_arguments(X.shape[0], X.device), *needs)
+    out = k * (lse1 - loss1)
+    if opts.margin_kind != "none":
+        K = opts.subcenters
+        with torch.autocast(device_type=X.device.type, enabled=False):
+            x_hat = F.normalize(Xc.to(cdt), dim=1, eps=opts.eps)
+            col = local.clamp_min(0)
+            rows = (col[:, None] * K + torch.arange(K, device=col.device)).reshape(-1)
+            w_t = W.to(cdt).index_select(0, rows).view(-1, K, W.shape[1])
+            if opts.normalize_weight:
+                w_t = F.normalize(w_t, dim=2, eps=opts.eps)
+            c_t = (w_t * x_hat[:, None, :]).sum(2).max(dim=1).values
+            delta = target_margin(c_t, opts) - c_t
+            out = out + alpha.to(cdt) * torch.where(own, delta, torch.zeros_like(delta))
+    return out
 
 
 def _shard_logit_sum(X, W, b, local, own, alpha, opts, cdt):
@@ -671,6 +741,9 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
     forward(features (B, in_features), target (B,) global class indices, batch_sizes=None) -> the
     loss of the global batch (see class_parallel_l2_softmax_loss). With sample_rate < 1, Partial FC
     sampling; `last_sampled` then holds the global indices of the classes this rank sampled last.
+    With subcenters=K the shard holds num_local classes of K rows each (weight (num_local K, D)).
+    A learned alpha is alpha_min + exp(alpha_raw), as in L2SoftmaxLoss (alpha_min defaults to
+    alpha_lower_bound(num_classes)); the state_dict and full_state_dict store the radius as "alpha".
 
     The state_dict holds this rank's shard (a per-rank checkpoint). full_state_dict() gathers the
     full matrix with the keys of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process
@@ -698,18 +771,24 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                  margin: float = 0.0, margin_type: str = "none", reduction: str = "mean",
                  ignore_index: int = -100, label_smoothing: float = 0.0, sample_rate: float = 1.0,
                  shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
-                 seed: int | None = None):
+                 seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
+                 alpha_min: float | None = None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
         in_features = check_int("in_features", in_features, 1)
         num_classes = check_int("num_classes", num_classes, 1)
-        alpha = check_alpha(alpha)
+        alpha = initial_alpha(alpha)
+        self.alpha_min = default_alpha_min(num_classes) if alpha_min is None else check_alpha(alpha_min)
+        if learn_alpha and not alpha > self.alpha_min:
+            raise ValueError(f"alpha = {alpha:g} must be > alpha_min = {self.alpha_min:g} for a learned alpha "
+                             "(alpha_min defaults to alpha_lower_bound(num_classes); pass a smaller alpha_min)")
         check_reduction(reduction)
         check_backend(backend)
         check_sample_rate(sample_rate)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
-                                   ignore_index=ignore_index, label_smoothing=label_smoothing)
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
+                                   margin_grad=margin_grad)
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
@@ -728,14 +807,19 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         self.seed = None if seed is None else int(seed)
         self.alpha_init = alpha
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(self.num_local, in_features, **factory))
+        K = self.options.subcenters
+        self.weight = nn.Parameter(torch.empty(self.num_local * K, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
         alpha_t = torch.empty((), dtype=torch.float32, device=device)
         if learn_alpha:
-            self.alpha = nn.Parameter(alpha_t)
+            self.alpha_raw = nn.Parameter(alpha_t)
         else:
             self.register_buffer("alpha", alpha_t)
+        register_alpha_state_hooks(self)
         self.reset_parameters()
+
+    learn_alpha = L2SoftmaxLoss.learn_alpha
+    __getattr__ = getattr_with_alpha
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -750,14 +834,14 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         if seed is None:
             seed = self.seed if self.seed is not None else self._shared_seed()
         bound = 1.0 / math.sqrt(self.in_features)
-        lo, hi, blk = self.class_start, self.class_start + self.num_local, self.INIT_BLOCK
+        lo, hi, blk, K = self.class_start, self.class_start + self.num_local, self.INIT_BLOCK, self.options.subcenters
         pieces = []
-        for block in range(lo // blk, (hi + blk - 1) // blk):
+        for block in range(lo // blk, (hi + blk - 1) // blk):  # blocks of classes, K rows each
             g = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2 ** 63))
-            rows = torch.rand(blk, self.in_features, generator=g, dtype=torch.float64, device="cpu")
+            rows = torch.rand(blk * K, self.in_features, generator=g, dtype=torch.float64, device="cpu")
             rows = rows * (2 * bound) - bound
             a, e = max(lo, block * blk), min(hi, (block + 1) * blk)
-            pieces.append(rows[a - block * blk: e - block * blk])
+            pieces.append(rows[(a - block * blk) * K: (e - block * blk) * K])
         if pieces:
             self.weight.copy_(torch.cat(pieces))
         if self.bias is not None:
@@ -773,10 +857,9 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         dist.broadcast_object_list(box, src=src, group=self.group)
         return int(box[0])
 
-    @torch.no_grad()
     def _set_alpha(self, value) -> None:
-        """The one place that writes alpha (a number or a 0-d tensor)."""
-        self.alpha.copy_(torch.as_tensor(value, dtype=torch.float64))
+        """The one place that writes alpha (a number or a 0-d tensor's value)."""
+        L2SoftmaxLoss.set_alpha(self, value)
 
     def _alpha_value(self) -> torch.Tensor:
         """alpha as the loss uses it (0-d, differentiable when learnable)."""
@@ -801,7 +884,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
             reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
             backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
-            check_key=self)
+            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 
@@ -816,7 +899,10 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         return out if dst is None or dst == self.rank else None
 
     def _gather_full(self, t: torch.Tensor, dst):
-        sizes, nmax = self.shard_sizes, max(self.shard_sizes)
+        per = t.shape[0] // max(self.num_local, 1) if self.num_local else (
+            self.options.subcenters if t.dim() == 2 else 1)  # K rows per class for the weight
+        sizes = [n * per for n in self.shard_sizes]
+        nmax = max(sizes)
         padded = t.new_zeros((nmax,) + tuple(t.shape[1:]))
         padded[: t.shape[0]] = t.detach()
         if dst is None:
@@ -836,11 +922,12 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         """Take this rank's rows of a full state_dict (of this module or of L2SoftmaxLoss). Not a
         collective: each rank reads only its rows."""
         w = state["weight"]
-        if tuple(w.shape) != (self.num_classes, self.in_features):
-            raise ValueError(f"state['weight'] must have shape ({self.num_classes}, {self.in_features}), "
+        K = self.options.subcenters
+        if tuple(w.shape) != (self.num_classes * K, self.in_features):
+            raise ValueError(f"state['weight'] must have shape ({self.num_classes * K}, {self.in_features}), "
                              f"got {tuple(w.shape)}")
         lo, hi = self.class_start, self.class_start + self.num_local
-        self.weight.copy_(w[lo:hi])
+        self.weight.copy_(w[lo * K:hi * K])
         if self.bias is not None:
             if "bias" not in state:
                 raise ValueError("state has no 'bias' but this module has one")
@@ -857,7 +944,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         o = self.options
         s = (f"in_features={self.in_features}, num_classes={self.num_classes}, "
              f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}, "
-             f"alpha={float(self._alpha_value().detach()):g}, learn_alpha={isinstance(self.alpha, nn.Parameter)}, "
+             f"alpha={float(self._alpha_value().detach()):g}, learn_alpha={self.learn_alpha}, "
              f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}{o.repr_extras()}")
         if self.sample_rate < 1:
             s += f", sample_rate={self.sample_rate:g}"
