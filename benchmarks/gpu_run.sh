@@ -12,6 +12,9 @@
 #   4. the CUDA-only tests (-k cuda), then the rest of the triton tests on CUDA, then the option matrix
 #   5. optional, if time remains: benchmarks/gpu_distributed_check.py (NCCL, world size 1)
 # The whole run keeps to L2SM_GPU_BUDGET seconds (default 300): each step gets min(its box, what is left).
+# L2SM_GPU_STEPS=name,name,... runs only those steps (a second try: e.g. tests_cuda,tests_triton); names:
+# bench_triton bench_baselines bench_report tests_cuda tests_triton tests_options tests_out_of_range dist.
+# The device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=360)
 # Files (at most 8 come back from the device tool): env.txt (versions, step log), l2_softmax_gpu.json,
 # bench.log, table.txt, tests.log, dist.log.
 set -uo pipefail
@@ -28,7 +31,9 @@ start=$(date +%s)
 BUDGET=${L2SM_GPU_BUDGET:-300}
 deadline=$(( start + BUDGET ))
 ENV_TXT=$OUTDIR/env.txt
-rm -f "$OUTDIR/l2_softmax_gpu.json" "$OUTDIR/table.txt" "$OUTDIR/bench.log" "$OUTDIR/tests.log" "$OUTDIR/dist.log"
+# a fresh result unless only some steps run (a report-only step reads what is there)
+[ -z "${L2SM_GPU_STEPS:-}" ] && rm -f "$OUTDIR/l2_softmax_gpu.json" "$OUTDIR/table.txt" "$OUTDIR/bench.log" \
+  "$OUTDIR/tests.log" "$OUTDIR/dist.log"
 : > "$ENV_TXT"
 
 log() { echo "$*" | tee -a "$ENV_TXT"; }
@@ -39,6 +44,9 @@ step() {
   local name=$1 max=$2 logf=$3
   shift 3
   local now left box t0 rc
+  if [ -n "${L2SM_GPU_STEPS:-}" ] && [[ ",$L2SM_GPU_STEPS," != *",$name,"* ]]; then
+    return 0
+  fi
   now=$(date +%s)
   left=$(( deadline - now ))
   box=$(( max < left ? max : left ))
@@ -81,7 +89,7 @@ BENCH=(benchmarks/benchmark_l2_softmax_gpu.py --out "$OUTDIR")
 step bench_triton 110 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase triton --budget 80
 step bench_baselines 75 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase baselines --budget 45
 step bench_report 20 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase report
-grep -E "^(check |CUDA context lost|interrupted)" "$OUTDIR/bench.log" | cut -c1-200 | tail -25
+[ -f "$OUTDIR/bench.log" ] && grep -E "^(check |CUDA context lost|interrupted)" "$OUTDIR/bench.log" | cut -c1-200 | tail -25
 
 # --- 4. tests on CUDA, triton only -------------------------------------------------------------------------
 # Deselected everywhere here:
@@ -119,9 +127,11 @@ fi
 echo
 for f in tests.log dist.log; do
   [ -f "$OUTDIR/$f" ] || continue
-  grep -E "^=== |^(FAILED|ERROR) |passed|failed|no tests ran|all checks passed|check\(s\) failed|Timeout" "$OUTDIR/$f" \
+  grep -E "^=== |^(FAILED|ERROR) |passed|failed|skipped|deselected|no tests ran|all checks passed|check\(s\) failed|Timeout" "$OUTDIR/$f" \
     | grep -vE "^(check |  )" | cut -c1-220 | tail -40
 done
 log "total $(( $(date +%s) - start )) s of the ${BUDGET} s budget; files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
 echo
-[ -f "$OUTDIR/table.txt" ] && cat "$OUTDIR/table.txt" || { echo "no table.txt:"; tail -30 "$OUTDIR/bench.log"; }
+if [ -f "$OUTDIR/table.txt" ]; then cat "$OUTDIR/table.txt"
+elif [ -f "$OUTDIR/bench.log" ]; then echo "no table.txt; the end of bench.log:"; tail -30 "$OUTDIR/bench.log"
+fi
