@@ -9,7 +9,8 @@
 #      a torch.profiler pass per provider and shape, then accuracy of the other GPU_CONFIGS entries
 #   2. benchmark, baselines phase: plain, torch_lce, cce, liger, eager, then torch.compile (cold compiles)
 #   3. the report: table.txt (printed again at the very end)
-#   4. the CUDA-only tests (-k cuda), then the rest of the triton tests on CUDA, then the option matrix
+#   4. the CUDA-only tests (-k cuda), then the rest of the triton tests on CUDA, then the option matrix,
+#      then the out-of-range target test alone (see below)
 #   5. optional, if time remains: benchmarks/gpu_distributed_check.py (NCCL, world size 1)
 # The whole run keeps to L2SM_GPU_BUDGET seconds (default 300): each step gets min(its box, what is left).
 # L2SM_GPU_STEPS=name,name,... runs only those steps (a second try: e.g. tests_cuda,tests_triton); names:
