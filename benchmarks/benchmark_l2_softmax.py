@@ -6,11 +6,18 @@ the 3-GEMM floor) side by side, one group per (op, device, dtype, shape).
     python -m pytest benchmarks/ -k issue3             # issue 3: cpu backend vs plain formula, fwd+bwd,
                                                        # B=256, D=512, C=65536, float32, CPU
     python -m pytest benchmarks/ -k "not compile"      # leave torch.compile out (it compiles per shape)
+    python -m pytest benchmarks/ --benchmark-disable --bench-smoke   # CI: every benchmark once, tiny shapes,
+                                                       # nothing timed (memory still measured and listed)
 
 Each benchmark's peak memory beyond the inputs (gradients included; gradients' size separately) is
 measured once before timing (harness.measure_memory), saved in pytest-benchmark's extra_info
 (--benchmark-json=FILE keeps it) and listed after the timing tables. Providers that cannot run here
-(backend not built, no GPU, would not fit in memory) are skipped with the reason.
+(backend not built, no GPU, would not fit in memory) are skipped with the reason. Providers: the
+harness's (plain, eager, compile, torch_lce where torch has it, every fused backend, gemm_floor).
+
+--benchmark-disable (pytest-benchmark's smoke mode) runs each benchmark once without timing it; the
+summary then lists memory alone. --bench-smoke (benchmarks/conftest.py) swaps every shape for a tiny
+one, so that the whole file runs in seconds of compute (CI runs both).
 """
 import pytest
 import torch
@@ -20,11 +27,29 @@ from benchmarks import harness as H
 _CPU = [H.Case(256, 16384, 512, torch.float32, "cpu")]
 _CUDA = [H.Case(1024, 131072, 512, torch.bfloat16, "cuda"), H.Case(1024, 131072, 512, torch.float32, "cuda")]
 CASES = _CPU + (_CUDA if torch.cuda.is_available() else [])
+# --bench-smoke: the same dtypes and devices at a tiny size
+SMOKE_CASES = [H.Case(8, 64, 16, c.dtype, c.device) for c in CASES]
 
 # Issue 3's shape: forward + backward at B=256, D=512, C=65536, float32, CPU; the cpu backend next to
 # the plain formula (and the 3-GEMM floor for scale).
 ISSUE3 = H.Case(256, 65536, 512, torch.float32, "cpu")
+ISSUE3_SMOKE = H.Case(8, 64, 16, torch.float32, "cpu")
 ISSUE3_PROVIDERS = ["plain", "cpu", H.FLOOR]
+
+
+def _smoke(config) -> bool:
+    return bool(config.getoption("bench_smoke", False))
+
+
+def pytest_generate_tests(metafunc):
+    """The shapes of test_l2_softmax: CASES, or SMOKE_CASES with --bench-smoke."""
+    if "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", SMOKE_CASES if _smoke(metafunc.config) else CASES, ids=_case_id)
+
+
+@pytest.fixture
+def issue3_case(request):
+    return ISSUE3_SMOKE if _smoke(request.config) else ISSUE3
 
 
 def _case_id(case: H.Case) -> str:
@@ -67,6 +92,9 @@ def _bench(benchmark, record_result, case: H.Case, op: str, provider: str, group
     else:
         fn = step
     benchmark(fn)
+    if benchmark.stats is None:  # --benchmark-disable: fn ran once, untimed; the memory is still reported
+        record_result(dict(info, group=group, median_ms=None, tflops=None))
+        return
     median_ms = benchmark.stats.stats.median * 1e3
     tflops = case.flops(op) / (median_ms * 1e-3) / 1e12
     benchmark.extra_info["tflops"] = tflops
@@ -75,12 +103,11 @@ def _bench(benchmark, record_result, case: H.Case, op: str, provider: str, group
 
 @pytest.mark.parametrize("provider", H.all_providers())
 @pytest.mark.parametrize("op", H.OPS)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_l2_softmax(benchmark, record_result, case, op, provider):
     _bench(benchmark, record_result, case, op, provider, _group(op, case))
 
 
 @pytest.mark.parametrize("provider", ISSUE3_PROVIDERS)
-def test_issue3_cpu_forward_backward(benchmark, record_result, provider):
-    _bench(benchmark, record_result, ISSUE3, "forward_backward", provider,
-           "issue3 " + _group("forward_backward", ISSUE3))
+def test_issue3_cpu_forward_backward(benchmark, record_result, issue3_case, provider):
+    _bench(benchmark, record_result, issue3_case, "forward_backward", provider,
+           "issue3 " + _group("forward_backward", issue3_case))

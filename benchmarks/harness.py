@@ -6,6 +6,13 @@ Providers (what is measured; baselines are imported from the package, never rewr
                 in the input dtype (with non-default loss options: reference.l2_softmax_loss_ref(upcast=False)).
 - "eager":      l2_softmax_loss(backend="eager"), the hand-written backward in plain torch.
 - "compile":    torch.compile(the "plain" function, dynamic=False), recompiled per shape.
+- "torch_lce":  torch's own chunked linear cross-entropy (torch >= 2.13: torch.nn.functional.linear_cross_entropy
+                with a torch.nn.LinearCrossEntropyOptions) on alpha * F.normalize(x) as the input: the
+                batch is processed in chunks of TORCH_LCE_OPTIONS["batch_chunk_size"] rows, so no B x C
+                logits exist at once. Where torch lacks it the provider is unavailable, with the reason;
+                it computes the plain loss only (no margins, no normalize_weight; no label smoothing, which
+                torch's chunked path does not take). Why a fixed chunk and
+                not the shipped "auto" pick: see TORCH_LCE_OPTIONS.
 - every fused backend that available_backends() lists as serving the device natively ("cpu", "triton",
                 and any later one), through l2_softmax_loss(backend=name). Interpreted triton
                 (TRITON_INTERPRET=1) is not benchmarked.
@@ -61,6 +68,7 @@ from l2sm_kernels.testing import allocator_peak_bytes, available_bytes, cuda_pea
 
 OPS = ("forward", "forward_backward")
 BASELINES = ("plain", "eager", "compile")
+TORCH_LCE = "torch_lce"
 FLOOR = "gemm_floor"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -176,20 +184,64 @@ def fused_backends(device_type: str) -> dict[str, str]:
     return out
 
 
+# torch_lce's options. batch_chunk_size fixed at 64 rows (chunking_method=None), not the shipped default
+# (chunking_method="auto"): "auto" sizes a chunk as next_pow2(B / ceil(C / D)) / 2 rows, which at
+# face-recognition shapes (B <= D, C >> D) is one or two rows: at B=256, D=512, C=65536, float32 on the
+# 2-core CPU of the README's tables, forward + backward took 19.5 to 54.4 s a step with "auto" (1-row
+# chunks), 0.90 s with 64-row chunks and 0.77 s on the unchunked reference path (options=None; medians
+# of three steps, torch 2.13). torch's own note: chunking pays when B >= D.
+TORCH_LCE_OPTIONS = dict(chunking_method=None, batch_chunk_size=64)
+
+
+def torch_lce_missing() -> str:
+    """"" when this torch has the chunked linear cross-entropy (torch.nn.functional.linear_cross_entropy
+    taking options=torch.nn.LinearCrossEntropyOptions), else why not."""
+    fn = getattr(F, "linear_cross_entropy", None)
+    if fn is None or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return (f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy with "
+                "LinearCrossEntropyOptions (torch >= 2.13)")
+    try:
+        import inspect
+        if "options" not in inspect.signature(fn).parameters:
+            return f"torch {torch.__version__}: linear_cross_entropy takes no options= (no chunked path)"
+    except (TypeError, ValueError):  # a builtin without a signature: try it
+        pass
+    return ""
+
+
+def torch_lce_function(alpha: float, opts: L2SMOptions = L2SMOptions()) -> Callable:
+    """(x, W, y) -> mean loss through torch's chunked linear cross-entropy on alpha * F.normalize(x)."""
+    options = torch.nn.LinearCrossEntropyOptions(**TORCH_LCE_OPTIONS)
+    ignore_index, eps = opts.ignore_index, opts.eps
+
+    def torch_lce(x, W, y):
+        return F.linear_cross_entropy(alpha * F.normalize(x, dim=1, eps=eps), W, y, ignore_index=ignore_index,
+                                      options=options)
+    return torch_lce
+
+
 def all_providers() -> list[str]:
     """Every provider name, available here or not (the pytest-benchmark parameters)."""
-    return list(BASELINES) + [n for n in available_backends() if n != "eager"] + [FLOOR]
+    return list(BASELINES) + [TORCH_LCE] + [n for n in available_backends() if n != "eager"] + [FLOOR]
 
 
 def providers_for(device_type: str) -> list[str]:
     """The providers that run on device_type here, in table order."""
-    return list(BASELINES) + [n for n, why in fused_backends(device_type).items() if not why] + [FLOOR]
+    lce = [] if torch_lce_missing() else [TORCH_LCE]
+    return list(BASELINES) + lce + [n for n, why in fused_backends(device_type).items() if not why] + [FLOOR]
 
 
 def unavailable_reason(provider: str, case: Case) -> str:
     """"" when provider can run case here, else why not (backend missing, device or dtype unsupported)."""
     if provider in BASELINES or provider == FLOOR:
         return ""
+    if provider == TORCH_LCE:
+        why = torch_lce_missing()
+        if not why and (case.options.margin_type != "none" or case.options.normalize_weight):
+            why = "torch_lce computes the plain loss only (no margins, no normalize_weight)"
+        if not why and case.options.label_smoothing:  # torch would warn and run the unchunked reference path
+            why = "torch's chunked linear_cross_entropy takes no label smoothing (torch 2.13)"
+        return why
     why = fused_backends(case.device_type).get(provider, f"unknown provider {provider!r}")
     if why:
         return why
@@ -227,6 +279,8 @@ def loss_function(provider: str, case: Case) -> Callable:
             torch._inductor.config.compile_threads = 1
             _compiled.update(case=case, fn=torch.compile(baseline_function(case), dynamic=False))
         return _compiled["fn"]
+    if provider == TORCH_LCE:
+        return torch_lce_function(case.alpha, case.options)
     alpha, kw = case.alpha, _option_kwargs(case.options)
     return lambda x, W, y: l2_softmax_loss(x, W, y, alpha, backend=provider, **kw)
 
@@ -422,6 +476,9 @@ def estimated_need_bytes(provider: str, op: str, case: Case) -> int:
         return bc if op == "forward" else BC_BUFFERS[FLOOR] * bc + grads
     if provider in BC_BUFFERS:
         return BC_BUFFERS[provider] * bc + grads
+    if provider == TORCH_LCE:  # chunks' logits and their gradient, and the gradients computed in the forward
+        chunk = min(case.B, TORCH_LCE_OPTIONS["batch_chunk_size"] or case.B)
+        return 4 * chunk * case.C * max(case.itemsize, 4) + case.grad_bytes("forward_backward") + grads
     return grads + FUSED_WORKSPACE_BYTES
 
 

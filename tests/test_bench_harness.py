@@ -1,10 +1,13 @@
 """Fast checks of the benchmark harness (benchmarks/harness.py, benchmarks/sweep.py): the tidy-row
 schema, the CPU peak-memory meter on known allocation patterns, the memory-fit check, backends joining
-by name, and a one-shape sweep end to end writing CSV, JSON and PNG. The benchmarks themselves run
-with `python -m pytest benchmarks/`, not here."""
+by name, the torch_lce provider, a one-shape sweep end to end writing CSV, JSON and PNG, and the GPU
+benchmark script (benchmarks/benchmark_l2_softmax_gpu.py): its report on known numbers and its --smoke
+dry run on the CPU. The benchmarks themselves run with `python -m pytest benchmarks/`, not here."""
 import csv
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import threading
 
@@ -102,11 +105,16 @@ def test_cpu_meter_threads_and_autograd():
         assert _rss_close(mem.rss_peak, 6 * MiB), mem.rss_peak / MiB
 
 
+_NO_LCE = H.torch_lce_missing()
+
+
 @pytest.mark.parametrize("op", H.OPS)
-@pytest.mark.parametrize("provider", ["plain", "eager", H.FLOOR])
+@pytest.mark.parametrize("provider", ["plain", "eager", H.FLOOR, H.TORCH_LCE])
 def test_need_estimate_bounds_measured_peak(provider, op):
     """The fit check's estimate is an upper bound of the measured peak (so it skips only what
     would not fit), and within a small factor of it (so it does not skip what would)."""
+    if provider == H.TORCH_LCE and _NO_LCE:
+        pytest.skip(_NO_LCE)
     case = H.Case(B=64, C=4096, D=128)
     inputs = H.make_inputs(case)
     step = H.make_step(provider, op, case, inputs)
@@ -114,8 +122,54 @@ def test_need_estimate_bounds_measured_peak(provider, op):
     inputs.clear_grads()
     peak = H.cpu_memory(step).peak
     need = H.estimated_need_bytes(provider, op, case)
-    assert peak >= case.B * case.C * 4  # every one of them holds the B x C logits
+    if provider == H.TORCH_LCE:  # chunked: one chunk's logits at a time (here the chunk is the batch)
+        assert min(case.B, H.TORCH_LCE_OPTIONS["batch_chunk_size"]) * case.C * 4 <= peak
+    else:
+        assert peak >= case.B * case.C * 4  # every one of them holds the B x C logits
     assert peak <= need <= 3 * peak, (peak, need)
+
+
+@pytest.mark.skipif(bool(_NO_LCE), reason=_NO_LCE or "")
+def test_torch_lce_is_the_plain_loss():
+    """torch_lce computes the plain formula's loss and gradients (float64, several chunks: B > the chunk)
+    on torch's chunked path (no fallback warning), takes ignore_index, and declines margins,
+    normalize_weight and label smoothing (which torch would run unchunked) with a reason."""
+    import warnings
+
+    from l2sm_kernels.options import L2SMOptions
+    from l2sm_kernels.reference import l2_softmax_loss_ref
+    chunk = H.TORCH_LCE_OPTIONS["batch_chunk_size"]
+    B = 2 * chunk + 5
+    for opts in (L2SMOptions(), L2SMOptions(ignore_index=3)):
+        case = H.Case(B=B, C=50, D=16, dtype=torch.float64, options=opts)
+        got, want = H.make_inputs(case, seed=3), H.make_inputs(case, seed=3)
+        got.y[:4] = 3  # ignored rows when ignore_index = 3
+        want.y[:4] = 3
+        fn = H.loss_function(H.TORCH_LCE, case)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to the unchunked path warns
+            loss = fn(got.x, got.W, got.y)
+            loss.backward()
+        ref = l2_softmax_loss_ref(want.x, want.W, want.y, case.alpha, ignore_index=opts.ignore_index)
+        ref.backward()
+        assert torch.allclose(loss, ref)
+        assert torch.allclose(got.x.grad, want.x.grad) and torch.allclose(got.W.grad, want.W.grad)
+    arc = H.Case(B=8, C=64, D=16, options=L2SMOptions(margin_type="arcface", margin=0.5))
+    assert "plain loss only" in H.unavailable_reason(H.TORCH_LCE, arc)
+    smooth = H.Case(B=8, C=64, D=16, options=L2SMOptions(label_smoothing=0.1))
+    assert "label smoothing" in H.unavailable_reason(H.TORCH_LCE, smooth)
+    assert H.unavailable_reason(H.TORCH_LCE, TINY) == ""
+    assert H.TORCH_LCE in H.providers_for("cpu")
+
+
+def test_torch_lce_absent_is_a_reason(monkeypatch):
+    """Where torch has no chunked linear cross-entropy (torch 2.11 on the GPU machine), torch_lce is a
+    provider with a reason, not an error."""
+    monkeypatch.delattr(H.F, "linear_cross_entropy", raising=False)
+    why = H.torch_lce_missing()
+    assert "linear_cross_entropy" in why and torch.__version__ in why
+    assert H.unavailable_reason(H.TORCH_LCE, TINY) == why
+    assert H.TORCH_LCE not in H.providers_for("cpu") and H.TORCH_LCE in H.all_providers()
 
 
 def test_fit_check():
@@ -194,3 +248,68 @@ def test_sweep_reports_shapes_that_do_not_fit(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped: would need" in out and "skipped: inputs need" in out
     assert (tmp_path / "sweep_cpu.png").exists()  # the plot copes with no measured point
+
+
+# ------------------------------------------------------------------------------------ the GPU benchmark
+def _gpu_script():
+    from benchmarks import benchmark_l2_softmax_gpu as G
+    return G
+
+
+def test_gpu_report_on_known_numbers():
+    """The GPU benchmark's tables from a hand-written result: ratios to the floor and to the gradients,
+    the per-kernel line, failed and absent rows, and the summary last."""
+    G = _gpu_script()
+    g = 10 * 2**30
+    res = {"env": {"device": "GPU", "torch": "2.11", "triton": "3.6", "sms": 132, "check_shape": [256, 512, 8192]},
+           "bf16_mm_tflops": 790.0,
+           "runs": {"B1024_D512_C131072": {
+               "gemm_floor": {"ms": 0.5, "peak_bytes": g, "grad_bytes": g},
+               "triton": {"ms": 1.0, "peak_bytes": int(1.5 * g), "grad_bytes": g, "profile": {
+                   "steps": 3, "what": "GPU kernels", "sum_ms_per_step": 0.9, "kernels": [
+                       {"name": "_fwd_split_kernel", "label": "split", "ms_per_step": 0.5, "calls_per_step": 1},
+                       {"name": "_bwd_dw_kernel", "label": "dW", "ms_per_step": 0.3, "calls_per_step": 1},
+                       {"name": "memset", "label": "", "ms_per_step": 0.1, "calls_per_step": 2}]}},
+               "triton_ops": {"fwd_ms": 0.6, "bwd_ms": 0.4, "fwd_lse_only_ms": 0.3},
+               "triton:split_d": {"error": "not timed: its accuracy check failed"},
+               "plain": {"ms": 2.0, "peak_bytes": 4 * g, "grad_bytes": g}}},
+           "checks": {"triton": {"ok": True, "rel": {"loss": 1e-6, "grad x": 2e-3}, "fail": []},
+                      "triton:split_d": {"ok": False, "rel": {"loss": 1.0}, "fail": ["grad x: error 1 exceeds"]}},
+           "missing": {"torch_lce": "torch 2.11 has no torch.nn.functional.linear_cross_entropy"}}
+    text = G.report(res)
+    assert "floor 0.500 ms" in text and "forward 0.600 ms (lse only 0.300), backward 0.400 ms" in text
+    assert "split 0.500, dW 0.300, other 0.100; sum 0.900 ms/step" in text
+    assert "triton:split_d         FAIL loss 1.00e+00" in text and "not timed: its accuracy check failed" in text
+    summary = text[text.index("summary:"):].splitlines()
+    assert summary[1].split() == ["provider", "C=131072"]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in summary[2:]}
+    assert rows["gemm_floor"] == ["1.00x", "/", "1.00x"]
+    assert rows["triton"] == ["2.00x", "/", "1.50x"] and rows["plain"] == ["4.00x", "/", "4.00x"]
+    assert rows["torch_lce"] == ["absent"] and rows["triton:split_d"][0] == "not"
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/benchmark_l2_softmax_gpu.py --smoke (CPU tensors, the Triton interpreter, tiny shapes)
+    runs its phases and writes the JSON and the table: floor, triton (checked, timed, its ops apart,
+    forced tiles), plain, a profile per provider shape. `bash benchmarks/gpu_run.sh --smoke` is the
+    whole session's dry run (README, "On a GPU")."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + sys.path), TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "benchmark_l2_softmax_gpu.py"), "--smoke",
+                          "--phase", "all", "--only", "gemm_floor", "triton", "plain", "--no-variants",
+                          "--no-variant-checks", "--profile-steps", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "l2_softmax_gpu.json").read_text())
+    assert all(p["done"] for p in out["phases"].values()) and set(out["phases"]) == {"triton", "baselines"}
+    assert out["checks"]["triton"]["ok"] and out["checks"]["plain"]["ok"]
+    assert out["checks"]["triton:fused"]["ok"]  # through forced tiles (triton_calls.forced_tiles)
+    assert len(out["runs"]) == 2
+    for key, r in out["runs"].items():
+        assert set(r) == {"gemm_floor", "triton", "triton_ops", "plain"}, (key, r)
+        for name in ("gemm_floor", "triton", "plain"):
+            assert r[name]["ms"] > 0 and r[name]["peak_bytes"] > 0 and r[name]["profile"]["kernels"], (key, name)
+        assert set(r["triton_ops"]) == {"fwd_ms", "bwd_ms", "fwd_lse_only_ms"}
+    table = (tmp_path / "table.txt").read_text().splitlines()
+    summary = table[max(i for i, ln in enumerate(table) if ln.startswith("summary:")):]
+    assert {ln.split()[0] for ln in summary[2:]} >= {"gemm_floor", "triton", "plain"}

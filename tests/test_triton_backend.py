@@ -590,6 +590,84 @@ def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
             assert r["hgmma"] > 0, r
 
 
+def _compile_report_module():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import compile_report
+    return compile_report
+
+
+# a hand-made SASS listing in cuobjdump's format: an outer loop (0x10-0x80) around an inner one (0x20-0x50)
+# holding the matrix instructions, a spill in each, an async copy in the inner one, and the trap after EXIT
+_SASS = """
+        /*0000*/                   STL.128 [R1+0x10], R12 ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R2.64] ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0040*/                   LDL.64 R6, [R1+0x8] ;
+        /*0050*/              @!P0 BRA 0x20 ;
+        /*0060*/                   STL [R1], R8 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0080*/               @P1 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_compile_report_main_loop_from_sass(K):
+    """The main loop is the smallest loop holding every matrix instruction that is inside a loop: the inner
+    loop when all of them are there, the loop around a K loop when the second product is outside it;
+    without matrix instructions, the loop with the most global loads. Spill bytes count LDL / STL widths."""
+    CR = _compile_report_module()
+    inner_only = _SASS.replace("/*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24",
+                               "/*0070*/                   FADD R9, R9, R10")
+    r = CR.sass_report(inner_only)
+    assert r["loop"] == ["0x20", "0x50"] and r["loop_instructions"] == 4 and r["loop_mma"] == 1
+    assert r["loop_spill_bytes"] == 8 and r["spill_bytes"] == 16 + 8 + 4
+    assert r["async_tile_loads"] is True and r["async_ops"] == {"LDGSTS": 1} and r["hgmma"] == 1
+    r = CR.sass_report(_SASS)  # a product outside the inner (K) loop: the outer loop is the main one
+    assert r["loop"] == ["0x10", "0x80"] and r["loop_instructions"] == 8 and r["loop_mma"] == 2
+    assert r["loop_spill_bytes"] == 8 + 4
+    no_mma = inner_only.replace("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "FFMA R24, R25, R26, R24")
+    no_mma = no_mma.replace("LDGSTS.E.BYPASS.128 [R5], desc[UR4][R2.64]", "FADD R5, R5, R6")
+    r = CR.sass_report(no_mma)  # global loads: the inner loop has none, the outer one has one
+    assert r["loop"] == ["0x10", "0x80"] and r["loop_mma"] == 0 and r["async_tile_loads"] is False
+    assert CR.sass_report(no_mma.replace("LDG.E.128 R4, desc[UR4][R2.64]", "MOV R4, R2"))["loop"] is None
+
+
+def test_compile_report_fields(K, tmp_path):
+    """benchmarks/compile_report.py --json on a tiny shape (sm_90, no GPU: triton's bundled ptxas and
+    cuobjdump): every field of every row is there and sane; the main kernels' main loop holds their
+    warpgroup MMAs."""
+    CR = _compile_report_module()
+    missing = CR.bundled_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, CR.__file__, "--B", "64", "--D", "64", "--C", "512", "--options", "plain",
+                          "--only", "_fwd_split", "_bwd_dw", "_bwd_rows", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kernel"], r["path"]) for r in rows} == {
+        ("_fwd_split_kernel", "default"), ("_bwd_dw_kernel", "default"), ("_bwd_rows_kernel", "default"),
+        ("_fwd_split_kernel", "lse only")}
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["registers"] <= 255 and r["stack"] >= 0 and r["shared"] >= 0, r
+        assert 0 <= r["loop_spill_bytes"] <= r["spill_bytes"], r
+        assert 0 < r["loop_instructions"] < r["instructions"], r
+        assert isinstance(r["async_tile_loads"], bool), r
+        if r["kernel"] == "_bwd_rows_kernel":
+            assert r["loop_mma"] == 0 and r["hgmma"] == 0, r
+        else:
+            assert 0 < r["loop_mma"] <= r["hgmma"] and r["shared"] > 0, r
+
+
 _WIDE_D_SCRIPT = textwrap.dedent(r"""
     import json, os, re, sys
     os.environ.pop("TRITON_INTERPRET", None)
