@@ -19,6 +19,7 @@ import torch
 from ..options import FLOAT_DTYPES
 from . import eager
 from .contract import OPS, define_python_backend
+from .topk import TOPK_OPS
 
 BACKENDS = ("eager", "cpu", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -156,8 +157,6 @@ _topk_errors: dict[str, str] = {}
 
 def _load_topk(name: str) -> str:
     """Load backend `name`'s top-k op once; return "" when it is registered, else the reason."""
-    from .topk import TOPK_OPS
-
     reason = _load(name)
     if reason:
         return reason
@@ -202,8 +201,6 @@ def resolve_topk(backend: str, device_type: str, dtypes=()) -> str:
 
 def topk_op_for(name: str):
     """The cosine top-k op of a loaded backend."""
-    from .topk import TOPK_OPS
-
     reason = _load_topk(name)
     if reason:
         raise ValueError(f"backend {name!r} cannot run cosine_topk: {reason}")

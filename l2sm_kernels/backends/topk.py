@@ -51,5 +51,43 @@ def define_python_topk(backend: str, impl: Callable):
     return op
 
 
+# ---------------------------------------------------------------------------------------------
+# fp32 scores as unique int64 keys: the eager backend's selection and the triton backend's merge
+# ---------------------------------------------------------------------------------------------
+# Each fp32 score and its gallery index become one int64, larger = earlier in the result: the score's bits
+# mapped to a monotonic int32 key (-0.0 folded into +0.0, every NaN into the positive quiet NaN, which then
+# sorts above +inf: NaN is larger than every number; for largest = False the key is complemented: smallest
+# first, NaN last) in the high 32 bits, and 2^32 - 1 - index in the low 32 bits (equal scores: the lower
+# index first). The keys are distinct, so the k largest keys are one well-defined set in one order, which
+# torch.topk finds exactly. Indices must be < 2^32. (The triton kernel computes the same keys, _score_keys.)
+LOW_MASK = 2**32 - 1
+
+
+def encode_scores(s: torch.Tensor, first_index: int, largest: bool) -> torch.Tensor:
+    """(Q, n) fp32 scores of gallery rows first_index ... first_index + n - 1 -> (Q, n) int64 keys.
+    Overwrites s (its storage is reused for the key computation)."""
+    nan = torch.isnan(s)
+    s.masked_fill_(s == 0, 0.0)  # -0.0 -> +0.0
+    bits = s.view(torch.int32)
+    bits.masked_fill_(nan, 0x7FC00000)
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    if not largest:
+        key.bitwise_not_()
+    comp = key.to(torch.int64)
+    del key
+    comp.bitwise_left_shift_(32)
+    low = LOW_MASK - torch.arange(first_index, first_index + s.shape[1], device=s.device, dtype=torch.int64)
+    return comp.bitwise_or_(low)
+
+
+def decode_scores(comp: torch.Tensor, largest: bool):
+    """int64 keys -> (fp32 scores, int64 indices); torch ops only (runs under torch.compile)."""
+    key = (comp >> 32).to(torch.int32)
+    if not largest:
+        key = ~key
+    bits = torch.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.view(torch.float32), LOW_MASK - (comp & LOW_MASK)
+
+
 # Filled in by the registry as each backend's top-k op loads: backend name -> op.
 TOPK_OPS: dict[str, object] = {}

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from .common import INTERPRETED, _didx, _identity, _mma, wide_d
 from .config import _pow2, num_sms
+from ..topk import decode_scores
 from .norms import inv_norms
 
 MAX_K = 256  # largest k the register top-k serves (KP slots per row); larger k: the fallback
@@ -118,17 +119,6 @@ def _topk_split_kernel(
     tl.store(out, tl.where(live[None, :], best, _I64_MIN), mask=rmask[:, None])
 
 
-def decode(comp: torch.Tensor, largest: bool):
-    """int64 composites -> (fp32 scores, int64 indices), torch ops only (runs under torch.compile)."""
-    key = (comp >> 32).to(torch.int32)
-    if not largest:
-        key = ~key
-    bits = torch.where(key >= 0, key, key ^ 0x7FFFFFFF)
-    values = bits.view(torch.float32)
-    indices = 4294967295 - (comp & 4294967295)
-    return values, indices
-
-
 def _tiles(device, D: int):
     """(BLOCK_Q, BLOCK_N, BLOCK_D, num_warps): small tiles under the interpreter (speed), GPU tiles otherwise."""
     if INTERPRETED or torch.device(device).type != "cuda":
@@ -189,4 +179,4 @@ def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, normalize_
         BLOCK_Q=BQ, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps)
     # merge the splits: the k largest of unique composites (torch.topk's order among ties never arises)
     comp = torch.topk(part.permute(1, 0, 2).reshape(Q, splits * KP), k, dim=1, largest=True, sorted=True).values
-    return decode(comp, largest)
+    return decode_scores(comp, largest)
