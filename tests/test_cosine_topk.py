@@ -384,3 +384,37 @@ def test_score_keys_order_and_round_trip():
         assert torch.equal(i, torch.arange(7, 7 + s.shape[1]).expand_as(i))
         assert torch.equal(v.isnan(), s.isnan()) and torch.equal(v[~v.isnan()], s[~s.isnan()])
         assert not torch.signbit(v[0, 1])  # -0.0 -> +0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eager_chunks_do_not_change_the_result(dtype):
+    """The eager backend's chunked merge (unique keys for fp32, the stable sort for fp64) over small chunks:
+    the same exact ties and order as the reference, whatever the chunk."""
+    from l2sm_kernels.backends.eager_topk import cosine_topk_chunked
+
+    q, g = exact_case(seed=3)
+    g[30, 1] = float("nan")
+    for largest in (True, False):
+        rv, ri, _ = reference(q, g, 20, largest=largest)
+        for chunk in (20, 23, 64):
+            v, i = cosine_topk_chunked(q.to(dtype), g.to(dtype), 20, True, largest, 1e-12, chunk=chunk)
+            assert torch.equal(i, ri), (chunk, largest)
+            assert torch.equal(v.isnan(), rv.isnan()) and torch.equal(v[~v.isnan()].double(), rv[~rv.isnan()])
+    qr, gr = _inputs(9, 500, 16, dtype, "cpu", seed=13)
+    v, i = cosine_topk_chunked(qr, gr, 12, True, True, 1e-12, chunk=37)
+    check_topk(v, i, qr, gr, 12)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_nan_row_after_the_running_threshold(backend, device, largest):
+    """A NaN gallery row far into the gallery (after the running top-k has a threshold: the cpu kernel's
+    filter, triton's later tiles, eager's later chunks) still ranks as NaN: first (largest) or not at all."""
+    q, g = _inputs(5, 700, 16, torch.float32, "cpu", seed=14)
+    g[613, 4] = float("nan")
+    rv, ri, _ = reference(q, g, 3, largest=largest)
+    v, i = L.cosine_topk(q.to(device), g.to(device), 3, largest=largest, backend=backend)
+    assert torch.equal(i.cpu(), ri)
+    if largest:
+        assert (i[:, 0].cpu() == 613).all() and v[:, 0].isnan().all() and not v[:, 1:].isnan().any()
+    else:
+        assert not v.isnan().any()
