@@ -35,6 +35,15 @@ L2SM_TEST_BACKENDS=triton timeout -s INT -k 15 40 $PY -m pytest -q --maxfail=30 
 echo "option-matrix tests: exit $? (124 = time box; $(tail -1 "$OUTDIR/tests_options.log"))"
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_options.log" | head -10
 
+# 1b. the cosine top-k on CUDA (triton; eager alongside), then its benchmark at the issue's shape
+L2SM_TEST_BACKENDS=triton,eager timeout -s INT -k 15 60 $PY -m pytest -q --maxfail=30 -p no:cacheprovider \
+  tests/test_cosine_topk.py > "$OUTDIR/tests_topk.log" 2>&1
+echo "cosine_topk tests: exit $? ($(tail -1 "$OUTDIR/tests_topk.log"))"
+grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_topk.log" | head -10
+timeout 60 $PY -m benchmarks.sweep_cosine_topk --device cuda --providers torch triton --out "$OUTDIR" \
+  > "$OUTDIR/topk_bench.log" 2>&1
+echo "cosine_topk benchmark: exit $?"; tail -8 "$OUTDIR/topk_bench.log"
+
 # 2. the benchmark: full numbers in $OUTDIR/l2_softmax_gpu.json and bench.log, its short table last
 timeout 220 $PY benchmarks/benchmark_l2_softmax_gpu.py --out "$OUTDIR" --budget 170 > "$OUTDIR/bench.log" 2>&1
 code=$?
