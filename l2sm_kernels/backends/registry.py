@@ -6,6 +6,10 @@
             (TRITON_INTERPRET=1 set before triton is imported), which is how CI tests them.
 - "auto":   triton for CUDA tensors, cpu for CPU tensors, eager where neither can serve; the
             fallback is announced once per (device type, reason) with a warning, never per call.
+
+Two ops: the loss (ops_for / resolve: a forward and backward op per backend, loaded by the backend's
+module) and the cosine top-k (topk_op_for / resolve_topk: one op per backend, loaded after the backend by
+one more module, backends/topk.py has the contract).
 """
 from __future__ import annotations
 

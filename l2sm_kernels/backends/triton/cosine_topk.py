@@ -11,23 +11,30 @@ For each query the k gallery rows of largest (or smallest) cosine, with no Q x N
   3. the merge: torch.topk over the (Q, splits x KP) partials, exact because the partials are unique
      integers (below). Bounded: splits x Q x KP x 8 bytes, independent of N.
 
-Scores as unique integers. Each score and its gallery index become one int64, larger = earlier in the
-result: the score's fp32 bits mapped to a monotonic int32 key (-0.0 folded into +0.0, every NaN into the
-positive quiet NaN, which then sorts above +inf: NaN is larger than every number, as torch.topk has it;
-for largest = False the key is complemented, so the smallest score comes first and NaN last) in the high
-32 bits, and 2^32 - 1 - index in the low 32 bits (equal scores: the lower index first). Composites are
-distinct, so "the k largest composites" is a unique answer: per-row maximum extraction, the split merge
-and torch.topk of the partials all agree, and the result is the one the cpu and eager backends give
-(same scores, same order; bit-identical when the scores are exact, as the tests construct them).
+Scores as unique integers (the keys of backends/topk.py, encode_scores, computed here in registers by
+_score_keys). Each score and its gallery index become one int64, larger = earlier in the result: the
+score's fp32 bits mapped to a monotonic int32 key (-0.0 folded into +0.0, every NaN into the positive quiet
+NaN, which then sorts above +inf: NaN is larger than every number, as torch.topk has it; for largest =
+False the key is complemented, so the smallest score comes first and NaN last) in the high 32 bits, and
+2^32 - 1 - index in the low 32 bits (equal scores: the lower index first). Keys are distinct, so "the k
+largest keys" is a unique answer: per-row maximum extraction, the split merge and torch.topk of the
+partials all agree, and the result is the one the cpu and eager backends give (same scores, same order;
+bit-identical when the scores are exact, as the tests construct them).
 
-The running top-k of a row is KP slots of composites, initialized to distinct sentinels below every real
-composite (INT64_MIN + slot). Per tile: n = max over the rows of min(k, #candidates above the row's
-current k-th best); n rounds of "the row's best remaining candidate replaces its worst slot if better".
-For random data the threshold rises quickly and n is 0 on almost every tile after the first few.
+The running top-k of a row is KP slots of keys: k live slots initialized to distinct sentinels below every
+real key (INT64_MIN + slot), and KP - k padding slots at INT64_MAX, which are never the row's minimum, so
+the minimum over the slots is the row's k-th best so far (its threshold). Per tile: n = max over the rows
+of min(k, #candidates above the row's threshold); n rounds of "the row's best remaining candidate replaces
+its worst slot if better" (after n rounds every candidate that belongs to the row's k best has been
+taken: the i-th best candidate is considered in round i, and one rejected or evicted has k better keys).
+For random data the thresholds rise quickly and n is 0 on almost every tile after the first few. Compiled
+for sm_90 (tests/test_cosine_topk.py::test_triton_topk_compiles_for_hopper; GPU tiles 32 x 64 x 64, 4 warps,
+no GPU run yet): k = 10 bf16, 128 registers and 16 bytes of stack; k = 256 fp32, 255 registers and 16
+bytes of stack.
 
 Limits: k <= MAX_K (256) here; larger k runs the documented fallback, the eager algorithm on the device
-(chunked torch products and a stable sort of (Q, k + chunk) candidates; backends/eager_topk.py), also with
-no Q x N buffer. N < 2^32 (the index field). The products take the inputs as stored: a pair of rows whose
+(chunked torch products and torch.topk of the same keys; backends/eager_topk.py), also with no Q x N
+buffer. N < 2^32 (the index field). The products take the inputs as stored: a pair of rows whose
 norms multiply beyond fp32's range (|q| |g| > 3.4e38) overflows where the cpu backend, which normalizes
 the queries first, does not.
 """
@@ -37,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..topk import decode_scores
 from .common import INTERPRETED, _didx, _identity, _mma, wide_d
 from .config import _pow2, num_sms
-from ..topk import decode_scores
 from .norms import inv_norms
 
 MAX_K = 256  # largest k the register top-k serves (KP slots per row); larger k: the fallback
