@@ -26,7 +26,11 @@
 // Workspace per thread: qb x nc scores of T, nc inverse norms, nc x D values of T when the gallery must be
 // converted, and Q x (k + max(64, k / 2)) candidates of (T, int64) (16 bytes each); shared: the normalized
 // queries Q x D of T. Nothing is Q x N. Defaults: nc = 512, qb = min(Q, 256) (a 512 KiB fp32 score block,
-// in L2 while the filter reads it back).
+// in L2 while the filter reads it back); the candidates grow with Q x k (at Q = 2048, k = 10: 2.4 MB per
+// thread; a very large Q with a large k would want an outer loop over query blocks, not done here).
+//
+// The selection is exact. The scores' rounding depends on the BLAS products' shapes (the blocks, and the
+// thread shares they fall in); for a given thread count and block sizes results are bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
