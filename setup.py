@@ -120,6 +120,8 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
+        # benchmarks/sweep_cosine_topk.py's optional anchors (faiss-cpu is a 30 MB wheel: not in requirements.txt)
+        "bench": ["faiss-cpu", "scikit-learn"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

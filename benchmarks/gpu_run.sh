@@ -115,6 +115,13 @@ step tests_options 40 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests/test_l2_so
 step tests_out_of_range 25 "$OUTDIR/tests.log" "${PYTEST[@]}" tests/test_l2_softmax.py -k "$OOR"
 unset L2SM_TEST_BACKENDS L2SM_REQUIRE_BACKENDS
 
+# --- 4b. the cosine top-k on CUDA (triton; eager alongside), then its benchmark at the scoring issue's shape
+if [ -z "$SMOKE" ]; then
+  step tests_topk 45 "$OUTDIR/tests.log" env L2SM_TEST_BACKENDS=triton,eager "${PYTEST[@]}" tests/test_cosine_topk.py
+  step bench_topk 45 "$OUTDIR/bench.log" $PY -m benchmarks.sweep_cosine_topk --device cuda --providers torch triton \
+    --out "$OUTDIR"
+fi
+
 # --- 5. optional: the class-parallel loss with NCCL (world size 1) and triton per shard -------------------
 if [ -z "$SMOKE" ]; then
   step dist 45 "$OUTDIR/dist.log" $PY -m torch.distributed.run --standalone --nproc_per_node 1 \

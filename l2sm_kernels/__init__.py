@@ -38,3 +38,12 @@ __all__ = [
     "l2_softmax_loss",
     "l2_softmax_loss_ref",
 ]
+
+# Scoring with the trained embeddings (scoring.py; docs/design.md, "Scoring"): the fused cosine top-k, the
+# scores built on it, and the verification metrics (l2sm_kernels.metrics)
+from . import metrics  # noqa: E402
+from .scoring import (cosine_topk, knn_anomaly_score, knn_cosine, max_cosine, verification_histogram,  # noqa: E402
+                      verification_pair_chunks, verification_scores, weight_anomaly_score)
+
+__all__ += ["cosine_topk", "knn_anomaly_score", "knn_cosine", "max_cosine", "metrics", "verification_histogram",
+            "verification_pair_chunks", "verification_scores", "weight_anomaly_score"]

@@ -74,11 +74,13 @@ def test_verification_auc_perfect_and_chance():
     centers = torch.eye(8)[:4]
     emb = (centers[labels] + 0.05 * torch.randn(120, 8)) * torch.rand(120, 1).mul(10).add(0.1)  # norms vary
     assert S.verification_auc(emb, labels) == 1.0  # cosine ignores the norms
+    vm = S.verification_metrics(*S.verification_pairs(emb, labels))  # the library's metrics
+    assert vm == {"auc": 1.0, "tar@0.01": 1.0, "tar@0.001": 1.0, "kfold_accuracy": 1.0}
     chance = S.verification_auc(torch.randn(400, 8), torch.randint(0, 4, (400,)))
     assert 0.45 < chance < 0.55
     score, same = S.verification_pairs(emb[:5], labels[:5])
     assert len(score) == 10 and same.sum() == 10  # 5 images of class 0: all pairs i < j are "same"
-    with pytest.raises(ValueError, match="both same-class and different-class"):
+    with pytest.raises(ValueError, match="both genuine"):
         S.verification_auc(emb[:5], labels[:5])
 
 
@@ -125,7 +127,8 @@ def test_l2_head_is_the_library_loss_and_predicts_by_cosine():
     ref = L.l2_softmax_loss_ref(f, head.weight, y, 12.0, normalize_weight=True, margin_type="cosface", margin=0.2)
     torch.testing.assert_close(head(f, y).double(), ref, rtol=1e-5, atol=1e-6)
     logits = D.predict_logits(head, f)  # no margin at test time: alpha * cosine
-    torch.testing.assert_close(logits, 12.0 * S.cosine_matrix(f, head.weight), rtol=1e-5, atol=1e-5)
+    cosine = F.normalize(f, dim=1) @ F.normalize(head.weight.detach(), dim=1).T
+    torch.testing.assert_close(logits, 12.0 * cosine, rtol=1e-5, atol=1e-5)
     assert float(logits.abs().max()) <= 12.0 + 1e-4
 
 
@@ -150,6 +153,8 @@ def test_tiny_training_learns_and_metrics_are_probabilities(tiny_runs):
         assert all(0.0 <= v <= 1.0 for v in metrics.values()), metrics
         assert metrics["accuracy"] > 0.6, (loss, metrics)  # chance is 1/7 = 0.14
         assert metrics["verification_auc"] > 0.6 and metrics["anomaly_auc_knn"] > 0.6, (loss, metrics)
+        assert metrics["verification_tar_far1e-3"] <= metrics["verification_tar_far1e-2"]
+        assert metrics["verification_kfold_accuracy"] > 0.6
         losses = runs[loss].epoch_losses
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
         assert len(raw["verification_same"]) + len(raw["verification_different"]) == math.comb(len(sp.x_unknown), 2)
@@ -207,7 +212,8 @@ def test_main_writes_figures_json_and_prints_the_table_last(tmp_path, capsys):
     lines = text.rstrip().splitlines()
     assert lines[-1].startswith("mean ± sample std over 2 seed(s)")
     for m in D.METRICS:
-        assert any(line.startswith(D.METRIC_NAMES[m]) for line in lines[-6:])
+        assert any(line.startswith(D.METRIC_NAMES[m]) for line in lines[-(len(D.METRICS) + 2):])
+    assert "TAR @ FAR 1e-3" in text and "10-fold accuracy" in text
     assert "alpha=10" in text
     assert torch.get_num_threads() == 2
 

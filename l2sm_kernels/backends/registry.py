@@ -6,6 +6,10 @@
             (TRITON_INTERPRET=1 set before triton is imported), which is how CI tests them.
 - "auto":   triton for CUDA tensors, cpu for CPU tensors, eager where neither can serve; the
             fallback is announced once per (device type, reason) with a warning, never per call.
+
+Two ops: the loss (ops_for / resolve: a forward and backward op per backend, loaded by the backend's
+module) and the cosine top-k (topk_op_for / resolve_topk: one op per backend, loaded after the backend by
+one more module, backends/topk.py has the contract).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from ..options import FLOAT_DTYPES
 from . import eager
 from .contract import OPS, define_python_backend
+from .topk import TOPK_OPS
 
 BACKENDS = ("eager", "cpu", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -145,6 +150,68 @@ def ops_for(name: str):
     return OPS[name]
 
 
+# ---------------------------------------------------------------------------------------------
+# The second op: cosine top-k (backends/topk.py; l2sm_kernels.scoring.cosine_topk). Each backend serves
+# it through one more module, loaded after the backend itself; device and dtype rules are the backend's.
+# ---------------------------------------------------------------------------------------------
+_TOPK_MODULES = {"eager": "l2sm_kernels.backends.eager_topk", "cpu": "l2sm_kernels.backends.cpu_topk",
+                 "triton": "l2sm_kernels.backends.triton.topk_op"}
+_topk_errors: dict[str, str] = {}
+
+
+def _load_topk(name: str) -> str:
+    """Load backend `name`'s top-k op once; return "" when it is registered, else the reason."""
+    reason = _load(name)
+    if reason:
+        return reason
+    if name in TOPK_OPS:
+        return ""
+    if name in _topk_errors:
+        return _topk_errors[name]
+    try:
+        TOPK_OPS[name] = importlib.import_module(_TOPK_MODULES[name]).load()
+        return ""
+    except (BackendUnavailable, ImportError, OSError, RuntimeError) as e:
+        _topk_errors[name] = f"{type(e).__name__}: {e}"
+        return _topk_errors[name]
+
+
+def resolve_topk(backend: str, device_type: str, dtypes=()) -> str:
+    """The backend a cosine top-k call runs on: resolve()'s rules ("auto": triton for CUDA, cpu for CPU,
+    else the eager fallback, announced once per (device type, reason)); an explicit backend that cannot
+    serve raises ValueError."""
+    check_backend(backend)
+    if backend != "auto":
+        reason = _serves(backend, device_type, dtypes) or _load_topk(backend)
+        if reason:
+            raise ValueError(f"backend={backend!r} cannot run cosine_topk on {device_type} tensors here: {reason}")
+        return backend
+    preferred = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "eager"
+    reason = _serves(preferred, device_type, dtypes) or _load_topk(preferred)
+    if not reason:
+        return preferred
+    key = ("cosine_topk", device_type, reason)
+    if key not in _warned and not torch.compiler.is_compiling():
+        _warned.add(key)
+        warnings.warn(
+            f"l2sm_kernels: cosine_topk with backend 'auto' uses the eager fallback for {device_type} tensors "
+            f"because the {preferred} backend is unavailable ({reason}). The eager backend scores the "
+            f"gallery in chunks with torch and sorts each chunk. This warning is shown once.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "eager"
+
+
+def topk_op_for(name: str):
+    """The cosine top-k op of a loaded backend."""
+    reason = _load_topk(name)
+    if reason:
+        raise ValueError(f"backend {name!r} cannot run cosine_topk: {reason}")
+    return TOPK_OPS[name]
+
+
 # Load every backend at import, so that resolving a backend inside torch.compile only reads dicts.
 for _name in BACKENDS:
     _load(_name)
+    _load_topk(_name)

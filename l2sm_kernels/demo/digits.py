@@ -4,7 +4,7 @@ softmax, and measure what the embeddings are good for:
 
 - closed-set accuracy on test images of the training classes;
 - open-set verification: classes held out of training, all pairs of their test images, cosine
-  similarity, ROC AUC (same vs different class);
+  similarity, ROC AUC (same vs different class), TAR at FAR 1e-2 and 1e-3, 10-fold accuracy;
 - anomaly detection: held-out classes as anomalies, scored by cosine to the class weights and by
   k-nearest-neighbour cosine to the training embeddings, AUROC.
 
@@ -29,10 +29,14 @@ import l2sm_kernels as L
 from . import scores
 
 LOSSES = ("softmax", "l2-softmax")
-METRICS = ("accuracy", "verification_auc", "anomaly_auc_weights", "anomaly_auc_knn")
+METRICS = ("accuracy", "verification_auc", "verification_tar_far1e-2", "verification_tar_far1e-3",
+           "verification_kfold_accuracy", "anomaly_auc_weights", "anomaly_auc_knn")
 METRIC_NAMES = {
     "accuracy": "closed-set accuracy",
     "verification_auc": "open-set verification AUC",
+    "verification_tar_far1e-2": "open-set verification TAR @ FAR 1e-2",
+    "verification_tar_far1e-3": "open-set verification TAR @ FAR 1e-3",
+    "verification_kfold_accuracy": "open-set verification 10-fold accuracy",
     "anomaly_auc_weights": "anomaly AUROC, cosine to class weights",
     "anomaly_auc_knn": "anomaly AUROC, kNN cosine",
 }
@@ -254,14 +258,17 @@ def evaluate(t: Trained, split: Split, k: int = 5) -> tuple[dict, dict]:
     f_train, f_test, f_unk = embed(t.net, split.x_train), embed(t.net, split.x_test), embed(t.net, split.x_unknown)
     acc = (predict_logits(t.head, f_test).argmax(1) == split.y_test).float().mean()
     ver_score, ver_same = scores.verification_pairs(f_unk, split.y_unknown)
+    ver = scores.verification_metrics(ver_score, ver_same)
     w = t.head.weight.detach()
     aw_known, aw_unk = scores.weight_anomaly_score(f_test, w), scores.weight_anomaly_score(f_unk, w)
     ak_known, ak_unk = scores.knn_anomaly_score(f_test, f_train, k), scores.knn_anomaly_score(f_unk, f_train, k)
-    from sklearn.metrics import roc_auc_score
 
     metrics = {
         "accuracy": float(acc),
-        "verification_auc": float(roc_auc_score(ver_same, ver_score)),
+        "verification_auc": ver["auc"],
+        "verification_tar_far1e-2": ver["tar@0.01"],
+        "verification_tar_far1e-3": ver["tar@0.001"],
+        "verification_kfold_accuracy": ver["kfold_accuracy"],
         "anomaly_auc_weights": scores.anomaly_auc(aw_known, aw_unk),
         "anomaly_auc_knn": scores.anomaly_auc(ak_known, ak_unk),
     }
