@@ -38,7 +38,6 @@ is an input, allocated before the call.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -50,7 +49,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -63,7 +61,7 @@ from l2sm_kernels import available_backends, l2_softmax_loss
 from l2sm_kernels.backends import resolve, triton_interpreted
 from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.reference import l2_softmax_loss_ref, plain_formula
-from l2sm_kernels.testing.memory import CUDA_METHOD
+from l2sm_kernels.testing.memory import CUDA_METHOD, quiet_profiler_logs
 from l2sm_kernels.testing import allocator_peak_bytes, available_bytes, cuda_peak_bytes  # noqa: F401 (available_bytes: harness API)
 
 OPS = ("forward", "forward_backward")
@@ -367,20 +365,6 @@ class Memory:
     rss_peak: int | None = None  # CPU: process RSS high-water mark beyond the start (None: not measurable)
 
 
-@contextlib.contextmanager
-def _quiet_stderr_fd():
-    """Silence file descriptor 2 (kineto prints profiler_start / profiler_stop lines there)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
@@ -431,14 +415,14 @@ def cpu_memory(fn: Callable[[], object]) -> Memory:
     gc.collect()
     _malloc_trim()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr_fd():
+    with quiet_profiler_logs():
         prof.start()
     rss0 = _reset_rss_high_water()
     try:
         fn()
         rss_peak = None if rss0 is None else max(_status_bytes("VmHWM") - rss0, 0)
     finally:
-        with _quiet_stderr_fd():
+        with quiet_profiler_logs():
             prof.stop()
     peak = allocator_peak_bytes(prof)
     return Memory(int(peak), rss_peak)

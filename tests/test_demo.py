@@ -182,7 +182,7 @@ def test_summarize_mean_std_and_paired_difference():
     s = D.summarize(per_seed)
     assert s["softmax"]["accuracy"] == pytest.approx((0.6, 0.1))
     assert s["l2-softmax"]["accuracy"] == pytest.approx((0.7, 0.1))
-    mean, std, wins, n = s["diff"]["accuracy"]
+    mean, std, wins, n = s["diff"]["l2-softmax"]["accuracy"]
     assert (mean, std, wins, n) == (pytest.approx(0.1), pytest.approx(0.1), 2, 3)
 
 
@@ -208,11 +208,18 @@ def test_main_writes_figures_json_and_prints_the_table_last(tmp_path, capsys):
             assert len(v) == 2 and all(0 <= x <= 1 for x in v)
             assert saved["summary"][loss][m][0] == pytest.approx(np.mean(v))
             assert saved["summary"][loss][m][1] == pytest.approx(np.std(v, ddof=1))
-    assert res["summary"]["diff"]["accuracy"][3] == 2
+    for loss in D.LOSSES[1:]:
+        assert res["summary"]["diff"][loss]["accuracy"][3] == 2
     lines = text.rstrip().splitlines()
     assert lines[-1].startswith("mean ± sample std over 2 seed(s)")
-    for m in D.METRICS:
-        assert any(line.startswith(D.METRIC_NAMES[m]) for line in lines[-(len(D.METRICS) + 2):])
+    table = lines[-(len(D.LOSSES) * len(D.METRICS) + 1):-1]  # a row group per head, a row per metric
+    for i, loss in enumerate(D.LOSSES):
+        group = table[i * len(D.METRICS):(i + 1) * len(D.METRICS)]
+        assert group[0].startswith(D.HEAD_NAMES[loss])
+        for m, line in zip(D.METRICS, group):
+            assert D.METRIC_NAMES[m] in line
+    # the header announces every epoch the progress bar counts: 2 seeds x 5 heads x 1 + 2 2-D runs x 1
+    assert "2 seed(s) x 5 heads x 1 epochs + 2 2-D runs x 1 epochs (the geometry figure) = 12 epochs" in text
     assert "TAR @ FAR 1e-3" in text and "10-fold accuracy" in text
     assert "alpha=10" in text
     assert torch.get_num_threads() == 2

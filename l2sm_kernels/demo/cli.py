@@ -42,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--normalize-weight", action="store_true", help="also normalize the class weights (NormFace)")
     ap.add_argument("--margin-type", default="none", choices=("none", "cosface", "arcface"))
     ap.add_argument("--margin", type=float, default=0.0)
+    ap.add_argument("--heads", nargs="+", default=list(D.LOSSES), choices=D.LOSSES,
+                    help="heads to train and compare (default: all; softmax and l2-softmax are always included)")
     ap.add_argument("--embed-dim", type=int, default=D.DemoConfig.embed_dim)
     ap.add_argument("--holdout", type=int, default=D.DemoConfig.holdout, help="digit classes held out of training")
     ap.add_argument("--k", type=int, default=D.DemoConfig.k, help="neighbours of the kNN anomaly score")
@@ -75,9 +77,9 @@ def run_digits(cfg: D.DemoConfig, seeds, device, out: Path | None, geometry_epoc
     """Every seed: both losses at cfg.embed_dim; then one 2-D run of each (the geometry figure).
     Returns the per-seed metrics, their summary, and (when out is given) the figure paths."""
     geometry_epochs = cfg.epochs if geometry_epochs is None else geometry_epochs
-    n_geometry = 2 if out is not None and geometry_epochs > 0 else 0
-    bar = _bar(len(seeds) * len(D.LOSSES) * cfg.epochs + n_geometry * geometry_epochs, progress)
-    per_seed = {loss: {m: [] for m in D.METRICS} for loss in D.LOSSES}
+    n_geometry = geometry_runs(out, geometry_epochs)
+    bar = _bar(total_epochs(cfg, len(seeds), n_geometry, geometry_epochs), progress)
+    per_seed = {loss: {m: [] for m in D.METRICS} for loss in cfg.heads}
     holdouts, first_raw, first_metrics = [], {}, {}
 
     def on_epoch(loss_value):
@@ -87,7 +89,7 @@ def run_digits(cfg: D.DemoConfig, seeds, device, out: Path | None, geometry_epoc
     for i, seed in enumerate(seeds):
         split = D.load_split(seed, cfg.holdout, cfg.test_fraction).to(device)
         holdouts.append(split.unknown_classes)
-        for loss in D.LOSSES:
+        for loss in cfg.heads:
             bar.set_description(f"seed {seed} {loss}", refresh=False)
             t = D.train(loss, split, cfg, seed, on_epoch)
             metrics, raw = D.evaluate(t, split, cfg.k)
@@ -103,12 +105,15 @@ def run_digits(cfg: D.DemoConfig, seeds, device, out: Path | None, geometry_epoc
         out.mkdir(parents=True, exist_ok=True)
         title = (f"score distributions, seed {seeds[0]}: held-out digits {', '.join(map(str, holdouts[0]))}, "
                  f"embedding dim {cfg.embed_dim}")
-        result["figures"]["scores"] = str(plots.plot_scores(first_raw, first_metrics, out / "scores.png", title))
+        shown = [loss for loss in cfg.heads if loss in ("softmax", "l2-softmax", "arcface")]
+        result["figures"]["scores"] = str(plots.plot_scores({k: first_raw[k] for k in shown},
+                                                            {k: first_metrics[k] for k in shown},
+                                                            out / "scores.png", title))
         if n_geometry:
             cfg2 = D.DemoConfig(**{**cfg.__dict__, "embed_dim": 2, "epochs": geometry_epochs})
             split = D.load_split(seeds[0], cfg.holdout, cfg.test_fraction).to(device)
             runs = {}
-            for loss in D.LOSSES:
+            for loss in GEOMETRY_LOSSES:
                 bar.set_description(f"2-D {loss}", refresh=False)
                 t = D.train(loss, split, cfg2, seeds[0], on_epoch)
                 f_test = D.embed(t.net, split.x_test)
@@ -126,25 +131,47 @@ def run_digits(cfg: D.DemoConfig, seeds, device, out: Path | None, geometry_epoc
     return result
 
 
+GEOMETRY_LOSSES = ("softmax", "l2-softmax")  # the 2-D figure compares these two
+
+
+def geometry_runs(out, geometry_epochs) -> int:
+    return len(GEOMETRY_LOSSES) if out is not None and geometry_epochs > 0 else 0
+
+
+def total_epochs(cfg: D.DemoConfig, seeds: int, n_geometry: int, geometry_epochs: int) -> int:
+    """What the progress bar counts: every head of every seed, then the 2-D runs of the figure."""
+    return seeds * len(cfg.heads) * cfg.epochs + n_geometry * geometry_epochs
+
+
 def format_table(result: dict, cfg: D.DemoConfig) -> str:
+    """A row group per head: each metric's mean ± std over the seeds, the paired difference from softmax
+    (same seeds, same batches) and the seeds where the head beats softmax."""
     s, n = result["summary"], len(result["per_seed"]["softmax"]["accuracy"])
-    head = (f"{'metric':42s}{'softmax':>16s}{'L2-softmax':>16s}{'L2 - softmax':>17s}{'L2 better':>11s}")
+    head = f"{'head':18s}{'metric':42s}{'mean ± std':>16s}{'vs softmax':>17s}{'better':>8s}"
     lines = [head, "-" * len(head)]
+
     def pm(mean, std, sign=""):  # no spread from a single seed
         return f"{mean:{sign}.3f} ± {std:.3f}" if n > 1 else f"{mean:{sign}.3f}        "
 
-    for m in D.METRICS:
-        a, b, d = s["softmax"][m], s["l2-softmax"][m], s["diff"][m]
-        lines.append(f"{D.METRIC_NAMES[m]:42s}{pm(*a):>16s}{pm(*b):>16s}{pm(d[0], d[1], '+'):>17s}"
-                     f"{f'{d[2]}/{d[3]}':>11s}")
+    for loss in cfg.heads:
+        for i, m in enumerate(D.METRICS):
+            name = D.HEAD_NAMES[loss] if i == 0 else ""
+            if loss == "softmax":
+                vs = better = ""
+            else:
+                d = s["diff"][loss][m]
+                vs, better = pm(d[0], d[1], "+"), f"{d[2]}/{d[3]}"
+            lines.append(f"{name:18s}{D.METRIC_NAMES[m]:42s}{pm(*s[loss][m]):>16s}{vs:>17s}{better:>8s}")
     spread = "mean ± sample std" if n > 1 else "one seed, no spread"
-    lines.append(f"{spread} over {n} seed(s); 'L2 - softmax' is the per-seed paired difference; "
-                 f"'L2 better': seeds where it is > 0.")
+    lines.append(f"{spread} over {n} seed(s); 'vs softmax' is the per-seed paired difference; "
+                 f"'better': seeds where it is > 0.")
     return "\n".join(lines)
 
 
 def _header(cfg: D.DemoConfig, args, device, num_known):
     backend, why = LC.backend_used(cfg.backend, device)
+    geo_epochs = cfg.epochs if args.geometry_epochs is None else args.geometry_epochs
+    n_geo = geometry_runs(None if args.no_plots else Path(args.out), geo_epochs)
     alpha = cfg.resolved_alpha(num_known)
     margin = f", margin_type={cfg.margin_type}, margin={cfg.margin:g}" if cfg.margin_type != "none" else ""
     return "\n".join([
@@ -153,7 +180,10 @@ def _header(cfg: D.DemoConfig, args, device, num_known):
         f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
         f"L2-softmax: alpha={alpha:g}, normalize_weight={cfg.normalize_weight}{margin}, "
         f"backend {cfg.backend!r} -> {backend}" + (f" ({why})" if why else ""),
-        f"{args.seeds} seed(s) x 2 losses x {cfg.epochs} epochs, embedding dim {cfg.embed_dim}, kNN k={cfg.k}",
+        f"heads: {', '.join(D.HEAD_NAMES[h] for h in cfg.heads)} (margin heads at s = alpha = {alpha:g})",
+        f"{args.seeds} seed(s) x {len(cfg.heads)} heads x {cfg.epochs} epochs"
+        + (f" + {n_geo} 2-D runs x {geo_epochs} epochs (the geometry figure)" if n_geo else "")
+        + f" = {total_epochs(cfg, args.seeds, n_geo, geo_epochs)} epochs; embedding dim {cfg.embed_dim}, kNN k={cfg.k}",
     ])
 
 
@@ -194,7 +224,8 @@ def _main(args) -> dict:
         torch.set_num_threads(args.threads or 1)
     cfg = D.DemoConfig(epochs=args.epochs, embed_dim=args.embed_dim, holdout=args.holdout, alpha=args.alpha,
                        normalize_weight=args.normalize_weight, margin_type=args.margin_type, margin=args.margin,
-                       k=args.k, lr=args.lr, backend=args.backend)
+                       k=args.k, lr=args.lr, backend=args.backend,
+                       heads=tuple(h for h in D.LOSSES if h in set(args.heads) | {"softmax", "l2-softmax"}))
     print(_header(cfg, args, device, 10 - cfg.holdout), flush=True)
     result = run_digits(cfg, list(range(args.seeds)), device, None if args.no_plots else out,
                         args.geometry_epochs, progress=not args.no_progress)

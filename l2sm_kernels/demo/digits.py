@@ -8,9 +8,11 @@ softmax, and measure what the embeddings are good for:
 - anomaly detection: held-out classes as anomalies, scored by cosine to the class weights and by
   k-nearest-neighbour cosine to the training embeddings, AUROC.
 
-Both losses see the same network initialization, the same batches and the same augmentation for a
-given seed; only the head differs (plain softmax: nn.Linear with bias and F.cross_entropy, no
-normalization; L2-softmax: l2sm_kernels.L2SoftmaxLoss).
+Every head sees the same network initialization, the same batches and the same augmentation for a
+given seed; only the head differs: plain softmax (nn.Linear with bias and F.cross_entropy, no
+normalization), L2-softmax (l2sm_kernels.L2SoftmaxLoss), and the margin heads of l2sm_kernels.heads
+(CosFace, ArcFace, AdaFace) with their papers' margins at the same scale s = alpha, so that the
+margin is the only difference from L2-softmax with normalized weights.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import l2sm_kernels as L
 
 from . import scores
 
-LOSSES = ("softmax", "l2-softmax")
+LOSSES = ("softmax", "l2-softmax", "cosface", "arcface", "adaface")
+HEAD_NAMES = {"softmax": "softmax", "l2-softmax": "L2-softmax", "cosface": "CosFace (m 0.35)",
+              "arcface": "ArcFace (m 0.5)", "adaface": "AdaFace (m 0.4)"}
 METRICS = ("accuracy", "verification_auc", "verification_tar_far1e-2", "verification_tar_far1e-3",
            "verification_kfold_accuracy", "anomaly_auc_weights", "anomaly_auc_knn")
 METRIC_NAMES = {
@@ -59,6 +63,7 @@ class DemoConfig:
     margin: float = 0.0
     k: int = 5  # neighbours of the kNN anomaly score
     backend: str = "auto"
+    heads: tuple = LOSSES  # which heads to train (softmax and l2-softmax always come first)
 
     def resolved_alpha(self, num_classes: int) -> float:
         return float(self.alpha) if self.alpha is not None else alpha_for(num_classes)
@@ -176,10 +181,14 @@ class SoftmaxHead(nn.Module):
 def make_head(loss: str, cfg: DemoConfig, num_classes: int, device) -> nn.Module:
     if loss == "softmax":
         return SoftmaxHead(cfg.embed_dim, num_classes).to(device)
+    alpha = cfg.resolved_alpha(num_classes)
     if loss == "l2-softmax":
-        return L.L2SoftmaxLoss(cfg.embed_dim, num_classes, alpha=cfg.resolved_alpha(num_classes),
+        return L.L2SoftmaxLoss(cfg.embed_dim, num_classes, alpha=alpha,
                                normalize_weight=cfg.normalize_weight, margin_type=cfg.margin_type,
                                margin=cfg.margin, backend=cfg.backend, device=device)
+    heads = {"cosface": L.CosFaceLoss, "arcface": L.ArcFaceLoss, "adaface": L.AdaFaceLoss}
+    if loss in heads:  # the paper's margin at the demo's scale (s = alpha)
+        return heads[loss](cfg.embed_dim, num_classes, s=alpha, backend=cfg.backend, device=device)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
@@ -282,14 +291,20 @@ def evaluate(t: Trained, split: Split, k: int = 5) -> tuple[dict, dict]:
 
 
 def summarize(per_seed: dict) -> dict:
-    """{loss: {metric: [value per seed]}} -> {loss: {metric: (mean, sample std)}} plus the paired
-    per-seed difference l2-softmax - softmax ("diff") and the number of seeds where it is > 0."""
+    """{loss: {metric: [value per seed]}} -> {loss: {metric: (mean, sample std)}} plus, for every head
+    but softmax, the paired per-seed difference head - softmax ({"diff": {head: {metric: (mean, std,
+    seeds where it is > 0, seeds)}}})."""
     out = {}
     for loss, ms in per_seed.items():
         out[loss] = {m: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) for m, v in ms.items()}
-    if all(l in per_seed for l in LOSSES):
+    if "softmax" in per_seed:
         out["diff"] = {}
-        for m in per_seed["softmax"]:
-            d = np.asarray(per_seed["l2-softmax"][m]) - np.asarray(per_seed["softmax"][m])
-            out["diff"][m] = (float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, int((d > 0).sum()), len(d))
+        for loss in per_seed:
+            if loss == "softmax":
+                continue
+            out["diff"][loss] = {}
+            for m in per_seed["softmax"]:
+                d = np.asarray(per_seed[loss][m]) - np.asarray(per_seed["softmax"][m])
+                out["diff"][loss][m] = (float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                                        int((d > 0).sum()), len(d))
     return out

@@ -8,8 +8,10 @@ peak_bytes(fn, device) picks the right one and says which it used.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import sys
 
 import torch
 
@@ -30,13 +32,34 @@ def allocator_peak_bytes(prof) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def quiet_profiler_logs():
+    """Silence file descriptor 2 while the profiler starts or stops (kineto prints "USDT ...
+    profiler_start / profiler_stop" lines there, past Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_bytes(fn) -> int:
     """Peak CPU memory torch's allocator holds during fn() beyond what it held at the start
     (see allocator_peak_bytes for what it can and cannot see)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with quiet_profiler_logs():
+        prof.start()
+    try:
         fn()
+    finally:
+        with quiet_profiler_logs():
+            prof.stop()
     return allocator_peak_bytes(prof)
 
 
