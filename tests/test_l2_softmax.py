@@ -20,8 +20,12 @@ from l2sm_kernels.testing.accuracy import confident_case, confident_exact
 from conftest import is_slow, supports_fp64
 
 MARGINS = [("none", 0.0), ("cosface", 0.35), ("arcface", 0.5)]
+# the option matrix's margins: the three above and a combined margin with per-row (B,) m2 and m3
+# (ElasticFace / AdaFace style; m2 = 0 on some rows, negative on one)
+ROWS = "per-row"
 OPTION_AXES = {
-    "margin": MARGINS,
+    "margin": MARGINS + [("combined", ROWS)],
+    "subcenters": [1, 2],
     "normalize_weight": [False, True],
     "bias": [False, True],
     "label_smoothing": [0.0, 0.1],
@@ -56,17 +60,30 @@ PAIRWISE = {tuple(sorted((k, str(v)) for k, v in c.items())) for c in _pairwise_
 
 
 def _combo_id(c):
-    return "-".join([c["margin"][0], "nw" if c["normalize_weight"] else "w", "b" if c["bias"] else "nob",
+    return "-".join([c["margin"][0], f"K{c['subcenters']}", "nw" if c["normalize_weight"] else "w",
+                     "b" if c["bias"] else "nob",
                      f"ls{c['label_smoothing']}", f"ig{c['ignore_rows']}", c["reduction"],
                      "agrad" if c["alpha_grad"] else "afloat"])
 
 
+def per_row_margins(B, device, seed=3):
+    """(1, m2, m3) with (B,) float64 tensors: m2 in [0.1, 0.6] with zeros and one negative, m3 in [0, 0.3]."""
+    g = torch.Generator().manual_seed(seed)
+    m2 = 0.1 + 0.5 * torch.rand(B, generator=g, dtype=torch.float64)
+    m2[::3] = 0.0
+    m2[min(1, B - 1)] = -0.2
+    m3 = 0.3 * torch.rand(B, generator=g, dtype=torch.float64)
+    return 1.0, m2.to(device), m3.to(device)
+
+
 def _case_from_combo(c, device, dtype=torch.float32, B=9, D=20, C=37, seed=0):
     mt, m = c["margin"]
+    if m == ROWS:
+        m = per_row_margins(B, device)
     return make_case(B, D, C, dtype=dtype, device=device, seed=seed, bias=c["bias"], alpha=16.0,
                      alpha_grad=c["alpha_grad"], ignore_rows=c["ignore_rows"], margin_type=mt, margin=m,
                      normalize_weight=c["normalize_weight"], label_smoothing=c["label_smoothing"],
-                     reduction=c["reduction"])
+                     reduction=c["reduction"], subcenters=c["subcenters"])
 
 
 def _grad_output(case, seed=1):
@@ -88,7 +105,7 @@ def test_options_match_reference(backend, device, combo):
     check_case(case, backend, _grad_output(case))
 
 
-@pytest.mark.parametrize("combo", ALL_COMBOS[::7], ids=_combo_id)
+@pytest.mark.parametrize("combo", ALL_COMBOS[::11], ids=_combo_id)
 def test_options_float64_tight(backend, device, combo):
     """In float64 every backend that takes it agrees with the reference to ~1e-10 (no tolerance
     games: the relation's atol for float64 is 1e-10 x scale)."""

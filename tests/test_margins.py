@@ -227,10 +227,13 @@ def test_fallback_region(backend, device, case_id):
 @pytest.mark.parametrize("D", [1, 16])
 def test_target_cosine_exactly_one(backend, device, D):
     """x = W_hat_y (c = 1, or 1 - 1 ulp): the clamp keeps the angular margin's value and derivative
-    finite (cos m + c~ sin m / sqrt(1 - c~^2) at c~ = 1 - 1e-7); without it the slope divides by 0."""
-    for dtype in _edge_dtypes(backend):
+    finite (cos m + c~ sin m / sqrt(1 - c~^2) at c~ = 1 - 1e-7); without it the slope divides by 0.
+    arcface, and a combined margin with per-row m2 (positive, 0: no clamp, negative) and m3."""
+    rows = (1.0, torch.tensor([0.5, 0.3, 0.0, -0.2, 0.6], dtype=torch.float64, device=device),
+            torch.tensor([0.0, 0.1, 0.2, 0.3, 0.0], dtype=torch.float64, device=device))
+    for dtype, (mt, m) in [(dt, mm) for dt in _edge_dtypes(backend) for mm in (("arcface", 0.5), ("combined", rows))]:
         case = make_case(5, D, 6, dtype=dtype, device=device, seed=9, normalize_weight=True,
-                         margin_type="arcface", margin=0.5, alpha=4.0, reduction="none")
+                         margin_type=mt, margin=m, alpha=4.0, reduction="none")
         with torch.no_grad():
             case.x.copy_(3.0 * case.weight[case.target])
         out, grads = run(case, backend, _grad_out(case))
