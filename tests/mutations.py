@@ -49,7 +49,7 @@ MUTATIONS = [
        "a row of norm exactly eps takes the wrong branch", tests=["tests/test_l2_softmax.py"]),
     _m("eager-norm-fp32", "l2sm_kernels/backends/eager.py",
        "wide = torch.float64 if v.dtype == torch.float32 else v.dtype", "wide = v.dtype",
-       "float32 norms overflow past 1.8e19", tests=["tests/test_l2_softmax.py", "tests/test_api.py"]),
+       "float32 norms overflow past 1.8e19", tests=["tests/test_l2_softmax.py"]),
     # ------------------------------------------------------------------ the public API
     _m("loss-ignore-index-range", "l2sm_kernels/loss.py",
        "bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))",

@@ -253,6 +253,27 @@ def test_norm_near_eps(backend, device, scale):
     check_case(case, backend)
 
 
+@pytest.mark.parametrize("which", ["features", "weight"])
+def test_rows_of_huge_norm(backend, device, which):
+    """Reliability case 31: rows of norm 1e30 (float32) on every backend, against float64 directly (plain
+    torch's F.normalize overflows its float32 sum of squares too and gives such a row the uniform loss,
+    which would excuse a broken backend under the accuracy relation). Features huge, or (with
+    normalize_weight) weight rows huge: not both (|x| |W| must stay below float32's 3.4e38)."""
+    case = make_case(6, 12, 9, device=device, seed=23, normalize_weight=True, margin_type="arcface", margin=0.3,
+                     reduction="none")
+    with torch.no_grad():
+        t = case.x if which == "features" else case.weight
+        t[::2] *= 1e30 / t[::2].double().norm(dim=1, keepdim=True).to(t.dtype)
+        assert torch.isfinite(t).all() and float(t.double().norm(dim=1).max()) > 1e29
+    out, grads = run(case, backend, torch.ones(6, device=device))
+    ref, rgrads = run_reference(case, True, torch.ones(6, device=device))
+    assert max_err(out, ref) <= 1e-5 * float(ref.abs().max()), (out, ref)
+    for k in grads:  # the huge rows' gradients are ~1e-30: compare each row to its own scale
+        g, r = grads[k].double().cpu(), rgrads[k].cpu()
+        scale = r.abs().amax(dim=1, keepdim=True).clamp_min(1e-300) if r.dim() == 2 else r.abs().max()
+        assert float(((g - r).abs() / scale).max()) <= 1e-4, k
+
+
 @pytest.mark.parametrize("where", ["x", "weight", "bias", "alpha"])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_nan_inf_propagate(backend, device, where, value):
