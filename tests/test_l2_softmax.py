@@ -242,14 +242,20 @@ def test_zero_feature_row(backend, device, dtype):
         assert_accurate(f"grad {k}", g[rows], rg[k][rows], pg[k][rows], dtype)
 
 
-@pytest.mark.parametrize("scale", [1e-13, 5e-13, 2e-12, 1e-9, 1e-6])
+@pytest.mark.parametrize("scale", [1e-13, 5e-13, "eps", 2e-12, 1e-9, 1e-6])
 def test_norm_near_eps(backend, device, scale):
-    """Reliability case 8: both sides of max(|x|, eps) match the reference (eps = 1e-12)."""
+    """Reliability case 8: both sides of max(|x|, eps) match the reference (eps = 1e-12), and a row whose
+    norm is exactly eps (eps e_0: sqrt(fl(eps^2)) = eps) takes the |v| >= eps branch, as autograd
+    through clamp_min does (the projection term is kept)."""
     dtype = torch.float64 if supports_fp64(backend) else torch.float32
     case = make_case(4, 8, 9, dtype=dtype, device=device, seed=7, normalize_weight=True)
     with torch.no_grad():
-        case.x[0] *= scale / case.x[0].norm()
-        case.weight[2] *= scale / case.weight[2].norm()
+        for t, r in ((case.x, 0), (case.weight, 2)):
+            if scale == "eps":
+                t[r].zero_()
+                t[r, 0] = 1e-12
+            else:
+                t[r] *= scale / t[r].norm()
     check_case(case, backend)
 
 
