@@ -267,7 +267,7 @@ def profile_kernels(step, steps):
     cuda = DEV == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync()
-    with H._quiet_stderr_fd(), profile(activities=acts) as prof:
+    with H.quiet_profiler_logs(), profile(activities=acts) as prof:
         for _ in range(steps):
             step()
         _sync()

@@ -1,7 +1,6 @@
 """l2sm_kernels.metrics against scikit-learn (roc_curve, roc_auc_score, KFold, accuracy_score), hand-built
 cases for the IJB TAR@FAR convention and the EER, and the streaming histogram's AUC bound; and the scores of
 l2sm_kernels.scoring built on cosine_topk."""
-import math
 
 import numpy as np
 import pytest
