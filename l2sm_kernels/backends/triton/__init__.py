@@ -110,8 +110,8 @@ backward with normalize_weight):
     before the backward allocates dW (also when the backward reruns the forward), so they
     do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
     column-sum pass over W (D floats kept in aux).
-  backward: per-row values (B x 6 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
-    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (6 + D) x 4 bytes with
+  backward: per-row values (B x 8 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
+    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (7 + D) x 4 bytes with
     the dX hint) + that.
 
 Precision: every accumulation in fp32 but the norms and the target cosine (fp64, below). Matrix products
@@ -123,6 +123,14 @@ converted in registers):
   mixed (e.g. fp32 master W with bf16 features): tf32 (the 16-bit operand is exact in tf32).
   fp32 x and W: IEEE fp32 (as torch's default fp32 matmul), tf32 when
     torch.get_float32_matmul_precision() is "high" or "medium".
+Logits in log2 units inside the two class walks: z2 = log2(e) z, so that p = exp2(z2 - m2) (exp would cost a
+multiply per element more); with K = 1, alpha log2(e) / |x_i| is one per-row scale rs_i, rounded once from
+fp64, and z2_ij = (x_i . W_j [/ |W_j|]) rs_i (+ log2(e) b_j): the same number of roundings per element as
+alpha (x_i . W_j / |x_i|) had. The split partials' maxima stay in log2 units; the combine forms lse in fp64
+(the splits' weights exp(m - lse) too, with no rounding of m ln 2 or of lse before the subtraction) and
+saves log2(e) lse rounded once, which the dW pass subtracts: where one logit dominates a row, lse2 is its
+z2 exactly and its p is 1 exactly, as exp(z - lse) gave (with the fp32 lse converted instead, dx's error at
+alpha = 1000 was 3.7x the exp version's and tests/test_l2_softmax.py::test_large_alpha_and_bias_offset failed).
 Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN. Sums of
 squares are accumulated in fp64 (norms.py: an fp32 one overflows past |v| ~ 1.8e19 and made such rows zero
 vectors), and the target cosine is computed in fp64 (above); the raw products x_i . W_j themselves are
