@@ -30,10 +30,14 @@ buffer, no atomics, deterministic.
             S = x W^T tile by tile, online logsumexp over the non-target columns, and, flash-attention style
             (V = W, online rescaling), O'_i = sum_{j != y_i} p_ij W_hat_j when the dX hint is set. That is
             the forward's 2 GEMM-equivalents; without the hint only S is computed (1).
-            _fwd_combine_kernel   per row: merges the class splits' partial (max, sum, O'), adds the target
+            _fwd_combine_kernel   grid (row blocks, D chunks of O'; 1 without the dX hint). Per row: merges
+            the class splits' partial (max, sum, O' of the program's D chunk), adds the target
             column (its cosine c_iy = x_y . W_y / (|x_i| |W_y|) from one dot and two norms per row in fp64,
             rounded once: the angular margin amplifies c's error near c = +-1; with sub-centers the
-            maximum of K such, its k recorded in aux), then the margin, writes loss, lse and aux.
+            maximum of K such, its k recorded in aux), then the margin, writes loss, lse and aux. The
+            per-row scalars are computed by each D chunk's program alike (B D x 2 reads of x and W_y per
+            chunk, from L2) and written by chunk 0's: 4 D chunks at D = 512 raise the grid from B/16 to
+            B/4 programs (64 -> 256 at B = 1024) with a quarter of the O' partials each.
   backward  _bwd_rows_kernel      per row: dX needs no pass over the classes, because
               dx_hat_i = alpha [w_p O'_i - w_t (s/C) (sum_j W_hat_j - W_hat_y) + dz_iy f'(c_iy) W_hat_y]
             (K > 1: sum_j W_hat_{j, win(i, j)} depends on the row, see "Sub-centers" below)

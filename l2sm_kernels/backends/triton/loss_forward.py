@@ -215,7 +215,15 @@ def _fwd_combine_kernel(
     SMOOTH: tl.constexpr, SUBC: tl.constexpr, ACC_O: tl.constexpr, ACC_PC: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per row: merge the splits, add the target column with its margin, write loss, lse and aux."""
+    """Per row: merge the splits, add the target column with its margin, write loss, lse and aux.
+
+    Grid (row blocks, D chunks of BLOCK_D): each program merges its chunk of O' (the bulk of the bytes:
+    n_splits x BLOCK_R x BLOCK_D fp32); the per-row scalars (the splits' maxima and sums, the target column)
+    are computed by every chunk's program alike and written by chunk 0's."""
+    if ACC_O:
+        first = tl.program_id(1) == 0  # the program of D chunk 0 writes the per-row results
+    else:
+        first = True  # one chunk: a compile-time branch
     rows, rmask, valid, has_t, bad, ty, alpha = _row_preamble(tgt_ptr, alpha_ptr, B, C, ignore_index, stride_t,
                                                               BLOCK_R)
 
@@ -310,38 +318,39 @@ def _fwd_combine_kernel(
         loss = (1.0 - smoothing) * loss_t + smoothing * (lse - zsum * inv_C)
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + rows, loss, mask=rmask)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
+    if first:
+        tl.store(loss_ptr + rows, loss, mask=rmask)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
 
     # each split's sums are relative to its own max m_s: its weight in p is exp(m_s - lse). A row whose
     # every logit is -inf has lse = -inf and p = exp(-inf - -inf) = NaN, so O' and PC are NaN there
     # (its gradients NaN even when ignored), as in eager.py and torch's log_softmax backward
-    pc = tl.zeros([BLOCK_R], tl.float32)
-    if ACC_PC:
-        for sp in range(0, n_splits):
-            base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-            f_s = _split_weight(tl.load(base, mask=rmask, other=0.0), lse64)
-            pc += f_s * tl.load(base + 2, mask=rmask, other=0.0)
-    st = aux_ptr + rows * _NSTAT
-    tl.store(st + ST_CY, c_y, mask=rmask)
-    tl.store(st + ST_PY, p_y, mask=rmask)
-    tl.store(st + ST_Q, q, mask=rmask)
-    tl.store(st + ST_PC, pc, mask=rmask)
-    tl.store(st + ST_SC, sc, mask=rmask)
-    tl.store(st + ST_WIN, win.to(tl.float32), mask=rmask)
-    # lse in log2 units for the dW pass's exp2, rounded once from fp64: where one logit dominates a row
-    # (lse64 = m2 ln 2 + a term below fp32's resolution) it is that logit's z2 exactly, so its p = 1 exactly
-    tl.store(st + ST_LSE2, (lse64 * _LOG2E).to(tl.float32), mask=rmask)
-    if ACC_O:
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dd
-            dm = rmask[:, None] & (d[None, :] < D)
-            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    if first:
+        pc = tl.zeros([BLOCK_R], tl.float32)
+        if ACC_PC:
             for sp in range(0, n_splits):
                 base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
                 f_s = _split_weight(tl.load(base, mask=rmask, other=0.0), lse64)
-                acc += f_s[:, None] * tl.load(base[:, None] + _NPART + d[None, :], mask=dm, other=0.0)
-            tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
+                pc += f_s * tl.load(base + 2, mask=rmask, other=0.0)
+        st = aux_ptr + rows * _NSTAT
+        tl.store(st + ST_CY, c_y, mask=rmask)
+        tl.store(st + ST_PY, p_y, mask=rmask)
+        tl.store(st + ST_Q, q, mask=rmask)
+        tl.store(st + ST_PC, pc, mask=rmask)
+        tl.store(st + ST_SC, sc, mask=rmask)
+        tl.store(st + ST_WIN, win.to(tl.float32), mask=rmask)
+        # lse in log2 units for the dW pass's exp2, rounded once from fp64: where one logit dominates a row
+        # (lse64 = m2 ln 2 + a term below fp32's resolution) it is that logit's z2 exactly, so its p = 1 exactly
+        tl.store(st + ST_LSE2, (lse64 * _LOG2E).to(tl.float32), mask=rmask)
+    if ACC_O:  # this program's D chunk of O'
+        d = tl.program_id(1) * BLOCK_D + dd
+        dm = rmask[:, None] & (d[None, :] < D)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for sp in range(0, n_splits):
+            base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
+            f_s = _split_weight(tl.load(base, mask=rmask, other=0.0), lse64)
+            acc += f_s[:, None] * tl.load(base[:, None] + _NPART + d[None, :], mask=dm, other=0.0)
+        tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
 
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
@@ -405,7 +414,7 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
 
     bsum = bias.float().sum() if (bias is not None and smooth) else inv_nx
     BR, BD = row_tiles(D)
-    launch(_fwd_combine_kernel)[(triton.cdiv(B, BR),)](
+    launch(_fwd_combine_kernel)[(triton.cdiv(B, BR), triton.cdiv(D, BD) if has_o else 1)](
         ws_ptr=ws, x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, tgt_ptr=target, bsum_ptr=bsum,
         smooth_ptr=label_smoothing if smooth else inv_nx,
         loss_ptr=loss, lse_ptr=lse, aux_ptr=aux,
