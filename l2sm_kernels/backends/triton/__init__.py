@@ -100,8 +100,15 @@ software pipelining, so each iteration waits for its W (or x) tile from L2. Esti
 at e = the kernels' efficiency relative to cuBLAS, 4 / (3 e) of the floor plus ~0.02-0.05 ms of per-row
 kernels: 1.6x at e = 0.85, 1.9x at e = 0.7; e is unknown, and the unpipelined loads make e >= 0.85
 unlikely. The alternatives in GPU_CONFIGS, timed by the GPU benchmark: "fused_chained" (pipelined, S
-computed twice: 3 GEMM-equivalents of tensor work per pass) and "split_d" (one warpgroup, two programs
-per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, also 3).
+computed twice: 3 GEMM-equivalents of tensor work per pass), "split_d" (one warpgroup, two programs
+per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, also 3) and "fused_tma"
+(the default tiles with the streamed tile, W in the forward and x in the dW pass, loaded by TMA through a
+host-side tensor descriptor: global -> shared memory without passing through registers; the scratch
+barrier still keeps Triton from pipelining it, so each copy is waited on where it is issued). The
+descriptor path (Config.tma, the kernels' TMA) is taken where TMA can read the tensor (unit D stride,
+16-byte aligned rows, one tile over D, not W's rows of one sub-center); the interpreter runs it too (CI
+checks it bit-identical to the pointer loads), the compiled one is checked only to compile for sm_90 with
+TMA loads in its main loops: its numerics and speed on a GPU are unmeasured, and the default does not use it.
 
 Workspace (besides outputs, aux and O(B + C K + D) vectors), all bounded independently of C except as noted
 (K sub-centers change none of the bounds below: the ONES pass's partials, the same size as the main pass's,

@@ -12,7 +12,7 @@ from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_LSE
                          ST_CY, ST_LSE2, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_flags, aux_layout)
 from .common import (_LOG2E, INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _subcenter_max,
                      _through_scratch2d, wide_d)
-from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta
+from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta, tma_descriptor
 from .loss_forward import forward
 from .margin import _margin, _row_preamble, _target_info, margin_args
 from .norms import _row_norms, inv_norms
@@ -131,6 +131,7 @@ def _bwd_rows_kernel(
 @triton.jit
 def _bwd_dw_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, rowv_ptr, inv_nw_ptr,  # inputs (inv_nw: K > 1 only)
+    x_desc,  # TMA: x's tensor descriptor (BLOCK_B x BLOCK_K blocks); else unused
     dw_ptr, db_ptr,  # outputs (dW contiguous (C K, D) in W's dtype, db in the bias dtype)
     scr_p_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of the dW product's operand (BLOCK_C x BLOCK_B)
     B, C, D, ignore_index, eps, n_blocks, n_sub,  # sizes, target rule, eps, blocks (class blocks x n_sub)
@@ -140,7 +141,7 @@ def _bwd_dw_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
-    D64: tl.constexpr,
+    TMA: tl.constexpr, D64: tl.constexpr,
 ):
     """Persistent over blocks (pid, pid + programs, ...), one D chunk per grid column. For each class
     block: walk every row block, recompute S, form dz (the target entry from the per-row value),
@@ -213,8 +214,11 @@ def _bwd_dw_kernel(
             # S = x W^T for (rows, classes): rows along the product's M (per-row vectors cost a few
             # registers), the class block's weights as its B operand (they stay in shared memory)
             if SINGLE_K:
-                x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D),
-                                 other=0.0)
+                if TMA:  # global -> shared memory by the copy engine; rows >= B and columns >= D read as 0
+                    x_tile = x_desc.load([tl.cast(r0, tl.int32), 0])
+                else:
+                    x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D),
+                                     other=0.0)
             if SUBC == 1:
                 s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
                 if SINGLE_K:
@@ -399,7 +403,8 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         inv_nw = inv_norms(weight, eps, launch) if (normalize_weight and K > 1) else rowv
         launch(_bwd_dw_kernel)[(programs, n_d)](
             x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target,
-            rowv_ptr=rowv, inv_nw_ptr=inv_nw, dw_ptr=dw if need_weight else rowv,
+            rowv_ptr=rowv, inv_nw_ptr=inv_nw, x_desc=tma_descriptor(x, meta, "BLOCK_B"),
+            dw_ptr=dw if need_weight else rowv,
             db_ptr=db if need_bias else rowv, scr_p_ptr=scr_p, B=B, C=C, D=D, ignore_index=ignore_index, eps=eps,
             n_blocks=n_blocks, n_sub=n_sub,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),

@@ -11,7 +11,8 @@ from .aux_layout import (_NPART, _NSTAT, NPART, ST_CY, ST_LSE2, ST_PC, ST_PY, ST
                          forward_plan)
 from .common import (_LN2, _LOG2E, _didx, _identity, _log1p, _mma, _operand, _prefetch_l1, _subcenter_max,
                      _through_scratch, wide_d)
-from .config import P_TORCH, Config, d_chunks, forward_config, num_sms, num_splits, on_gpu, row_tiles, tile_meta
+from .config import (P_TORCH, Config, d_chunks, forward_config, num_sms, num_splits, on_gpu, row_tiles, tile_meta,
+                     tma_descriptor)
 from .margin import _margin, _row_preamble, _target_info, margin_args
 from .norms import column_sum, inv_norms
 
@@ -19,6 +20,7 @@ from .norms import column_sum, inv_norms
 @triton.jit
 def _fwd_split_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, inv_nx_ptr, inv_nw_ptr, tgt_ptr, ws_ptr,  # pointers
+    w_desc,  # TMA: W's tensor descriptor (BLOCK_C x BLOCK_K blocks); else unused
     scr_p_ptr, scr_s_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of p (BLOCK_B x BLOCK_C), of scale
     B, C, D, ignore_index, cols_per_split,  # sizes (C classes, C x SUBC rows of W); target rule; classes of one split
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
@@ -29,7 +31,7 @@ def _fwd_split_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
-    D64: tl.constexpr,
+    TMA: tl.constexpr, D64: tl.constexpr,
 ):
     """One (row block, class split, D chunk): online logsumexp over the split's non-target columns,
     and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max.
@@ -83,7 +85,12 @@ def _fwd_split_kernel(
             w_rows = w_ptr + cols[:, None] * stride_wc
             s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
             if SINGLE_K:
-                w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
+                if TMA:  # global -> shared memory by the copy engine; rows >= C and columns >= D read as 0 (a
+                    # tile never crosses a split's end before C: splits are whole tiles)
+                    w_tile = w_desc.load([tl.cast(c0, tl.int32), 0])
+                else:
+                    w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D),
+                                     other=0.0)
                 s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
             else:
                 for k0 in range(0, D, BLOCK_K):
@@ -388,13 +395,14 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
         n_split = triton.cdiv(C, cols_per_split)
         ws = torch.empty((n_split, B, NPART + (D if acc_o else 0)), device=dev, dtype=torch.float32)
         grid = (triton.cdiv(B, cfg.block_rows), n_split, n_d)
-        meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=weight, chain_break=cfg.chain_break and acc_o)
+        meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=weight, chain_break=cfg.chain_break and acc_o,
+                         rows_strided=K > 1)
         n_prog = grid[0] * grid[1] * grid[2] if meta["CHAIN_BREAK"] else 0
         scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
         scr_s = torch.empty((2 * n_prog, cfg.block_rows), device=dev, dtype=torch.float32)
         launch(_fwd_split_kernel)[grid](
             x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, inv_nx_ptr=inv_nx, inv_nw_ptr=inv_nw,
-            tgt_ptr=target, ws_ptr=ws, scr_p_ptr=scr_p, scr_s_ptr=scr_s,
+            tgt_ptr=target, ws_ptr=ws, w_desc=tma_descriptor(weight, meta, "BLOCK_C"), scr_p_ptr=scr_p, scr_s_ptr=scr_s,
             B=B, C=C, D=D, ignore_index=ignore_index, cols_per_split=cols_per_split,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
