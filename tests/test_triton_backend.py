@@ -113,11 +113,12 @@ def _close(a, b, rel=2e-5):
 # tiles, splits, chunks (reliability case 16)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opts", ["all", "plain", "subcenters"])
-def test_tiles_splits_and_paths_agree(K, dev, opts):
+def test_tiles_splits_and_paths_agree(K, dev, opts, monkeypatch):
     """Tile sizes, the number of class splits, the K loop vs one tile over D, D chunks of the
     accumulator and the chain-break scratch change only the summation order; also with sub-centers
     (K = 3), per-row margins and a smoothing tensor (their extra pass), where W's normalization backward
-    takes both of its forms (one tile over D, or D chunks)."""
+    takes all three of its forms (w_hat . dw_hat from the finished row with w_hat correctly rounded, from
+    the finished row with W as stored (rows wider than PROJ_TILE_MAX_D), or accumulated over D chunks)."""
     subc = 3 if opts == "subcenters" else 1
     B, D, C = (21, 40, 150) if subc == 1 else (13, 40, 41)
     inp = _inputs(B, D, C, dev, seed=1, subcenters=subc)
@@ -135,6 +136,9 @@ def test_tiles_splits_and_paths_agree(K, dev, opts):
         variants = variants[1:]  # (interpreter time; the first is the default's own shape)
     for v in variants:
         _close(_fwd_bwd(K, inp, opts, **v), base)
+    from l2sm_kernels.backends.triton import loss_backward
+    monkeypatch.setattr(loss_backward, "PROJ_TILE_MAX_D", 0)  # one tile over D takes the PROJ_ROW form
+    _close(_fwd_bwd(K, inp, opts), base)
 
 
 @pytest.mark.parametrize("dtype,wdtype,D,subc", [(torch.bfloat16, None, 40, 1), (torch.float32, None, 40, 1),

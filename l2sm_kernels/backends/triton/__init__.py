@@ -48,8 +48,9 @@ buffer, no atomics, deterministic.
             _bwd_dw_kernel        persistent, one program per multiprocessor, each owning class blocks in
             turn: walks the rows, recomputes S, forms dz (the target entry from the per-row value),
             accumulates dW_hat += dz^T x_hat and db += sum_i dz, then the normalization backward of W in
-            the epilogue (w_hat . dw_hat from the finished row where one program holds all of D in a tile
-            of <= 128, as eager; else sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
+            the epilogue (w_hat . dw_hat from the finished row where one program holds all of D: with
+            w_hat correctly rounded in a tile of <= 128, as eager, else as (W_j . dw_hat_j) / |W_j|; where
+            D is split over programs, sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
             When the forward ran without the dX / alpha hints (e.g. under no_grad, or the op called
             directly), the backward reruns the forward kernels to get O' / PC (the contract allows it).
 

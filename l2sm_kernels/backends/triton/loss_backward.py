@@ -138,6 +138,7 @@ def _bwd_dw_kernel(
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, SUBC: tl.constexpr,
     PROJ_TILE: tl.constexpr,  # this program's D chunk is all of D: W's normalization backward from the dW_hat row
+    PROJ_ROW: tl.constexpr,  # the same with W as stored (wider rows, see PROJ_TILE_MAX_D); neither: sum_i dc c
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
@@ -274,7 +275,7 @@ def _bwd_dw_kernel(
                 if SUBC == 1:
                     u = tl.where(is_t, (dc_y * inv_nx)[:, None], dz * ra[:, None])
                     u = tl.where(rmask[:, None], u, 0.0)
-                    if NORM_W and not PROJ_TILE:
+                    if NORM_W and not (PROJ_TILE or PROJ_ROW):
                         # w_hat_j . dw_hat_j = sum_i dc_ij c_ij = sum_i u_ij cs_ij, when D is split over programs
                         proj += tl.sum(u * c, 0)
                 else:
@@ -284,7 +285,7 @@ def _bwd_dw_kernel(
                     # winner is the forward's (exact dots), the others' the recomputed products'
                     win_y = tl.load(rv + RV_WIN, mask=rmask, other=0.0).to(tl.int32)
                     dc = tl.where(tl.where(is_t, (win_y == kk)[:, None], mine), dc, 0.0)
-                    if NORM_W and not PROJ_TILE:
+                    if NORM_W and not (PROJ_TILE or PROJ_ROW):
                         # w_hat_j . dw_hat_j = sum_i dc_ij c_ij (the entries kk won, where c_ij is sub-center
                         # kk's cosine; on a target column whose recomputed winner differs from the forward's,
                         # the two tie within the rounding)
@@ -316,6 +317,8 @@ def _bwd_dw_kernel(
                     pj = tl.where(w_norm >= eps, tl.sum(w_hat * acc, 1), 0.0)
                     acc = (acc - w_hat * pj[:, None]) * inv_nw[:, None]
                 else:
+                    if PROJ_ROW:  # w_hat_j . dw_hat_j = (W_j . dw_hat_j) / |W_j|: no accumulator in the walk
+                        proj = tl.sum(wo * acc, 1) * inv_nw
                     shrink = tl.where(w_norm >= eps, proj * inv_nw, 0.0)
                     acc = (acc - shrink[:, None] * wo) * inv_nw[:, None]
             tl.store(dw_ptr + own[:, None] * D + do[None, :], _out(acc, dw_ptr, EMU), mask=dmask)
@@ -328,9 +331,12 @@ def _bwd_dw_kernel(
 
 
 # W's normalization backward takes w_hat . dw_hat from the finished row (PROJ_TILE, exact cancellation as eager)
-# where one program holds all of D in a tile of at most this width; wider rows, or rows split over programs,
-# accumulate it as sum_i dc_ij c_ij during the walk (equal up to rounding): at D = 512 the second fp32 tile
-# (w_hat) next to the accumulator doubles the epilogue's spills (sm_90, all options: 784 bytes against 352)
+# where one program holds all of D in a tile of at most this width: at D = 512 the correctly rounded w_hat tile
+# next to the accumulator doubled the epilogue's spills (sm_90, all options: 784 bytes against 352). Wider rows
+# held by one program take it from the finished row with W as stored, (W_j . dw_hat_j) / |W_j| (PROJ_ROW; equal
+# up to rounding): accumulating sum_i dc_ij c_ij during the walk instead kept one more per-class vector live
+# across the row loop, which spilled there (all options, bf16, D = 512: 148 bytes per row tile, 56 without it).
+# Rows split over programs (D chunks) still accumulate it.
 PROJ_TILE_MAX_D = 128
 
 
@@ -410,7 +416,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0),
             HAS_BIAS=bias is not None, NORM_W=normalize_weight, NEED_W=need_weight, NEED_B=need_bias, SUBC=K,
-            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, D64=d64, **meta)
+            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, PROJ_ROW=n_d == 1, D64=d64, **meta)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
     return dx, dw, db, dalpha
