@@ -107,6 +107,8 @@ def _spec(kernel, args, kwargs):
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _TY[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(v).__name__ == "TensorDescriptor":  # host-side TMA descriptor (triton.tools.tensor_descriptor)
+            sig[name] = f"tensordesc<{_TY[v.base.dtype]}[{', '.join(str(int(b)) for b in v.block_shape)}]>"
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):

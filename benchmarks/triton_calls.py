@@ -15,7 +15,7 @@ from l2sm_kernels.options import L2SMOptions
 
 # The tiles the GPU benchmark times next to the default (l2sm_kernels/backends/triton/config.py:
 # GPU_CONFIGS; "fused" is the default for bf16 at D <= 512), and compile_report.py --variants compiles.
-TIMED_VARIANTS = ("fused_prefetch", "fused_chained", "split_d")
+TIMED_VARIANTS = ("fused_prefetch", "fused_tma", "fused_chained", "split_d")
 
 PLAIN = L2SMOptions()
 # every option on: what compile_report.py --options all and the GPU checks of the option paths use

@@ -113,11 +113,12 @@ def _close(a, b, rel=2e-5):
 # tiles, splits, chunks (reliability case 16)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opts", ["all", "plain", "subcenters"])
-def test_tiles_splits_and_paths_agree(K, dev, opts):
+def test_tiles_splits_and_paths_agree(K, dev, opts, monkeypatch):
     """Tile sizes, the number of class splits, the K loop vs one tile over D, D chunks of the
     accumulator and the chain-break scratch change only the summation order; also with sub-centers
     (K = 3), per-row margins and a smoothing tensor (their extra pass), where W's normalization backward
-    takes both of its forms (one tile over D, or D chunks)."""
+    takes all three of its forms (w_hat . dw_hat from the finished row with w_hat correctly rounded, from
+    the finished row with W as stored (rows wider than PROJ_TILE_MAX_D), or accumulated over D chunks)."""
     subc = 3 if opts == "subcenters" else 1
     B, D, C = (21, 40, 150) if subc == 1 else (13, 40, 41)
     inp = _inputs(B, D, C, dev, seed=1, subcenters=subc)
@@ -135,6 +136,49 @@ def test_tiles_splits_and_paths_agree(K, dev, opts):
         variants = variants[1:]  # (interpreter time; the first is the default's own shape)
     for v in variants:
         _close(_fwd_bwd(K, inp, opts, **v), base)
+    from l2sm_kernels.backends.triton import loss_backward
+    monkeypatch.setattr(loss_backward, "PROJ_TILE_MAX_D", 0)  # one tile over D takes the PROJ_ROW form
+    _close(_fwd_bwd(K, inp, opts), base)
+
+
+@pytest.mark.parametrize("dtype,wdtype,D,subc", [(torch.bfloat16, None, 40, 1), (torch.float32, None, 40, 1),
+                                                   (torch.bfloat16, torch.float32, 40, 1),
+                                                   (torch.bfloat16, None, 40, 3), (torch.bfloat16, None, 37, 1)],
+                         ids=["bf16", "fp32", "mixed", "bf16-K3", "bf16-D37"])
+def test_tma_descriptor_path_matches_pointer_path(K, dev, dtype, wdtype, D, subc):
+    """The streamed tiles through tensor descriptors (Config.tma: W in the forward, x in the dW pass; the
+    interpreter runs descriptors too) give bit-identical results to the pointer loads, ragged rows and classes
+    (zero fill past B, C and D), all options; the launchers take the descriptor path exactly where TMA can
+    read the tensor: not W's rows of one sub-center (K = 3: the dW pass's x only), not rows of 74 bytes
+    (bf16, D = 37: no 16-byte alignment)."""
+    B, C = 21, 150 if subc == 1 else 41
+    inp = _inputs(B, D, C, dev, dtype=dtype, wdtype=wdtype, seed=4, subcenters=subc)
+    opts = OPTS if subc == 1 else _subcenter_opts(B, subc)
+    used = []
+
+    def launch(kernel):  # runs the kernel, recording whether it took the descriptor path
+        class _Grid:
+            def __getitem__(self, grid):
+                def call(**kwargs):
+                    if "TMA" in kwargs:
+                        desc = kwargs.get("w_desc", kwargs.get("x_desc"))
+                        used.append((kernel.__name__, kwargs["TMA"], type(desc).__name__))
+                    return kernel[grid](**kwargs)
+                return call
+        return _Grid()
+
+    ptr = _fwd_bwd(K, inp, opts, config=K.Config(16, 16, 64, 64, chain_break=True),
+                   dw_config=K.Config(16, 16, 64, 64, chain_break=True), launch=launch)
+    assert used and not any(t for _, t, _ in used)
+    used.clear()
+    tma = _fwd_bwd(K, inp, opts, config=K.Config(16, 16, 64, 64, chain_break=True, tma=True),
+                   dw_config=K.Config(16, 16, 64, 64, chain_break=True, tma=True), launch=launch)
+    aligned = D % 8 == 0
+    want = {("_fwd_split_kernel", aligned and subc == 1), ("_bwd_dw_kernel", aligned)}
+    assert {(k, t) for k, t, _ in used} == want, used
+    assert all((d == "TensorDescriptor") == t for _, t, d in used), used
+    for u, v in zip(tma, ptr):
+        assert torch.equal(u, v)
 
 
 def test_many_splits_and_class_blocks_match_reference(K, dev):
@@ -567,8 +611,9 @@ def test_compile_traces_both_ops_without_graph_break(K, dynamic):
 def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
     """The GPU tiles (B=1024, D=512, bf16; with the plain options also the variants the GPU benchmark
     times) compile for sm_90 with no GPU present (triton's bundled ptxas): no compile error, shared
-    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, spills bounded, and no
-    approximate sqrt or division (benchmarks/compile_report.py reports them all)."""
+    memory within an H100's 227 KiB, warpgroup MMA in the main kernels, spills bounded, no
+    approximate sqrt or division, and the fused_tma variant's main loops load by TMA
+    (benchmarks/compile_report.py reports them all). Compiling is all: nothing runs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "report.json"
@@ -588,6 +633,10 @@ def test_gpu_tiles_compile_for_hopper(K, tmp_path, options):
         assert r["approx_sqrt_div"] == 0, r  # norms and per-row divisions correctly rounded, as interpreted
         if r["kernel"] in ("_fwd_split_kernel", "_bwd_dw_kernel"):
             assert r["hgmma"] > 0, r
+            if r["path"] == "fused_tma":  # the compiled descriptor path: TMA loads (UTMALDG) in the main loop
+                assert r["async_tile_loads"] and r["async_ops"].get("UTMALDG", 0) > 0, r
+    assert options != "plain" or {r["kernel"] for r in rows if r["path"] == "fused_tma"} == {
+        "_fwd_split_kernel", "_bwd_dw_kernel"}
 
 
 def _compile_report_module():

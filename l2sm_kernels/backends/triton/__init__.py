@@ -30,10 +30,14 @@ buffer, no atomics, deterministic.
             S = x W^T tile by tile, online logsumexp over the non-target columns, and, flash-attention style
             (V = W, online rescaling), O'_i = sum_{j != y_i} p_ij W_hat_j when the dX hint is set. That is
             the forward's 2 GEMM-equivalents; without the hint only S is computed (1).
-            _fwd_combine_kernel   per row: merges the class splits' partial (max, sum, O'), adds the target
+            _fwd_combine_kernel   grid (row blocks, D chunks of O'; 1 without the dX hint). Per row: merges
+            the class splits' partial (max, sum, O' of the program's D chunk), adds the target
             column (its cosine c_iy = x_y . W_y / (|x_i| |W_y|) from one dot and two norms per row in fp64,
             rounded once: the angular margin amplifies c's error near c = +-1; with sub-centers the
-            maximum of K such, its k recorded in aux), then the margin, writes loss, lse and aux.
+            maximum of K such, its k recorded in aux), then the margin, writes loss, lse and aux. The
+            per-row scalars are computed by each D chunk's program alike (B D x 2 reads of x and W_y per
+            chunk, from L2) and written by chunk 0's: 4 D chunks at D = 512 raise the grid from B/16 to
+            B/4 programs (64 -> 256 at B = 1024) with a quarter of the O' partials each.
   backward  _bwd_rows_kernel      per row: dX needs no pass over the classes, because
               dx_hat_i = alpha [w_p O'_i - w_t (s/C) (sum_j W_hat_j - W_hat_y) + dz_iy f'(c_iy) W_hat_y]
             (K > 1: sum_j W_hat_{j, win(i, j)} depends on the row, see "Sub-centers" below)
@@ -44,8 +48,9 @@ buffer, no atomics, deterministic.
             _bwd_dw_kernel        persistent, one program per multiprocessor, each owning class blocks in
             turn: walks the rows, recomputes S, forms dz (the target entry from the per-row value),
             accumulates dW_hat += dz^T x_hat and db += sum_i dz, then the normalization backward of W in
-            the epilogue (w_hat . dw_hat from the finished row where one program holds all of D in a tile
-            of <= 128, as eager; else sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
+            the epilogue (w_hat . dw_hat from the finished row where one program holds all of D: with
+            w_hat correctly rounded in a tile of <= 128, as eager, else as (W_j . dw_hat_j) / |W_j|; where
+            D is split over programs, sum_i dc_ij c_ij, accumulated alongside). 2 GEMM-equivalents.
             When the forward ran without the dX / alpha hints (e.g. under no_grad, or the op called
             directly), the backward reruns the forward kernels to get O' / PC (the contract allows it).
 
@@ -96,8 +101,15 @@ software pipelining, so each iteration waits for its W (or x) tile from L2. Esti
 at e = the kernels' efficiency relative to cuBLAS, 4 / (3 e) of the floor plus ~0.02-0.05 ms of per-row
 kernels: 1.6x at e = 0.85, 1.9x at e = 0.7; e is unknown, and the unpipelined loads make e >= 0.85
 unlikely. The alternatives in GPU_CONFIGS, timed by the GPU benchmark: "fused_chained" (pipelined, S
-computed twice: 3 GEMM-equivalents of tensor work per pass) and "split_d" (one warpgroup, two programs
-per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, also 3).
+computed twice: 3 GEMM-equivalents of tensor work per pass), "split_d" (one warpgroup, two programs
+per multiprocessor, a 256-wide accumulator chunk per program: S once per chunk, also 3) and "fused_tma"
+(the default tiles with the streamed tile, W in the forward and x in the dW pass, loaded by TMA through a
+host-side tensor descriptor: global -> shared memory without passing through registers; the scratch
+barrier still keeps Triton from pipelining it, so each copy is waited on where it is issued). The
+descriptor path (Config.tma, the kernels' TMA) is taken where TMA can read the tensor (unit D stride,
+16-byte aligned rows, one tile over D, not W's rows of one sub-center); the interpreter runs it too (CI
+checks it bit-identical to the pointer loads), the compiled one is checked only to compile for sm_90 with
+TMA loads in its main loops: its numerics and speed on a GPU are unmeasured, and the default does not use it.
 
 Workspace (besides outputs, aux and O(B + C K + D) vectors), all bounded independently of C except as noted
 (K sub-centers change none of the bounds below: the ONES pass's partials, the same size as the main pass's,
@@ -110,8 +122,8 @@ backward with normalize_weight):
     before the backward allocates dW (also when the backward reruns the forward), so they
     do not set the training step's peak. normalize_weight: 1/|W_j| (C floats); label smoothing: one
     column-sum pass over W (D floats kept in aux).
-  backward: per-row values (B x 6 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
-    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (6 + D) x 4 bytes with
+  backward: per-row values (B x 8 fp32), the dW pass's chain-break scratch (SMs x 2 x 64 x 64 x 2 bytes
+    = 2.1 MiB on an H100). The peak of a training step is the gradients + aux (B x (7 + D) x 4 bytes with
     the dX hint) + that.
 
 Precision: every accumulation in fp32 but the norms and the target cosine (fp64, below). Matrix products
@@ -123,6 +135,14 @@ converted in registers):
   mixed (e.g. fp32 master W with bf16 features): tf32 (the 16-bit operand is exact in tf32).
   fp32 x and W: IEEE fp32 (as torch's default fp32 matmul), tf32 when
     torch.get_float32_matmul_precision() is "high" or "medium".
+Logits in log2 units inside the two class walks: z2 = log2(e) z, so that p = exp2(z2 - m2) (exp would cost a
+multiply per element more); with K = 1, alpha log2(e) / |x_i| is one per-row scale rs_i, rounded once from
+fp64, and z2_ij = (x_i . W_j [/ |W_j|]) rs_i (+ log2(e) b_j): the same number of roundings per element as
+alpha (x_i . W_j / |x_i|) had. The split partials' maxima stay in log2 units; the combine forms lse in fp64
+(the splits' weights exp(m - lse) too, with no rounding of m ln 2 or of lse before the subtraction) and
+saves log2(e) lse rounded once, which the dW pass subtracts: where one logit dominates a row, lse2 is its
+z2 exactly and its p is 1 exactly, as exp(z - lse) gave (with the fp32 lse converted instead, dx's error at
+alpha = 1000 was 3.7x the exp version's and tests/test_l2_softmax.py::test_large_alpha_and_bias_offset failed).
 Norms, eps, logsumexp, margins and all per-row work in fp32: zero rows give x_hat = 0, never NaN. Sums of
 squares are accumulated in fp64 (norms.py: an fp32 one overflows past |v| ~ 1.8e19 and made such rows zero
 vectors), and the target cosine is computed in fp64 (above); the raw products x_i . W_j themselves are

@@ -8,19 +8,21 @@ import triton
 import triton.language as tl
 
 # per-row statistics in aux (columns of the (B, NSTAT) block): c_iy, p_iy, q_i = 1 - p_iy, PC_i, SC_i,
-# and the target class's winning sub-center k (a small integer held exactly as fp32; 0 when K = 1)
-NSTAT = 6
+# the target class's winning sub-center k (a small integer held exactly as fp32; 0 when K = 1), and
+# log2(e) lse_i (the dW pass's exp2, rounded once from the combine's fp64 lse)
+NSTAT = 7
 # per-split partials of the forward workspace: running max, sum of exp, PC, SC, then O' (D)
 NPART = 4
 # per-row values the backward's dW kernel reads (columns of a (B, NROWV) buffer):
-# 1/|x_i|, w_p, w_t s / C, dz_iy, dloss/dc_iy, the target's winning sub-center
-NROWV = 6
+# 1/|x_i|, w_p, w_t s / C, dz_iy, dloss/dc_iy, the target's winning sub-center, and for its exp2 (logits in
+# log2 units) alpha log2(e) / |x_i| rounded once from fp64 and log2(e) lse_i (aux's)
+NROWV = 8
 # the same, as the kernels see them (triton kernels may read only constexpr globals)
 _NSTAT = tl.constexpr(NSTAT)
 _NPART = tl.constexpr(NPART)
 _NROWV = tl.constexpr(NROWV)
-ST_CY, ST_PY, ST_Q, ST_PC, ST_SC, ST_WIN = (tl.constexpr(i) for i in range(NSTAT))
-RV_INVNX, RV_WP, RV_WTS, RV_DZY, RV_DCY, RV_WIN = (tl.constexpr(i) for i in range(NROWV))
+ST_CY, ST_PY, ST_Q, ST_PC, ST_SC, ST_WIN, ST_LSE2 = (tl.constexpr(i) for i in range(NSTAT))
+RV_INVNX, RV_WP, RV_WTS, RV_DZY, RV_DCY, RV_WIN, RV_RS, RV_LSE2 = (tl.constexpr(i) for i in range(NROWV))
 
 # aux flag bits (aux.numel() % 8, see aux_layout)
 AUX_O, AUX_PC, AUX_WSUM = 1, 2, 4

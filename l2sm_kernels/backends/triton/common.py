@@ -11,6 +11,10 @@ import triton.language as tl
 # @triton.jit returns interpreted functions when TRITON_INTERPRET=1 was set before triton was imported
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# log2(e) and ln(2) for the kernels' exp2 (logits in log2 units); an fp64 operand takes them exactly
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def _rne_bf16(v):

@@ -25,6 +25,7 @@ class Config:
     num_stages: int = 2
     chain_break: bool = False  # p / dz through scratch (see _through_scratch)
     prefetch: bool = False  # L1 prefetch of the next tile (GPU, one tile over D, bf16/fp16 rows)
+    tma: bool = False  # the streamed tile through a tensor descriptor (TMA on sm_90; see _tma_ok)
     # programs of this kernel one multiprocessor holds at once (sm_90, from the registers and shared
     # memory benchmarks/compile_report.py reports): sizes the forward grid to whole waves
     ctas_per_sm: int = 1
@@ -74,6 +75,10 @@ GPU_CONFIGS = {
     "fused": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=True),
     # the same with an L1 prefetch of the next tile (the scratch barrier stops software pipelining)
     "fused_prefetch": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=True, prefetch=True),
+    # the same with the streamed tile (W in the forward, x in the dW pass) loaded by TMA through a tensor
+    # descriptor: global -> shared memory without registers. Compiles for sm_90 (compile_report: UTMALDG in
+    # the main loop); its speed and its numerics on a GPU are unmeasured (the interpreter runs the same code)
+    "fused_tma": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=True, tma=True),
     # the same without the scratch: pipelined loads, but both warpgroups compute S
     "fused_chained": lambda d: Config(64, 64, d, d, num_warps=8, num_stages=2, chain_break=False),
     # one warpgroup (no redundant S, no scratch), a K loop of 64 and a 256-wide accumulator chunk per
@@ -176,13 +181,21 @@ def _prefetch_ok(cfg: Config, single_k: bool, block_k: int, t: torch.Tensor) -> 
             and t.element_size() == 2)
 
 
+def _tma_ok(cfg: Config, single_k: bool, t: torch.Tensor, rows_strided: bool = False) -> bool:
+    """TMA of the tensor t's tiles (W in the forward, x in the dW pass): a descriptor needs a unit D stride,
+    16-byte aligned rows and base, and one tile spanning all of D (SINGLE_K, the path it replaces); not W's
+    rows of one sub-center (rows_strided: row stride K). Also under the interpreter, which runs descriptors."""
+    return (cfg.tma and single_k and not rows_strided and t.dim() == 2 and t.stride(1) == 1
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
 def tile_meta(cfg: Config, D: int, xdt: torch.dtype, wdt: torch.dtype, streamed: torch.Tensor,
-              chain_break: bool) -> dict:
+              chain_break: bool, rows_strided: bool = False) -> dict:
     """The constexpr launch arguments both main kernels (_fwd_split_kernel, _bwd_dw_kernel) share: the
     precision of the two products (dot_plan), the tiles (one K tile spans all of D when block_k covers
     it, SINGLE_K; the accumulator's D chunk BLOCK_DO; REUSE_TILE when that chunk is the K tile itself),
     the scratch round trip, the L1 prefetch of the streamed tensor's rows (W in the forward, x in the
-    dW pass), warps and stages."""
+    dW pass) or its TMA (TMA: the launcher passes a tensor descriptor, tma_descriptor), warps and stages."""
     s_dt, s_tf32, p_dt, p_tf32 = dot_plan(xdt, wdt)
     d_pad = _pow2(D)
     single_k = cfg.block_k >= d_pad
@@ -192,9 +205,19 @@ def tile_meta(cfg: Config, D: int, xdt: torch.dtype, wdt: torch.dtype, streamed:
                 BLOCK_B=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_K=block_k, BLOCK_DO=block_do,
                 SINGLE_K=single_k, REUSE_TILE=single_k and block_do == block_k, CHAIN_BREAK=chain_break,
                 PREFETCH=_prefetch_ok(cfg, single_k, block_k, streamed),
+                TMA=_tma_ok(cfg, single_k, streamed, rows_strided),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def row_tiles(D: int) -> tuple[int, int]:
     """(rows per program, D tile) of the per-row kernels (_fwd_combine_kernel, _bwd_rows_kernel)."""
     return 16, min(_pow2(D), 64 if INTERPRETED else 128)
+
+
+def tma_descriptor(t: torch.Tensor, meta: dict, rows_key: str):
+    """The streamed tensor's descriptor when meta["TMA"] (blocks of meta[rows_key] rows x BLOCK_K), else t itself
+    (the kernel then takes its pointer path and never reads this argument)."""
+    if not meta["TMA"]:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, [meta[rows_key], meta["BLOCK_K"]])

@@ -8,11 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_WIN, RV_WP, RV_WTS, ST_CY, ST_PC,
-                         ST_PY, ST_Q, ST_SC, ST_WIN, aux_flags, aux_layout)
-from .common import (INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _subcenter_max,
+from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_LSE2, RV_RS, RV_WIN, RV_WP, RV_WTS,
+                         ST_CY, ST_LSE2, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_flags, aux_layout)
+from .common import (_LOG2E, INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _subcenter_max,
                      _through_scratch2d, wide_d)
-from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta
+from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta, tma_descriptor
 from .loss_forward import forward
 from .margin import _margin, _row_preamble, _target_info, margin_args
 from .norms import _row_norms, inv_norms
@@ -73,6 +73,10 @@ def _bwd_rows_kernel(
     tl.store(rv + RV_DCY, dc_y, mask=rmask)
     if SUBC > 1:
         tl.store(rv + RV_WIN, win, mask=rmask)
+    # the dW pass's p = exp2(z2 - lse2), z2 = log2(e) z: its row scale, rounded once from fp64 as the forward's
+    # (the same z2 where 1/|x_i| is), and the forward's lse2
+    tl.store(rv + RV_RS, (alpha.to(tl.float64) * _LOG2E * inv_nx.to(tl.float64)).to(tl.float32), mask=rmask)
+    tl.store(rv + RV_LSE2, tl.load(st + ST_LSE2, mask=rmask, other=0.0), mask=rmask)
 
     if NEED_ALPHA:
         # sum_j dz_ij g_ij (z = alpha g + b): w_p PC - w_t (s/C) SC + dz_y f(c_y)
@@ -126,17 +130,19 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, lse_ptr, rowv_ptr, inv_nw_ptr,  # inputs (inv_nw: K > 1 only)
+    x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, rowv_ptr, inv_nw_ptr,  # inputs (inv_nw: K > 1 only)
+    x_desc,  # TMA: x's tensor descriptor (BLOCK_B x BLOCK_K blocks); else unused
     dw_ptr, db_ptr,  # outputs (dW contiguous (C K, D) in W's dtype, db in the bias dtype)
     scr_p_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of the dW product's operand (BLOCK_C x BLOCK_B)
     B, C, D, ignore_index, eps, n_blocks, n_sub,  # sizes, target rule, eps, blocks (class blocks x n_sub)
-    stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t, stride_lse,  # input strides
+    stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, SUBC: tl.constexpr,
     PROJ_TILE: tl.constexpr,  # this program's D chunk is all of D: W's normalization backward from the dW_hat row
+    PROJ_ROW: tl.constexpr,  # the same with W as stored (wider rows, see PROJ_TILE_MAX_D); neither: sum_i dc c
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
-    D64: tl.constexpr,
+    TMA: tl.constexpr, D64: tl.constexpr,
 ):
     """Persistent over blocks (pid, pid + programs, ...), one D chunk per grid column. For each class
     block: walk every row block, recompute S, form dz (the target entry from the per-row value),
@@ -151,6 +157,7 @@ def _bwd_dw_kernel(
     pid_d = tl.program_id(1)
     prog = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_d
     alpha = tl.load(alpha_ptr).to(tl.float32)
+    a2 = (alpha.to(tl.float64) * _LOG2E).to(tl.float32)  # alpha log2(e): the logits in log2 units (exp2)
     cl = tl.arange(0, BLOCK_C)
     dk = _didx(tl.arange(0, BLOCK_K), D64)
     do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
@@ -176,7 +183,7 @@ def _bwd_dw_kernel(
             w_norm = _row_norms(w_ptr + own * stride_wc, cmask, D, stride_wd, D64, 64)
             inv_nw = tl.div_rn(1.0, tl.maximum(w_norm, eps))
         if HAS_BIAS:
-            bias = tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32) * _LOG2E  # log2 units
 
         acc = tl.zeros([BLOCK_C, BLOCK_DO], tl.float32)
         db = tl.zeros([BLOCK_C], tl.float32)
@@ -193,7 +200,13 @@ def _bwd_dw_kernel(
             wts = tl.load(rv + RV_WTS, mask=rmask, other=0.0)
             dz_y = tl.load(rv + RV_DZY, mask=rmask, other=0.0)
             dc_y = tl.load(rv + RV_DCY, mask=rmask, other=0.0)
-            lse = tl.load(lse_ptr + rows * stride_lse, mask=rmask, other=0.0)
+            # p = exp2(z2 - lse2) with z2 = log2(e) z (see the forward; the rows kernel rounded lse2 and the row
+            # scale rs from fp64); K = 1 folds alpha log2(e) / |x_i| into rs (c_ij = cs_ij / |x_i| is never
+            # formed) and alpha / |x_i| into ra, the factor from dz to the dW product's operand
+            lse2 = tl.load(rv + RV_LSE2, mask=rmask, other=0.0)
+            if SUBC == 1:
+                rs = tl.load(rv + RV_RS, mask=rmask, other=0.0)
+                ra = alpha * inv_nx
             t = tl.load(tgt_ptr + rows * stride_t, mask=rmask, other=ignore_index)
             _, has_t, _ = _target_info(t, ignore_index, C)
             # the target's column inside this class block, as a small int32 (-1: not in the block)
@@ -202,8 +215,11 @@ def _bwd_dw_kernel(
             # S = x W^T for (rows, classes): rows along the product's M (per-row vectors cost a few
             # registers), the class block's weights as its B operand (they stay in shared memory)
             if SINGLE_K:
-                x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D),
-                                 other=0.0)
+                if TMA:  # global -> shared memory by the copy engine; rows >= B and columns >= D read as 0
+                    x_tile = x_desc.load([tl.cast(r0, tl.int32), 0])
+                else:
+                    x_tile = tl.load(x_rows + dk[None, :] * stride_xd, mask=rmask[:, None] & (dk[None, :] < D),
+                                     other=0.0)
             if SUBC == 1:
                 s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
                 if SINGLE_K:
@@ -216,9 +232,10 @@ def _bwd_dw_kernel(
                         wk = tl.load(w_rows + kd[None, :] * stride_wd, mask=cmask[:, None] & (kd[None, :] < D),
                                      other=0.0)
                         s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
-                c = s * inv_nx[:, None]
+                c = s  # cs: the cosine times |x_i|
                 if NORM_W:
                     c = c * inv_nw[None, :]
+                z = c * rs[:, None]
             else:
                 # the class cosine is the maximum over the K sub-centers; mine: sub-center kk is the winner
                 c = tl.full([BLOCK_B, BLOCK_C], float("-inf"), tl.float32)
@@ -242,10 +259,10 @@ def _bwd_dw_kernel(
                     if NORM_W:
                         c_k = c_k * tl.load(inv_nw_ptr + cols * SUBC + k, mask=cmask, other=0.0)[None, :]
                     c, mine = _subcenter_max(c, mine, c_k, kk == k)
-            z = alpha * c
+                z = c * a2
             if HAS_BIAS:
                 z += bias[None, :]
-            p = tl.exp(z - lse[:, None])
+            p = tl.exp2(z - lse2[:, None])
             # dz_ij = w_p p_ij - w_t s/C off the target column, the per-row dz_iy on it; padded rows: 0
             is_t = cl[None, :] == t_rel[:, None]
             dz = tl.where(is_t, dz_y[:, None], w_p[:, None] * p - wts[:, None])
@@ -253,21 +270,28 @@ def _bwd_dw_kernel(
             if NEED_B:
                 db += tl.sum(dz, 0)
             if NEED_W:
-                # dloss/dc_ij = alpha dz_ij, times f'(c_iy) on the target column (dc_y)
-                dc = tl.where(is_t, dc_y[:, None], alpha * dz)
-                dc = tl.where(rmask[:, None], dc, 0.0)
-                if SUBC > 1:
+                # dloss/dc_ij = alpha dz_ij, times f'(c_iy) on the target column (dc_y);
+                # dW_hat_j += sum_i dc_ij x_hat_i = sum_i u_ij x_i with u_ij = dc_ij / |x_i|: raw x rows
+                if SUBC == 1:
+                    u = tl.where(is_t, (dc_y * inv_nx)[:, None], dz * ra[:, None])
+                    u = tl.where(rmask[:, None], u, 0.0)
+                    if NORM_W and not (PROJ_TILE or PROJ_ROW):
+                        # w_hat_j . dw_hat_j = sum_i dc_ij c_ij = sum_i u_ij cs_ij, when D is split over programs
+                        proj += tl.sum(u * c, 0)
+                else:
+                    dc = tl.where(is_t, dc_y[:, None], alpha * dz)
+                    dc = tl.where(rmask[:, None], dc, 0.0)
                     # only where sub-center kk won reaches this block's rows; the target column's
                     # winner is the forward's (exact dots), the others' the recomputed products'
                     win_y = tl.load(rv + RV_WIN, mask=rmask, other=0.0).to(tl.int32)
                     dc = tl.where(tl.where(is_t, (win_y == kk)[:, None], mine), dc, 0.0)
-                if NORM_W and not PROJ_TILE:
-                    # w_hat_j . dw_hat_j = sum_i dc_ij c_ij, when D is split over programs (sub-centers: the
-                    # entries kk won, where c_ij is sub-center kk's cosine; on a target column whose recomputed
-                    # winner differs from the forward's, the two tie within the rounding)
-                    proj += tl.sum(dc * c, 0)
-                # dW_hat_j += sum_i dc_ij x_hat_i = sum_i (dc_ij / |x_i|) x_i: raw x rows, scaled derived operand
-                a = tl.trans(_operand(dc * inv_nx[:, None], P_DT, EMU))
+                    if NORM_W and not (PROJ_TILE or PROJ_ROW):
+                        # w_hat_j . dw_hat_j = sum_i dc_ij c_ij (the entries kk won, where c_ij is sub-center
+                        # kk's cosine; on a target column whose recomputed winner differs from the forward's,
+                        # the two tie within the rounding)
+                        proj += tl.sum(dc * c, 0)
+                    u = dc * inv_nx[:, None]
+                a = tl.trans(_operand(u, P_DT, EMU))
                 if CHAIN_BREAK:
                     slot = it % 2
                     a = _through_scratch2d(a, scr_p_ptr + (prog * 2 + slot) * (BLOCK_B * BLOCK_C), BLOCK_C, BLOCK_B)
@@ -293,6 +317,8 @@ def _bwd_dw_kernel(
                     pj = tl.where(w_norm >= eps, tl.sum(w_hat * acc, 1), 0.0)
                     acc = (acc - w_hat * pj[:, None]) * inv_nw[:, None]
                 else:
+                    if PROJ_ROW:  # w_hat_j . dw_hat_j = (W_j . dw_hat_j) / |W_j|: no accumulator in the walk
+                        proj = tl.sum(wo * acc, 1) * inv_nw
                     shrink = tl.where(w_norm >= eps, proj * inv_nw, 0.0)
                     acc = (acc - shrink[:, None] * wo) * inv_nw[:, None]
             tl.store(dw_ptr + own[:, None] * D + do[None, :], _out(acc, dw_ptr, EMU), mask=dmask)
@@ -305,9 +331,12 @@ def _bwd_dw_kernel(
 
 
 # W's normalization backward takes w_hat . dw_hat from the finished row (PROJ_TILE, exact cancellation as eager)
-# where one program holds all of D in a tile of at most this width; wider rows, or rows split over programs,
-# accumulate it as sum_i dc_ij c_ij during the walk (equal up to rounding): at D = 512 the second fp32 tile
-# (w_hat) next to the accumulator doubles the epilogue's spills (sm_90, all options: 784 bytes against 352)
+# where one program holds all of D in a tile of at most this width: at D = 512 the correctly rounded w_hat tile
+# next to the accumulator doubled the epilogue's spills (sm_90, all options: 784 bytes against 352). Wider rows
+# held by one program take it from the finished row with W as stored, (W_j . dw_hat_j) / |W_j| (PROJ_ROW; equal
+# up to rounding): accumulating sum_i dc_ij c_ij during the walk instead kept one more per-class vector live
+# across the row loop, which spilled there (all options, bf16, D = 512: 148 bytes per row tile, 56 without it).
+# Rows split over programs (D chunks) still accumulate it.
 PROJ_TILE_MAX_D = 128
 
 
@@ -380,13 +409,14 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         inv_nw = inv_norms(weight, eps, launch) if (normalize_weight and K > 1) else rowv
         launch(_bwd_dw_kernel)[(programs, n_d)](
             x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target,
-            lse_ptr=lse, rowv_ptr=rowv, inv_nw_ptr=inv_nw, dw_ptr=dw if need_weight else rowv,
+            rowv_ptr=rowv, inv_nw_ptr=inv_nw, x_desc=tma_descriptor(x, meta, "BLOCK_B"),
+            dw_ptr=dw if need_weight else rowv,
             db_ptr=db if need_bias else rowv, scr_p_ptr=scr_p, B=B, C=C, D=D, ignore_index=ignore_index, eps=eps,
             n_blocks=n_blocks, n_sub=n_sub,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
-            stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0), stride_lse=lse.stride(0),
+            stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0),
             HAS_BIAS=bias is not None, NORM_W=normalize_weight, NEED_W=need_weight, NEED_B=need_bias, SUBC=K,
-            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, D64=d64, **meta)
+            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, PROJ_ROW=n_d == 1, D64=d64, **meta)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
     return dx, dw, db, dalpha

@@ -7,11 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .aux_layout import (_NPART, _NSTAT, NPART, ST_CY, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_layout,
+from .aux_layout import (_NPART, _NSTAT, NPART, ST_CY, ST_LSE2, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_layout,
                          forward_plan)
-from .common import (_didx, _identity, _log1p, _mma, _operand, _prefetch_l1, _subcenter_max, _through_scratch,
-                     wide_d)
-from .config import P_TORCH, Config, d_chunks, forward_config, num_sms, num_splits, on_gpu, row_tiles, tile_meta
+from .common import (_LN2, _LOG2E, _didx, _identity, _log1p, _mma, _operand, _prefetch_l1, _subcenter_max,
+                     _through_scratch, wide_d)
+from .config import (P_TORCH, Config, d_chunks, forward_config, num_sms, num_splits, on_gpu, row_tiles, tile_meta,
+                     tma_descriptor)
 from .margin import _margin, _row_preamble, _target_info, margin_args
 from .norms import column_sum, inv_norms
 
@@ -19,6 +20,7 @@ from .norms import column_sum, inv_norms
 @triton.jit
 def _fwd_split_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, inv_nx_ptr, inv_nw_ptr, tgt_ptr, ws_ptr,  # pointers
+    w_desc,  # TMA: W's tensor descriptor (BLOCK_C x BLOCK_K blocks); else unused
     scr_p_ptr, scr_s_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of p (BLOCK_B x BLOCK_C), of scale
     B, C, D, ignore_index, cols_per_split,  # sizes (C classes, C x SUBC rows of W); target rule; classes of one split
     stride_xb, stride_xd, stride_wc, stride_wd, stride_b, stride_t,  # input strides
@@ -29,7 +31,7 @@ def _fwd_split_kernel(
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
-    D64: tl.constexpr,
+    TMA: tl.constexpr, D64: tl.constexpr,
 ):
     """One (row block, class split, D chunk): online logsumexp over the split's non-target columns,
     and the partial O' (the D chunk's columns), PC, SC, each relative to the split's running max.
@@ -50,6 +52,12 @@ def _fwd_split_kernel(
     _, has_t, _ = _target_info(t, ignore_index, C)
     tcol = tl.where(has_t, t, -1)  # the column each row leaves out (the combine adds it with its margin)
     alpha = tl.load(alpha_ptr).to(tl.float32)
+    # logits in log2 units, z2 = log2(e) z, so that p = exp2(z2 - m2) (exp would multiply by log2(e) per
+    # element). K = 1: alpha, log2(e) and 1/|x_i| folded into one per-row scale rounded once from fp64,
+    # z2_ij = (s_ij [/ |W_j|]) rs_i (+ log2(e) b_j): as many roundings per element as alpha (s / |x_i|)
+    # had. K > 1 keeps the cosine (the maximum over the sub-centers is taken on it) and scales it by a2.
+    a2 = (alpha.to(tl.float64) * _LOG2E).to(tl.float32)
+    rs = (alpha.to(tl.float64) * _LOG2E * inv_nx.to(tl.float64)).to(tl.float32)
     c_lo = pid_s * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, C)
 
@@ -77,7 +85,12 @@ def _fwd_split_kernel(
             w_rows = w_ptr + cols[:, None] * stride_wc
             s = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
             if SINGLE_K:
-                w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D), other=0.0)
+                if TMA:  # global -> shared memory by the copy engine; rows >= C and columns >= D read as 0 (a
+                    # tile never crosses a split's end before C: splits are whole tiles)
+                    w_tile = w_desc.load([tl.cast(c0, tl.int32), 0])
+                else:
+                    w_tile = tl.load(w_rows + dk[None, :] * stride_wd, mask=cmask[:, None] & (dk[None, :] < D),
+                                     other=0.0)
                 s = _mma(x_tile, tl.trans(w_tile), s, S_DT, S_TF32, EMU)
             else:
                 for k0 in range(0, D, BLOCK_K):
@@ -85,7 +98,9 @@ def _fwd_split_kernel(
                     xk = tl.load(x_rows + kk[None, :] * stride_xd, mask=rmask[:, None] & (kk[None, :] < D), other=0.0)
                     wk = tl.load(w_rows + kk[None, :] * stride_wd, mask=cmask[:, None] & (kk[None, :] < D), other=0.0)
                     s = _mma(xk, tl.trans(wk), s, S_DT, S_TF32, EMU)
-            c = s * inv_nx[:, None]
+            # c_ij = cs_ij / |x_i|: the row factor stays out of the per-element work (folded into rs; PC and
+            # SC are sums over j, scaled by 1/|x_i| once after the loop)
+            c = s
             if NORM_W:
                 inv_nw = tl.load(inv_nw_ptr + cols, mask=cmask, other=0.0)
                 c = c * inv_nw[None, :]
@@ -119,19 +134,24 @@ def _fwd_split_kernel(
             p = tl.where(keep, 1.0, 0.0)
             scale = tl.full([BLOCK_B], 1.0, tl.float32)
         else:
-            z = alpha * c
-            if HAS_BIAS:
-                z += tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)[None, :]
             keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
+            if ACC_SC and not ACC_O:  # the lse-only tiles: before z, so c's registers are free once z is
+                sc += tl.sum(tl.where(keep, c, 0.0), 1)  # formed (after it, 688 B spilled per class tile)
+            if SUBC == 1:
+                z = c * rs[:, None]
+            else:
+                z = c * a2
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols * stride_b, mask=cmask, other=0.0).to(tl.float32)[None, :] * _LOG2E
             z = tl.where(keep, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp(-inf - 0) = 0
-            scale = tl.exp(m - m_use)
-            p = tl.exp(z - m_use[:, None])
+            m_new = tl.maximum(m, tl.max(z, 1))  # the running max, log2 units
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: exp2(-inf - 0) = 0
+            scale = tl.exp2(m - m_use)
+            p = tl.exp2(z - m_use[:, None])
             l = l * scale + tl.sum(p, 1)
             if ACC_PC:
                 pc = pc * scale + tl.sum(tl.where(keep, p * c, 0.0), 1)
-            if ACC_SC:
+            if ACC_SC and ACC_O:  # (here, the O' tiles' loop is 25 instructions shorter than with the above)
                 sc += tl.sum(tl.where(keep, c, 0.0), 1)
             m = m_new
         if ACC_O:
@@ -169,14 +189,24 @@ def _fwd_split_kernel(
                     o = _mma(pw, wo, o, P_DT, P_TF32, EMU)
         it += 1
 
+    if SUBC == 1:  # the row factor of c_ij = cs_ij / |x_i|
+        pc = pc * inv_nx
+        sc = sc * inv_nx
     base = ws_ptr + pid_s * ws_stride_s + rows * ws_stride_b
-    if pid_d == 0:
+    if pid_d == 0:  # m in log2 units (the combine converts in fp64)
         tl.store(base + 0, m, mask=rmask)
         tl.store(base + 1, l, mask=rmask)
         tl.store(base + 2, pc, mask=rmask)
         tl.store(base + 3, sc, mask=rmask)
     if ACC_O:
         tl.store(base[:, None] + _NPART + do[None, :], o, mask=rmask[:, None] & (do[None, :] < D))
+
+
+@triton.jit
+def _split_weight(m2, lse64):
+    """exp(m - lse), a split's weight in p, from its max m2 = log2(e) m (log2 units) and the fp64 lse;
+    the difference formed in fp64 (no rounding of m2 ln 2 or of lse before the cancellation)."""
+    return tl.exp((m2.to(tl.float64) * _LN2 - lse64).to(tl.float32))
 
 
 @triton.jit
@@ -192,7 +222,15 @@ def _fwd_combine_kernel(
     SMOOTH: tl.constexpr, SUBC: tl.constexpr, ACC_O: tl.constexpr, ACC_PC: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per row: merge the splits, add the target column with its margin, write loss, lse and aux."""
+    """Per row: merge the splits, add the target column with its margin, write loss, lse and aux.
+
+    Grid (row blocks, D chunks of BLOCK_D): each program merges its chunk of O' (the bulk of the bytes:
+    n_splits x BLOCK_R x BLOCK_D fp32); the per-row scalars (the splits' maxima and sums, the target column)
+    are computed by every chunk's program alike and written by chunk 0's."""
+    if ACC_O:
+        first = tl.program_id(1) == 0  # the program of D chunk 0 writes the per-row results
+    else:
+        first = True  # one chunk: a compile-time branch
     rows, rmask, valid, has_t, bad, ty, alpha = _row_preamble(tgt_ptr, alpha_ptr, B, C, ignore_index, stride_t,
                                                               BLOCK_R)
 
@@ -206,9 +244,14 @@ def _fwd_combine_kernel(
     for sp in range(0, n_splits):
         base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
         m_s = tl.load(base, mask=rmask, other=0.0)
-        l_nt += tl.exp(m_s - mx_use) * tl.load(base + 1, mask=rmask, other=0.0)
+        l_nt += tl.exp2(m_s - mx_use) * tl.load(base + 1, mask=rmask, other=0.0)
         sc += tl.load(base + 3, mask=rmask, other=0.0)
-    lse_nt = mx_use + tl.log(l_nt)  # -inf when every column is the target's or masked
+    # the splits' maxima are in log2 units (exp2, see the split kernel): lse_nt back in natural units in fp64,
+    # where it stays until lse and every quantity derived from it are formed (rounding mx ln 2 to fp32 would
+    # put up to half an ulp of |lse| (3e-5 at alpha = 1000) into every p). -inf when every column is the
+    # target's or masked
+    lse_nt64 = mx_use.to(tl.float64) * _LN2 + tl.log(l_nt).to(tl.float64)
+    lse_nt = lse_nt64.to(tl.float32)
 
     # the target column: c_iy = x_i . W_y / (max(|x_i|, eps) max(|W_y|, eps)) from one dot and the two
     # norms per row, all in fp64 and rounded to fp32 once (reads B rows of W): within half an ulp, because
@@ -253,12 +296,12 @@ def _fwd_combine_kernel(
     # lse = logaddexp(lse_nt, z_y) and loss_t = lse - z_y = -log p_y, both without cancellation:
     # with d = lse_nt - z_y and v = exp(-|d|) in [0, 1], lse = max + log1p(v), -log p_y = log1p(v) when
     # the target leads (d <= 0), d + log1p(v) otherwise; p_y and q = 1 - p_y are 1/(1+v) and v/(1+v).
-    dlt = lse_nt - z_y
+    dlt = (lse_nt64 - z_y.to(tl.float64)).to(tl.float32)
     v = tl.exp(-tl.abs(dlt))
     l1p = _log1p(v)
     lead = dlt <= 0.0
-    lse_t = tl.where(lead, z_y, lse_nt) + l1p
-    lse_t = tl.where(lse_nt == float("-inf"), z_y, lse_t)
+    lse_t64 = tl.where(lead, z_y.to(tl.float64), lse_nt64) + l1p.to(tl.float64)
+    lse_t64 = tl.where(lse_nt == float("-inf"), z_y.to(tl.float64), lse_t64)
     loss_t = tl.where(lead, l1p, dlt + l1p)
     # no non-target column (C = 1, or all masked by -inf): loss 0, unless the target's z is -inf too
     # (every logit -inf): then NaN, as torch's -inf - -inf (dlt is NaN there, and so is loss_t)
@@ -266,7 +309,8 @@ def _fwd_combine_kernel(
     loss_t = tl.where(z_y == float("inf"), float("nan"), loss_t)  # as eager: inf - inf
     p_y = tl.where(lead, tl.div_rn(1.0, 1.0 + v), tl.div_rn(v, 1.0 + v))
     q = tl.where(lead, tl.div_rn(v, 1.0 + v), tl.div_rn(1.0, 1.0 + v))
-    lse = tl.where(has_t, lse_t, lse_nt)
+    lse64 = tl.where(has_t, lse_t64, lse_nt64)
+    lse = lse64.to(tl.float32)
     p_y = tl.where(has_t, p_y, 0.0)
     q = tl.where(has_t, q, 1.0)
 
@@ -281,35 +325,39 @@ def _fwd_combine_kernel(
         loss = (1.0 - smoothing) * loss_t + smoothing * (lse - zsum * inv_C)
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + rows, loss, mask=rmask)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
+    if first:
+        tl.store(loss_ptr + rows, loss, mask=rmask)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
 
     # each split's sums are relative to its own max m_s: its weight in p is exp(m_s - lse). A row whose
     # every logit is -inf has lse = -inf and p = exp(-inf - -inf) = NaN, so O' and PC are NaN there
     # (its gradients NaN even when ignored), as in eager.py and torch's log_softmax backward
-    pc = tl.zeros([BLOCK_R], tl.float32)
-    if ACC_PC:
-        for sp in range(0, n_splits):
-            base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-            f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse)
-            pc += f_s * tl.load(base + 2, mask=rmask, other=0.0)
-    st = aux_ptr + rows * _NSTAT
-    tl.store(st + ST_CY, c_y, mask=rmask)
-    tl.store(st + ST_PY, p_y, mask=rmask)
-    tl.store(st + ST_Q, q, mask=rmask)
-    tl.store(st + ST_PC, pc, mask=rmask)
-    tl.store(st + ST_SC, sc, mask=rmask)
-    tl.store(st + ST_WIN, win.to(tl.float32), mask=rmask)
-    if ACC_O:
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dd
-            dm = rmask[:, None] & (d[None, :] < D)
-            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    if first:
+        pc = tl.zeros([BLOCK_R], tl.float32)
+        if ACC_PC:
             for sp in range(0, n_splits):
                 base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
-                f_s = tl.exp(tl.load(base, mask=rmask, other=0.0) - lse)
-                acc += f_s[:, None] * tl.load(base[:, None] + _NPART + d[None, :], mask=dm, other=0.0)
-            tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
+                f_s = _split_weight(tl.load(base, mask=rmask, other=0.0), lse64)
+                pc += f_s * tl.load(base + 2, mask=rmask, other=0.0)
+        st = aux_ptr + rows * _NSTAT
+        tl.store(st + ST_CY, c_y, mask=rmask)
+        tl.store(st + ST_PY, p_y, mask=rmask)
+        tl.store(st + ST_Q, q, mask=rmask)
+        tl.store(st + ST_PC, pc, mask=rmask)
+        tl.store(st + ST_SC, sc, mask=rmask)
+        tl.store(st + ST_WIN, win.to(tl.float32), mask=rmask)
+        # lse in log2 units for the dW pass's exp2, rounded once from fp64: where one logit dominates a row
+        # (lse64 = m2 ln 2 + a term below fp32's resolution) it is that logit's z2 exactly, so its p = 1 exactly
+        tl.store(st + ST_LSE2, (lse64 * _LOG2E).to(tl.float32), mask=rmask)
+    if ACC_O:  # this program's D chunk of O'
+        d = tl.program_id(1) * BLOCK_D + dd
+        dm = rmask[:, None] & (d[None, :] < D)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for sp in range(0, n_splits):
+            base = ws_ptr + sp * ws_stride_s + rows * ws_stride_b
+            f_s = _split_weight(tl.load(base, mask=rmask, other=0.0), lse64)
+            acc += f_s[:, None] * tl.load(base[:, None] + _NPART + d[None, :], mask=dm, other=0.0)
+        tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
 
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
@@ -347,13 +395,14 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
         n_split = triton.cdiv(C, cols_per_split)
         ws = torch.empty((n_split, B, NPART + (D if acc_o else 0)), device=dev, dtype=torch.float32)
         grid = (triton.cdiv(B, cfg.block_rows), n_split, n_d)
-        meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=weight, chain_break=cfg.chain_break and acc_o)
+        meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=weight, chain_break=cfg.chain_break and acc_o,
+                         rows_strided=K > 1)
         n_prog = grid[0] * grid[1] * grid[2] if meta["CHAIN_BREAK"] else 0
         scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
         scr_s = torch.empty((2 * n_prog, cfg.block_rows), device=dev, dtype=torch.float32)
         launch(_fwd_split_kernel)[grid](
             x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, inv_nx_ptr=inv_nx, inv_nw_ptr=inv_nw,
-            tgt_ptr=target, ws_ptr=ws, scr_p_ptr=scr_p, scr_s_ptr=scr_s,
+            tgt_ptr=target, ws_ptr=ws, w_desc=tma_descriptor(weight, meta, "BLOCK_C"), scr_p_ptr=scr_p, scr_s_ptr=scr_s,
             B=B, C=C, D=D, ignore_index=ignore_index, cols_per_split=cols_per_split,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
@@ -373,7 +422,7 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
 
     bsum = bias.float().sum() if (bias is not None and smooth) else inv_nx
     BR, BD = row_tiles(D)
-    launch(_fwd_combine_kernel)[(triton.cdiv(B, BR),)](
+    launch(_fwd_combine_kernel)[(triton.cdiv(B, BR), triton.cdiv(D, BD) if has_o else 1)](
         ws_ptr=ws, x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, tgt_ptr=target, bsum_ptr=bsum,
         smooth_ptr=label_smoothing if smooth else inv_nx,
         loss_ptr=loss, lse_ptr=lse, aux_ptr=aux,
