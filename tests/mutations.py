@@ -131,3 +131,41 @@ MUTATIONS += [
        "    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))", "    return float(fpr[i])",
        "the EER without interpolating along the ROC segment", tests=["tests/test_metrics.py"]),
 ]
+
+MUTATIONS += [
+    # ------------------------------------------------------------------ the triton backend (interpreted)
+    _m("triton-margin-fallback", "l2sm_kernels/backends/triton/margin.py", "f = tl.where(hard, phi, c - off)",
+       "f = tl.where(hard, phi, c - m3)", "the fallback c - m sin m - m3 becomes c - m3", env=_TRITON),
+    _m("triton-margin-clamp", "l2sm_kernels/backends/triton/margin.py",
+       "cc = tl.minimum(tl.maximum(c, -1.0 + 1e-7), 1.0 - 1e-7)", "cc = tl.minimum(tl.maximum(c, -1.0), 1.0)",
+       "no clamp: the slope divides by 0 at c = 1", env=_TRITON),
+    _m("triton-margin-detached", "l2sm_kernels/backends/triton/margin.py", "    if DETACHED:\n        fp = one",
+       "    if False:\n        fp = one", "the detached mode keeps f'", tests=["tests/test_margins.py"], env=_TRITON),
+    _m("triton-subcenter-tie-highest", "l2sm_kernels/backends/triton/common.py", "upd = (c > best) | (",
+       "upd = (c >= best) | (", "sub-center ties go to the highest row", tests=["tests/test_margins.py"],
+       env=_TRITON),
+    _m("triton-log1p-cancels", "l2sm_kernels/backends/triton/common.py",
+       "    return tl.where(w == 1.0, v, tl.log(w) * tl.div_rn(v, tl.where(w == 1.0, 1.0, w - 1.0)))",
+       "    return tl.log(1.0 + v)", "a confident row's loss from log(1 + v) (cancellation)",
+       tests=["tests/test_l2_softmax.py"], env=_TRITON),
+    _m("triton-q-from-p", "l2sm_kernels/backends/triton/loss_forward.py",
+       "q = tl.where(lead, tl.div_rn(v, 1.0 + v), tl.div_rn(1.0, 1.0 + v))",
+       "q = 1.0 - tl.where(lead, tl.div_rn(1.0, 1.0 + v), tl.div_rn(v, 1.0 + v))",
+       "q = 1 - p_y formed by subtraction (cancels for confident rows)", tests=["tests/test_l2_softmax.py"],
+       env=_TRITON),
+    _m("triton-smoothing-target-term", "l2sm_kernels/backends/triton/loss_backward.py",
+       "dz_y = -w_t * q + g_lse * p_y + w_t * smoothing * (1.0 - inv_C)",
+       "dz_y = -w_t * q + g_lse * p_y + w_t * smoothing",
+       "label smoothing's target-column term misses its 1/C part", env=_TRITON),
+    _m("triton-single-class-loss", "l2sm_kernels/backends/triton/loss_forward.py",
+       'loss_t = tl.where((lse_nt == float("-inf")) & (z_y > float("-inf")), 0.0, loss_t)',
+       "loss_t = loss_t", "a row with no non-target column (C = 1) loses its loss of 0",
+       tests=["tests/test_l2_softmax.py"], env=_TRITON),
+]
+
+MUTATIONS += [
+    _m("triton-fp32-always-tf32", "l2sm_kernels/backends/triton/config.py",
+       'tf32 = torch.get_float32_matmul_precision() != "highest"', "tf32 = True",
+       "fp32 products in tf32 whatever torch's matmul precision says (GPU-only: a CPU unit test must see it)",
+       tests=["tests/test_triton_config.py"], env=_TRITON),
+]
