@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks import harness as H  # noqa: E402
+from benchmarks import report as R  # noqa: E402
 from l2sm_kernels.options import L2SMOptions  # noqa: E402
 
 DEFAULTS = {
@@ -112,20 +113,20 @@ def run(args) -> tuple[list[dict], dict[str, str]]:
     paths = {}
     if "csv" in args.format:
         paths["csv"] = stem + ".csv"
-        H.write_csv(rows, paths["csv"])
+        R.write_csv(rows, paths["csv"])
     if "json" in args.format:
         paths["json"] = stem + ".json"
-        H.write_json(rows, paths["json"])
+        R.write_json(rows, paths["json"])
     if not args.no_plot:
         paths["png"] = stem + ".png"
-        H.plot(rows, paths["png"])
+        R.plot(rows, paths["png"])
     return rows, paths
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows, paths = run(args)
-    print(H.format_table(rows))
+    print(R.format_table(rows))
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -99,7 +99,7 @@ MUTATIONS += [
     _m("cpu-smoothing-target-term", "csrc/loss_backward.cpp", "k_t = T(s * (1.0 - 1.0 / double(C)));",
        "k_t = T(s);", "label smoothing's target-column term misses its 1/C part", env=_CPU),
     # ------------------------------------------------------------------ the class-parallel loss (gloo)
-    _m("dist-alpha-not-summed", "l2sm_kernels/distributed/class_parallel.py",
+    _m("dist-alpha-not-summed", "l2sm_kernels/distributed/collectives.py",
        "            ga = grad_alpha.clone()\n            dist.all_reduce(ga, group=ctx.group)",
        "            ga = grad_alpha.clone()", "a learnable alpha's gradient is this rank's part only",
        tests=["tests/test_class_parallel.py"], env={"L2SM_TEST_BACKENDS": "eager"}),
@@ -157,9 +157,12 @@ MUTATIONS += [
        "dz_y = -w_t * q + g_lse * p_y + w_t * smoothing * (1.0 - inv_C)",
        "dz_y = -w_t * q + g_lse * p_y + w_t * smoothing",
        "label smoothing's target-column term misses its 1/C part", env=_TRITON),
-    _m("triton-single-class-loss", "l2sm_kernels/backends/triton/loss_forward.py",
-       'loss_t = tl.where((lse_nt == float("-inf")) & (z_y > float("-inf")), 0.0, loss_t)',
-       "loss_t = loss_t", "a row with no non-target column (C = 1) loses its loss of 0",
+    _m("triton-smoothing-unmargined-target", "l2sm_kernels/backends/triton/loss_forward.py",
+       "gsum = sc + tl.where(has_t, f_y, 0.0)", "gsum = sc + tl.where(has_t, c_y, 0.0)",
+       "label smoothing's mean logit takes the target's cosine without its margin", env=_TRITON),
+    _m("triton-row-scale-fp32", "l2sm_kernels/backends/triton/loss_backward.py",
+       "(alpha.to(tl.float64) * _LOG2E * inv_nx.to(tl.float64)).to(tl.float32)", "alpha * _LOG2E * inv_nx",
+       "the dW pass's per-row scale alpha log2(e) / |x_i| rounded twice in fp32 instead of once from fp64",
        tests=["tests/test_l2_softmax.py"], env=_TRITON),
 ]
 

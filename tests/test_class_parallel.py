@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import l2sm_kernels as L
 import l2sm_kernels.distributed as LD
 import l2sm_kernels.distributed.class_parallel as LDC
+import l2sm_kernels.distributed.collectives as LDX
 from l2sm_kernels.testing.rank_rounding import assert_accurate_rank_sum
 from l2sm_kernels.testing import assert_accurate
 
@@ -337,7 +338,7 @@ def _work_special(rank, world, backend, dtype):
     shards = [0, 13] + ([6] if world == 3 else [])
     _check(rank, combo, shards, [4] * world, dtype, backend, seed=1, tag="empty shard")
     # the feature gradient through gloo's reduce_scatter instead of all_reduce, uneven batches
-    LDC.GLOO_FEATURE_GRAD = "reduce_scatter"
+    LDX.GLOO_FEATURE_GRAD = "reduce_scatter"
     try:
         lay = LAYOUTS[world]
         _check(rank, combo, lay["shards"], lay["uneven_batch"], dtype, backend, seed=2,
@@ -345,7 +346,7 @@ def _work_special(rank, world, backend, dtype):
         _check(rank, dict(combo, reduction="none"), lay["shards"], lay["batch"], dtype, backend, seed=3,
                tag="reduce_scatter")
     finally:
-        LDC.GLOO_FEATURE_GRAD = "all_reduce"
+        LDX.GLOO_FEATURE_GRAD = "all_reduce"
     # every row ignored: mean is NaN as torch's, sum is 0 with zero gradients
     lay = LAYOUTS[world]
     x = torch.randn(lay["batch"][rank], D, dtype=dtype, requires_grad=True)

@@ -1,0 +1,288 @@
+"""ClassParallelL2SoftmaxLoss: the module form of the class-parallel loss (class_parallel.py), which
+owns this rank's shard of the class matrix, and its refusal to be wrapped in DistributedDataParallel."""
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..backends.registry import check_backend
+from ..module import (L2SoftmaxLoss, default_alpha_min, getattr_with_alpha, initial_alpha,
+                      register_alpha_state_hooks)
+from ..options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
+from .class_parallel import _class_parallel, shard_sizes
+from .collectives import _all_gather_single
+
+__all__ = ["ClassParallelL2SoftmaxLoss"]
+
+# ---------------------------------------------------------------------------------------------
+# DistributedDataParallel around the head (docs/reliability.md, case 29)
+# ---------------------------------------------------------------------------------------------
+_DDP_MESSAGE = (
+    "ClassParallelL2SoftmaxLoss {where} must not be wrapped in DistributedDataParallel: DDP would broadcast "
+    "rank 0's shard of the class matrix over every other rank's shard and average the shards' gradients. "
+    "Wrap the backbone, not the class-parallel head (the head does its own communication), or have DDP ignore "
+    "the head's shard: DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, {names}) "
+    "before wrapping model."
+)
+
+
+def _ddp_init_code():
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel.__init__.__code__
+
+
+def _refuse_ddp(head: nn.Module, prefix: str) -> None:
+    """Called from head.named_modules(): if DistributedDataParallel.__init__ is on the stack (it lists
+    its module's parameters, and thereby this head's, before it broadcasts rank 0's parameters),
+    raise unless DDP ignores the head's weight and bias. DDP only honours an ignore list set on the
+    module it wraps (the root), so the head cannot opt itself out; it can refuse. Cost: a walk of a
+    few dozen frames, comparing code objects."""
+    if torch.compiler.is_compiling():
+        return
+    code = _ddp_init_code()
+    f = sys._getframe(2)
+    for _ in range(200):
+        if f is None:
+            return
+        if f.f_code is code:
+            break
+        f = f.f_back
+    else:
+        return
+    names = [f"{prefix}.{n}" if prefix else n for n in ("weight", "bias") if head._parameters.get(n) is not None]
+    ddp = f.f_locals.get("self")
+    ignored = getattr(ddp, "parameters_to_ignore", None)
+    if ignored is None:  # a torch that reads the ignore list later: read it from the wrapped module
+        ignored = getattr(f.f_locals.get("module"), "_ddp_params_and_buffers_to_ignore", ())
+    if not all(n in ignored for n in names):
+        raise RuntimeError(_DDP_MESSAGE.format(where=f"'{prefix}'" if prefix else "(this module)", names=names))
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+# ---------------------------------------------------------------------------------------------
+class ClassParallelL2SoftmaxLoss(nn.Module):
+    """L2-softmax loss whose class matrix is sharded over the ranks of `group`; this rank owns rows
+    [class_start, class_start + num_local) (shard_sizes: the split, default shard_sizes(num_classes,
+    world): contiguous, uneven when num_classes % world != 0, a rank may own 0 classes).
+
+    forward(features (B, in_features), target (B,) global class indices, batch_sizes=None) -> the
+    loss of the global batch (see class_parallel_l2_softmax_loss). With sample_rate < 1, Partial FC
+    sampling; `last_sampled` then holds the global indices of the classes this rank sampled last.
+    With subcenters=K the shard holds num_local classes of K rows each (weight (num_local K, D)).
+    A learned alpha is alpha_min + exp(alpha_raw), as in L2SoftmaxLoss (alpha_min defaults to
+    alpha_lower_bound(num_classes)); the state_dict and full_state_dict store the radius as "alpha".
+
+    The state_dict holds this rank's shard (a per-rank checkpoint). full_state_dict() gathers the
+    full matrix with the keys of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process
+    L2SoftmaxLoss loads it; load_full_state_dict(state) takes this rank's rows of a full one (load
+    it with torch.load(..., mmap=True) so that no rank reads all of it into memory).
+    Initialization (reset_parameters): weight uniform in +-1/sqrt(in_features) like L2SoftmaxLoss,
+    drawn in blocks of classes seeded from one seed and the block index, so the full matrix does
+    not depend on the number of ranks and shards of equally seeded ranks differ; bias zero; alpha
+    the constructor's value. The seed is `seed`, or, when None, rank 0's draw from torch's default
+    RNG broadcast to the group (every rank gets the same matrix whatever its RNG state; the
+    construction and reset_parameters() are then collectives). Meta-device construction
+    (`with torch.device("meta")`) allocates nothing and initializes nothing; to_empty(device=...)
+    then reset_parameters() initializes every parameter and buffer.
+
+    Not for DistributedDataParallel: DDP would broadcast rank 0's shard over the others and average
+    the shards' gradients, so DDP(head), or DDP(model) with the head inside, raises a RuntimeError
+    before DDP broadcasts anything (unless DDP is told to ignore the head's weight and bias). Wrap
+    the backbone, not the class-parallel head.
+    """
+
+    INIT_BLOCK = 4096  # classes per independently seeded block of the initialization
+
+    def __init__(self, in_features: int, num_classes: int, group=None, alpha: float = 16.0,
+                 learn_alpha: bool = False, bias: bool = False, normalize_weight: bool = False,
+                 margin: float = 0.0, margin_type: str = "none", reduction: str = "mean",
+                 ignore_index: int = -100, label_smoothing: float = 0.0, sample_rate: float = 1.0,
+                 shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
+                 seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
+                 alpha_min: float | None = None):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
+        in_features = check_int("in_features", in_features, 1)
+        num_classes = check_int("num_classes", num_classes, 1)
+        alpha = initial_alpha(alpha)
+        self.alpha_min = default_alpha_min(num_classes) if alpha_min is None else check_alpha(alpha_min)
+        if learn_alpha and not alpha > self.alpha_min:
+            raise ValueError(f"alpha = {alpha:g} must be > alpha_min = {self.alpha_min:g} for a learned alpha "
+                             "(alpha_min defaults to alpha_lower_bound(num_classes); pass a smaller alpha_min)")
+        check_reduction(reduction)
+        check_backend(backend)
+        check_sample_rate(sample_rate)
+        self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
+                                   margin_grad=margin_grad)
+        self.group = group
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
+            [check_int("shard_sizes[i]", v, 0) for v in shard_sizes]
+        if len(sizes) != self.world_size or sum(sizes) != num_classes:
+            raise ValueError(f"shard_sizes must give {self.world_size} sizes summing to num_classes={num_classes}, "
+                             f"got {list(shard_sizes)}")
+        self.shard_sizes = sizes
+        self.class_start = sum(sizes[: self.rank])
+        self.num_local = sizes[self.rank]
+        self.in_features, self.num_classes = in_features, num_classes
+        self.reduction, self.backend, self.sample_rate = reduction, backend, float(sample_rate)
+        self.last_sampled = None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        self.alpha_init = alpha
+        factory = {"device": device, "dtype": dtype}
+        K = self.options.subcenters
+        self.weight = nn.Parameter(torch.empty(self.num_local * K, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
+        alpha_t = torch.empty((), dtype=torch.float32, device=device)
+        if learn_alpha:
+            self.alpha_raw = nn.Parameter(alpha_t)
+        else:
+            self.register_buffer("alpha", alpha_t)
+        register_alpha_state_hooks(self)
+        self.reset_parameters()
+
+    learn_alpha = L2SoftmaxLoss.learn_alpha
+    __getattr__ = getattr_with_alpha
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialize every parameter and buffer: weight from `seed` (see the class docstring), bias
+        zero, alpha the constructor's value. seed=None: the constructor's seed; if that was None too,
+        rank 0 draws one from torch's default RNG and broadcasts it (a collective: every rank calls
+        reset_parameters together), so the full matrix is a function of one seed on every rank.
+        On the meta device there is nothing to fill (and no collective): call it again after
+        to_empty()."""
+        if self.weight.is_meta:
+            return
+        if seed is None:
+            seed = self.seed if self.seed is not None else self._shared_seed()
+        bound = 1.0 / math.sqrt(self.in_features)
+        lo, hi, blk, K = self.class_start, self.class_start + self.num_local, self.INIT_BLOCK, self.options.subcenters
+        pieces = []
+        for block in range(lo // blk, (hi + blk - 1) // blk):  # blocks of classes, K rows each
+            g = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2 ** 63))
+            rows = torch.rand(blk * K, self.in_features, generator=g, dtype=torch.float64, device="cpu")
+            rows = rows * (2 * bound) - bound
+            a, e = max(lo, block * blk), min(hi, (block + 1) * blk)
+            pieces.append(rows[(a - block * blk) * K: (e - block * blk) * K])
+        if pieces:
+            self.weight.copy_(torch.cat(pieces))
+        if self.bias is not None:
+            self.bias.zero_()
+        self._set_alpha(self.alpha_init)
+
+    def _shared_seed(self) -> int:
+        """Rank 0's draw from torch's default RNG, broadcast to the group (every rank draws, so every
+        rank's RNG advances alike)."""
+        mine = int(torch.randint(0, 2 ** 62, (1,), device="cpu"))
+        box = [mine]
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return int(box[0])
+
+    def _set_alpha(self, value) -> None:
+        """The one place that writes alpha (a number or a 0-d tensor's value)."""
+        L2SoftmaxLoss.set_alpha(self, value)
+
+    def _alpha_value(self) -> torch.Tensor:
+        """alpha as the loss uses it (0-d, differentiable when learnable)."""
+        return self.alpha
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        # DistributedDataParallel(head) reads this before it broadcasts anything: refuse (see _refuse_ddp)
+        raise RuntimeError(_DDP_MESSAGE.format(where="(the module DDP wraps)", names=["weight", "bias"]))
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        # DistributedDataParallel(model containing this head) lists the head's parameters through here
+        # before it broadcasts anything: refuse unless DDP ignores them (see _refuse_ddp)
+        _refuse_ddp(self, prefix)
+        return super().named_modules(memo, prefix, remove_duplicate)
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        o = self.options
+        loss, sampled = _class_parallel(
+            features, self.weight, target, self.class_start, self._alpha_value(), self.bias, group=self.group,
+            normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
+            reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
+            backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
+            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self)
+        self.last_sampled = None if sampled is None else sampled + self.class_start
+        return loss
+
+    @torch.no_grad()
+    def full_state_dict(self, dst: int | None = None) -> dict | None:
+        """The full class matrix (and bias, alpha) as a state_dict of L2SoftmaxLoss. dst=None: on every
+        rank; dst=r: on rank r only (None elsewhere). A collective: every rank must call it."""
+        out = {"weight": self._gather_full(self.weight, dst)}
+        if self.bias is not None:
+            out["bias"] = self._gather_full(self.bias, dst)
+        out["alpha"] = self._alpha_value().detach().clone()
+        return out if dst is None or dst == self.rank else None
+
+    def _gather_full(self, t: torch.Tensor, dst):
+        per = t.shape[0] // max(self.num_local, 1) if self.num_local else (
+            self.options.subcenters if t.dim() == 2 else 1)  # K rows per class for the weight
+        sizes = [n * per for n in self.shard_sizes]
+        nmax = max(sizes)
+        padded = t.new_zeros((nmax,) + tuple(t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        if dst is None:
+            buf = t.new_empty((self.world_size * nmax,) + tuple(t.shape[1:]))
+            _all_gather_single(buf, padded, group=self.group)
+            chunks = buf.split(nmax)
+        else:
+            chunks = [torch.empty_like(padded) for _ in sizes] if dst == self.rank else None
+            dist.gather(padded, chunks, dst=dist.get_global_rank(self.group, dst) if self.group is not None else dst,
+                        group=self.group)
+            if dst != self.rank:
+                return None
+        return torch.cat([c[:s] for c, s in zip(chunks, sizes)])
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict) -> None:
+        """Take this rank's rows of a full state_dict (of this module or of L2SoftmaxLoss). Not a
+        collective: each rank reads only its rows."""
+        w = state["weight"]
+        K = self.options.subcenters
+        if tuple(w.shape) != (self.num_classes * K, self.in_features):
+            raise ValueError(f"state['weight'] must have shape ({self.num_classes * K}, {self.in_features}), "
+                             f"got {tuple(w.shape)}")
+        lo, hi = self.class_start, self.class_start + self.num_local
+        self.weight.copy_(w[lo * K:hi * K])
+        if self.bias is not None:
+            if "bias" not in state:
+                raise ValueError("state has no 'bias' but this module has one")
+            if tuple(state["bias"].shape) != (self.num_classes,):
+                raise ValueError(f"state['bias'] must have shape ({self.num_classes},), "
+                                 f"got {tuple(state['bias'].shape)}")
+            self.bias.copy_(state["bias"][lo:hi])
+        elif "bias" in state:
+            raise ValueError("state has a 'bias' but this module has none (bias=False)")
+        if "alpha" in state:
+            self._set_alpha(state["alpha"])
+
+    def extra_repr(self) -> str:
+        o = self.options
+        s = (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+             f"shard=[{self.class_start}, {self.class_start + self.num_local}) of rank {self.rank}/{self.world_size}, "
+             f"alpha={float(self._alpha_value().detach()):g}, learn_alpha={self.learn_alpha}, "
+             f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}{o.repr_extras()}")
+        if self.sample_rate < 1:
+            s += f", sample_rate={self.sample_rate:g}"
+        return s + f", reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+_default_split = shard_sizes
