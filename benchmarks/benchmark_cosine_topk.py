@@ -17,6 +17,7 @@ from benchmarks import harness as H
 from benchmarks import sweep_cosine_topk as S
 
 SHAPES = {"issue": (2048, 262144, 512, 10), "small": (256, 16384, 64, 10)}
+SMOKE_SHAPES = {"issue": (16, 512, 32, 10), "small": (8, 128, 16, 3)}  # --bench-smoke (benchmarks/conftest.py)
 PROVIDERS = ["torch", "eager", "cpu", "triton", "faiss", "sklearn"]
 _INPUTS: dict = {}
 
@@ -33,15 +34,16 @@ def _inputs(shape, device):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_cosine_topk(benchmark, record_result, name, provider):
+def test_cosine_topk(benchmark, record_result, request, name, provider):
+    shapes = SMOKE_SHAPES if request.config.getoption("bench_smoke", False) else SHAPES
     device = "cuda" if provider == "triton" and torch.cuda.is_available() else "cpu"
     why = S.unavailable(provider, torch.device(device).type)
     if why:
         pytest.skip(why)
     if name == "issue" and provider == "eager":
         pytest.skip("the eager fallback sorts every chunk: minutes at this shape (the sweep measures it)")
-    Q, N, D, k = SHAPES[name]
-    q, g = _inputs(SHAPES[name], device)
+    Q, N, D, k = shapes[name]
+    q, g = _inputs(shapes[name], device)
     call, setup = S.make_call(provider, q, g, k)
     call()  # warm-up
     mem = H.measure_memory(call, device)
@@ -59,6 +61,10 @@ def test_cosine_topk(benchmark, record_result, name, provider):
         fn = call
     rounds = 3 if name == "issue" else 10
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: fn ran once, untimed; the memory is still reported
+        record_result(dict(info, group=group, median_ms=None, tflops=None,
+                           peak_beyond_grads_bytes=info["peak_mem_bytes"]))
+        return
     median_ms = benchmark.stats.stats.median * 1e3
     tflops = 2 * Q * N * D / (median_ms * 1e-3) / 1e12
     record_result(dict(info, group=group, median_ms=median_ms, tflops=tflops,

@@ -13,6 +13,7 @@ with C (the plain formula's does, 4x).
 
     python -m pytest benchmarks/ -k margin_head                # the tables and the memory summary
     python -m pytest benchmarks/ -k "margin_head and subcenter"
+    python -m pytest benchmarks/ -k margin_head --benchmark-disable --bench-smoke   # CI: once each, tiny
 
 (Point pytest at benchmarks/, as for benchmark_l2_softmax.py: naming the file as well collects it twice,
 once through benchmarks/conftest.py's hook.)
@@ -42,15 +43,23 @@ HEADS = {
     "subcenter": L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.5, subcenters=3),
     "per-row": L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, *_per_row_margins())),
 }
-# (head, classes, provider): the plain formula at the full size; the cpu backend at the full size and at a quarter
-RUNS = [(head, ROWS // opts.subcenters // scale, provider)
-        for head, opts in HEADS.items()
+SMOKE = (8, 16, 192)  # --bench-smoke (benchmarks/conftest.py): B, D, rows of W
+# (head, scale, provider): the plain formula at the full size; the cpu backend at the full size and at a quarter
+RUNS = [(head, scale, provider)
+        for head in HEADS
         for provider, scales in (("plain", (1,)), ("cpu", (1, 4)))
         for scale in scales]
 
 
-def _case(head: str, C: int) -> H.Case:
-    return H.Case(B, C, D, DTYPE, "cpu", 16.0, HEADS[head])
+def _heads(b: int) -> dict:
+    """HEADS for a batch of b rows (the per-row margins are (B,) tensors: cut for the smoke size)."""
+    return {h: (o if h != "per-row" else L2SMOptions(normalize_weight=True, margin_type="combined",
+                                                      margin=(1.0, *(m[:b] for m in _per_row_margins()))))
+            for h, o in HEADS.items()}
+
+
+def _case(head: str, C: int, b: int = B, d: int = D) -> H.Case:
+    return H.Case(b, C, d, DTYPE, "cpu", 16.0, _heads(b)[head])
 
 
 def _inputs(case: H.Case, seed: int = 0) -> H.Inputs:
@@ -63,9 +72,12 @@ def _inputs(case: H.Case, seed: int = 0) -> H.Inputs:
     return H.Inputs(x, W, y)
 
 
-@pytest.mark.parametrize("head,C,provider", RUNS, ids=[f"{h}-C{c}-{p}" for h, c, p in RUNS])
-def test_margin_head_forward_backward(benchmark, record_result, head, C, provider):
-    case = _case(head, C)
+@pytest.mark.parametrize("head,scale,provider", RUNS,
+                         ids=[f"{h}-C{ROWS // HEADS[h].subcenters // s}-{p}" for h, s, p in RUNS])
+def test_margin_head_forward_backward(benchmark, record_result, request, head, scale, provider):
+    b, d, rows = SMOKE if request.config.getoption("bench_smoke", False) else (B, D, ROWS)
+    C = rows // HEADS[head].subcenters // scale
+    case = _case(head, C, b, d)
     why = H.unavailable_reason(provider, case)
     if why:
         pytest.skip(why)
@@ -75,18 +87,21 @@ def test_margin_head_forward_backward(benchmark, record_result, head, C, provide
     step()  # warm-up
     inputs.clear_grads()
     mem = H.measure_memory(step, case.device)
-    grads = (B + C * K) * D * 4  # x.grad and W.grad
-    flops = 6 * B * C * K * D
-    group = f"margins {head} forward_backward cpu float32 B={B} rows={ROWS} D={D} (K={K})"
-    info = dict(provider=provider, op="forward_backward", shape=f"B={B} C={C} K={K} D={D}", dtype="float32",
+    grads = (b + C * K) * d * 4  # x.grad and W.grad
+    flops = 6 * b * C * K * d
+    group = f"margins {head} forward_backward cpu float32 B={b} rows={rows} D={d} (K={K})"
+    info = dict(provider=provider, op="forward_backward", shape=f"B={b} C={C} K={K} D={d}", dtype="float32",
                 device="cpu", peak_mem_bytes=mem.peak, grad_bytes=grads, peak_beyond_grads_bytes=mem.peak - grads,
                 peak_rss_bytes=mem.rss_peak, mem_method=H.memory_method("cpu"), flops=flops)
     benchmark.group = group
     benchmark.extra_info.update(info)
     benchmark(step)
+    # the summary keys its "x plain" ratio on the provider name: the quarter-size run is labelled apart
+    label = provider if scale == 1 else f"{provider}@C={C}"
+    if benchmark.stats is None:  # --benchmark-disable: step ran once, untimed; the memory is still reported
+        record_result(dict(info, provider=label, group=group, median_ms=None, tflops=None))
+        return
     median_ms = benchmark.stats.stats.median * 1e3
     tflops = flops / (median_ms * 1e-3) / 1e12
     benchmark.extra_info["tflops"] = tflops
-    # the summary keys its "x plain" ratio on the provider name: the quarter-size run is labelled apart
-    label = provider if C == ROWS // K else f"{provider}@C={C}"
     record_result(dict(info, provider=label, group=group, median_ms=median_ms, tflops=tflops))
