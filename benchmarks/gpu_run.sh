@@ -111,7 +111,7 @@ step tests_cuda 50 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests -k "cuda and 
 step tests_triton 70 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests/test_triton_backend.py tests/test_l2_softmax.py \
   -k "not cuda and not test_options_match_reference and not $OOR and not ($CPU_ONLY)$NARROW"
 step tests_options 40 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests/test_l2_softmax.py \
-  -k "test_options_match_reference$([ -n "$SMOKE" ] && echo ' and none-w-nob')"
+  -k "test_options_match_reference$([ -n "$SMOKE" ] && echo ' and none-K1-w-nob-ls0.0-ig0-mean')"
 step tests_out_of_range 25 "$OUTDIR/tests.log" "${PYTEST[@]}" tests/test_l2_softmax.py -k "$OOR"
 unset L2SM_TEST_BACKENDS L2SM_REQUIRE_BACKENDS
 

@@ -325,3 +325,21 @@ def test_scripts_name_only_what_the_harness_has():
     missing = [(f.name, a) for f in sorted(root.glob("*.py"))
                for a in sorted(set(re.findall(r"\bH\.(\w+)", f.read_text()))) if not hasattr(H, a)]
     assert not missing, missing
+
+
+def test_gpu_session_test_steps_select_tests(tmp_path):
+    """The test steps of `bash benchmarks/gpu_run.sh --smoke` (their -k expressions narrowed to a few
+    tests, interpreted) each select and pass tests: a -k expression that no longer matches any test id
+    exits 5 ("no tests ran") and would cost the GPU session that step (the option matrix's ids changed
+    once and its smoke filter selected nothing)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    steps = ["tests_cuda", "tests_triton", "tests_options", "tests_out_of_range"]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, L2SM_GPU_STEPS=",".join(steps),
+               L2SM_GPU_BUDGET="400")
+    env.pop("L2SM_TEST_BACKENDS", None)
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), "--smoke"], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (tmp_path / "env.txt").read_text()
+    for name in steps:
+        assert f"step {name}: exit 0 " in log, (name, log, (tmp_path / "tests.log").read_text()[-3000:])
