@@ -116,6 +116,26 @@ def check_backend(backend) -> str:
     return backend
 
 
+def _auto(device_type: str, reason_for, key: tuple, cost: str, what: str = "") -> str:
+    """backend "auto": the preferred backend for the device type (triton for CUDA, cpu for CPU, else
+    eager) when reason_for(it) is "", else the eager fallback, announced once per (key, device type,
+    reason) with what the fallback costs. stacklevel: the user's call of the public function."""
+    preferred = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "eager"
+    reason = reason_for(preferred)
+    if not reason:
+        return preferred
+    k = key + (device_type, reason)
+    if k not in _warned and not torch.compiler.is_compiling():
+        _warned.add(k)
+        warnings.warn(
+            f"l2sm_kernels: {what}backend 'auto' uses the eager fallback for {device_type} tensors "
+            f"because the {preferred} backend is unavailable ({reason}); {cost}. This warning is shown once.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return "eager"
+
+
 def resolve(backend: str, device_type: str, dtypes=()) -> str:
     """The backend a call runs on. An explicit backend that cannot serve raises ValueError;
     "auto" falls back to eager, warning once per (device type, reason)."""
@@ -125,21 +145,8 @@ def resolve(backend: str, device_type: str, dtypes=()) -> str:
         if reason:
             raise ValueError(f"backend={backend!r} cannot run on {device_type} tensors here: {reason}")
         return backend
-    preferred = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "eager"
-    reason = _serves(preferred, device_type, dtypes)
-    if not reason:
-        return preferred
-    key = (device_type, reason)
-    if key not in _warned and not torch.compiler.is_compiling():
-        _warned.add(key)
-        warnings.warn(
-            f"l2sm_kernels: backend 'auto' uses the eager fallback for {device_type} tensors "
-            f"because the {preferred} backend is unavailable ({reason}). The eager backend "
-            f"materializes the B x C logits. This warning is shown once.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return "eager"
+    return _auto(device_type, lambda name: _serves(name, device_type, dtypes), (),
+                 "the eager backend materializes the B x C logits")
 
 
 def ops_for(name: str):
@@ -186,21 +193,8 @@ def resolve_topk(backend: str, device_type: str, dtypes=()) -> str:
         if reason:
             raise ValueError(f"backend={backend!r} cannot run cosine_topk on {device_type} tensors here: {reason}")
         return backend
-    preferred = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "eager"
-    reason = _serves(preferred, device_type, dtypes) or _load_topk(preferred)
-    if not reason:
-        return preferred
-    key = ("cosine_topk", device_type, reason)
-    if key not in _warned and not torch.compiler.is_compiling():
-        _warned.add(key)
-        warnings.warn(
-            f"l2sm_kernels: cosine_topk with backend 'auto' uses the eager fallback for {device_type} tensors "
-            f"because the {preferred} backend is unavailable ({reason}). The eager backend scores the "
-            f"gallery in chunks with torch and sorts each chunk. This warning is shown once.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return "eager"
+    return _auto(device_type, lambda name: _serves(name, device_type, dtypes) or _load_topk(name), ("cosine_topk",),
+                 "the eager backend scores the gallery in chunks with torch and sorts each chunk", "cosine_topk with ")
 
 
 def topk_op_for(name: str):
