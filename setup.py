@@ -115,7 +115,7 @@ setup(
     description="Fused L2-constrained softmax loss (normalize, class product, cross-entropy) for PyTorch",
     packages=find_packages(include=["l2sm_kernels", "l2sm_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "numpy"],  # numpy: l2sm_kernels.metrics
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "numpy"],

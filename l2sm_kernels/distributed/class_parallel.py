@@ -27,7 +27,7 @@ How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of doc
 Communication per step (W never moves; f = bytes of the features' dtype, 4 or 8 for the statistics):
     forward:  all-gather B_g x D features (B_g D f bytes) + B_g int64 targets,
               all-reduce(MAX) of B_g values, all-reduce(SUM) of 3 or 4 B_g-vectors (+1 value);
-              the agreement check's all-gather of 25 int64 per rank (every call on CPU tensors,
+              the agreement check's all-gather of 32 int64 per rank (every call on CPU tensors,
               the first call per module / group on CUDA: see below).
     backward: reduce-scatter of the B_g x D feature gradients in the compute dtype (B_g D 4 bytes for
               fp32 / fp16 / bf16 features: the sum over ranks is rounded to the features' dtype once;
