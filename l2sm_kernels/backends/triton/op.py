@@ -36,16 +36,24 @@ def _check(x, weight, bias, interpreted: bool) -> None:
             )
 
 
-def load():
-    """Define and register the triton ops; -> (forward op, backward op)."""
-    global _LOADED
-    if _LOADED is not None:
-        return _LOADED
+def triton_library():
+    """(torch.library.triton_op, wrap_triton), or BackendUnavailable when triton does not import (both
+    of the backend's registrations start here: this op and topk_op.py)."""
     try:
         import triton  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise BackendUnavailable(f"triton is not importable ({e})") from e
     from torch.library import triton_op, wrap_triton
+
+    return triton_op, wrap_triton
+
+
+def load():
+    """Define and register the triton ops; -> (forward op, backward op)."""
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    triton_op, wrap_triton = triton_library()
 
     from .common import INTERPRETED
     from .aux_layout import aux_meta

@@ -4,7 +4,6 @@ launcher: cosine_topk.py."""
 import torch
 
 from .. import topk
-from ..registry import BackendUnavailable
 
 _LOADED = None
 
@@ -14,15 +13,11 @@ def load():
     global _LOADED
     if _LOADED is not None:
         return _LOADED
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise BackendUnavailable(f"triton is not importable ({e})") from e
-    from torch.library import triton_op, wrap_triton
+    from .op import DTYPES, triton_library
 
+    triton_op, wrap_triton = triton_library()
     from .common import INTERPRETED
     from .cosine_topk import cosine_topk
-    from .op import DTYPES
 
     def triton_cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, normalize_gallery: bool,
                            largest: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
