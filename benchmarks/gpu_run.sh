@@ -74,6 +74,9 @@ from benchmarks import harness as H
 print("torch", torch.__version__, "triton", triton.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 print("torch_lce:", H.torch_lce_missing() or "available")
+import l2sm_kernels  # which backends load here, and why not (a triton that fails to register shows its reason)
+for name, info in l2sm_kernels.available_backends().items():
+    print("backend", name, info)
 for m in ("xdist", "pytest_timeout", "cut_cross_entropy", "liger_kernel"):
     print(m, "importable" if importlib.util.find_spec(m) else "absent")
 EOF

@@ -202,6 +202,10 @@ def torch_lce_missing() -> str:
             return f"torch {torch.__version__}: linear_cross_entropy takes no options= (no chunked path)"
     except (TypeError, ValueError):  # a builtin without a signature: try it
         pass
+    try:  # the fields this harness sets (an older torch may have the class with other fields)
+        torch.nn.LinearCrossEntropyOptions(**TORCH_LCE_OPTIONS)
+    except (TypeError, ValueError) as e:
+        return f"torch {torch.__version__}: LinearCrossEntropyOptions(**{TORCH_LCE_OPTIONS}) fails: {e}"
     return ""
 
 

@@ -1,5 +1,6 @@
 """The public API around the op: argument validation, backend selection, the nn.Module, alpha's bound."""
 import math
+import sys
 import warnings
 
 import pytest
@@ -121,6 +122,31 @@ def test_auto_falls_back_to_eager_once_with_a_warning(monkeypatch):
     msgs = [str(r.message) for r in rec if "eager fallback" in str(r.message)]
     assert len(msgs) == 1 and "not built (test)" in msgs[0]
     assert torch.equal(out1, L.l2_softmax_loss(x, w, t, backend="eager")) and torch.equal(out1, out2)
+
+
+def test_backend_whose_load_fails_in_any_way_is_unavailable(monkeypatch):
+    """A backend whose registration raises anything (here the TypeError another torch's triton_op could
+    give) is unavailable with the reason, and `import l2sm_kernels` / "auto" still work: every backend
+    loads at import, so an escaping error would break the package for every backend."""
+    import types
+
+    mod = types.ModuleType("l2sm_test_broken_backend")
+
+    def load():
+        raise TypeError("triton_op() got an unexpected keyword argument (test)")
+
+    mod.load = load
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(backends._MODULES, "cpu", mod.__name__)
+    monkeypatch.delitem(backends._load_errors, "cpu", raising=False)
+    monkeypatch.delitem(backends.OPS, "cpu", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())
+    info = backends.available_backends()["cpu"]
+    assert not info.available and info.reason == "TypeError: triton_op() got an unexpected keyword argument (test)"
+    x, w, t = _args()
+    with pytest.warns(RuntimeWarning, match="eager fallback"):
+        out = L.l2_softmax_loss(x, w, t)
+    assert torch.equal(out, L.l2_softmax_loss(x, w, t, backend="eager"))
 
 
 def test_triton_rejects_cpu_tensors_without_interpreter(monkeypatch):
