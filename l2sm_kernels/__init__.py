@@ -1,7 +1,7 @@
 """l2sm_kernels: the L2-constrained softmax loss, fused (normalize, class product and softmax
 cross-entropy in one pass over the classes, hand-written backward, no B x C logits).
 
-What a user imports lives here: l2_softmax_loss (loss.py), L2SoftmaxLoss (module.py), the
+What a user imports lives here: l2_softmax_loss (loss.py), L2SoftmaxLoss (loss_module.py), the
 face-recognition heads (heads.py: ArcFace, CosFace, combined, AdaFace, MagFace, ElasticFace), L2SMOptions
 (options.py), the float64 reference (reference.py), available_backends. The backends are in
 l2sm_kernels.backends, class-parallel training in l2sm_kernels.distributed, the helpers tests and
@@ -14,7 +14,7 @@ from .backends import available_backends
 from .backends import cpu as _cpu_backend
 from .heads import AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, MagFaceLoss
 from .loss import alpha_lower_bound, l2_softmax_loss
-from .module import L2SoftmaxLoss
+from .loss_module import L2SoftmaxLoss
 from .options import L2SMOptions
 from .reference import l2_softmax_loss_ref
 

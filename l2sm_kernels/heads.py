@@ -19,7 +19,7 @@ import math
 import torch
 
 from .loss import reduce_rows
-from .module import L2SoftmaxLoss
+from .loss_module import L2SoftmaxLoss
 
 
 class CombinedMarginLoss(L2SoftmaxLoss):

@@ -291,3 +291,17 @@ def test_label_smoothing_one_matches_torch():
     out = L.l2_softmax_loss(x, w, t, label_smoothing=1.0, backend="eager")
     ref = torch.nn.functional.cross_entropy(16.0 * torch.nn.functional.normalize(x) @ w.T, t, label_smoothing=1.0)
     assert max_err(out, ref) < 1e-5
+
+
+def test_module_files_have_distinct_names_and_no_import_cycle():
+    """Each file's name says what it holds (no two package files share a base name), and the
+    class-parallel function does not import its module's file (the cycle the old layout had)."""
+    import ast
+    import collections
+    import pathlib
+    root = pathlib.Path(L.__file__).parent
+    names = collections.Counter(p.name for p in root.rglob("*.py") if p.name != "__init__.py")
+    assert [n for n, k in names.items() if k > 1] == []
+    tree = ast.parse((root / "distributed" / "class_parallel.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "class_parallel_module" not in imported

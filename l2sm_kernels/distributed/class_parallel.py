@@ -414,11 +414,3 @@ def _shard_logit_sum(X, W, b, local, own, alpha, opts, cdt):
             out = out + b.to(cdt).sum()
     return out
 
-
-def __getattr__(name):
-    # the module moved to module.py; `from l2sm_kernels.distributed.class_parallel import
-    # ClassParallelL2SoftmaxLoss` keeps working (imported late: module.py imports this file)
-    if name == "ClassParallelL2SoftmaxLoss":
-        from .module import ClassParallelL2SoftmaxLoss
-        return ClassParallelL2SoftmaxLoss
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backends.registry import check_backend
-from ..module import (L2SoftmaxLoss, default_alpha_min, getattr_with_alpha, initial_alpha,
+from ..loss_module import (L2SoftmaxLoss, default_alpha_min, getattr_with_alpha, initial_alpha,
                       register_alpha_state_hooks)
 from ..options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
 from .class_parallel import _class_parallel, shard_sizes
