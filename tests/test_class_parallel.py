@@ -236,8 +236,10 @@ def _single(fn, x, w, b, t, alpha, go, upcast=False, **kw):
 
 
 def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None, targets_from=None,
-           sample_rate=1.0, tag="", wdtype=None, fallback=False):
-    """Distributed vs single-process vs float64 reference for one case; returns this rank's loss."""
+           sample_rate=1.0, tag="", wdtype=None, fallback=False, extra=None):
+    """Distributed vs single-process vs float64 reference for one case; returns this rank's loss.
+    extra: more arguments of the distributed call only (overlap_grad_reduce, grad_reduce_dtype)."""
+    extra = extra or {}
     x, w, b, t, alpha, go = _problem(combo, shards, batch, dtype, seed, targets_from, wdtype, fallback)
     kw = _kwargs(combo)
     if fallback:  # the case does reach arcface's fallback region (target cosine < cos(pi - m))
@@ -253,7 +255,7 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
     gen = torch.Generator().manual_seed(1000 + rank)
     out = LD.class_parallel_l2_softmax_loss(leaves["x"], leaves["weight"], t[r0:r1], c0, leaves["alpha"],
                                             leaves["bias"], backend=backend, batch_sizes=batch_sizes,
-                                            sample_rate=sample_rate, generator=gen, **kw)
+                                            sample_rate=sample_rate, generator=gen, **kw, **extra)
     got = _grads(out, go, leaves)
     out = out.detach()
 
@@ -305,8 +307,11 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
             want, bases = rg[k], (sg[k], pg[k])
         for base, what in zip(bases, ("", " vs plain torch")):
             if k == "x" and dtype in (torch.float16, torch.bfloat16):
+                # summed over the ranks in the features' dtype: each partial sum rounded too (< world roundings
+                # of the sum of the contributions' magnitudes, on top of rounding each contribution once)
+                roundings = dist.get_world_size() + 1 if extra.get("grad_reduce_dtype") == "features" else 1
                 assert_accurate_rank_sum(f"grad x{what} [{name}]", g, want, base, x, sub_w, sub_t, alpha, sub_b, go,
-                                         shards, (r0, r1), kw)
+                                         shards, (r0, r1), kw, roundings=roundings)
             else:
                 assert_accurate(f"grad {k}{what} [{name}]", g, want, base, dtype if k == "alpha" else leaves[k].dtype)
         if sampled is not None and k in ("weight", "bias"):
@@ -319,7 +324,7 @@ def _check(rank, combo, shards, batch, dtype, backend, seed, *, batch_sizes=None
 # ---------------------------------------------------------------------------------------------
 # workers (module level: spawn pickles them by name)
 # ---------------------------------------------------------------------------------------------
-def _work_options(rank, world, backend, dtype, combos, wdtype=None):
+def _work_options(rank, world, backend, dtype, combos, wdtype=None, extra=None):
     lay = LAYOUTS[world]
     for i, combo in enumerate(combos):
         # alternate equal and uneven batch sizes; every 4th case: one shard owns none of the targets
@@ -328,7 +333,7 @@ def _work_options(rank, world, backend, dtype, combos, wdtype=None):
         shards = lay["shards"]
         targets_from = list(range(shards[0])) + list(range(sum(shards[:2]), sum(shards))) if i % 4 == 3 else None
         _check(rank, combo, shards, batch, dtype, backend, seed=i, batch_sizes=batch if uneven else None,
-               targets_from=targets_from, tag=f"case {i}", wdtype=wdtype)
+               targets_from=targets_from, tag=f"case {i}", wdtype=wdtype, extra=extra)
 
 
 def _work_special(rank, world, backend, dtype):
@@ -749,6 +754,111 @@ def _work_disagree(rank, world):
     assert float(call()) == good
 
 
+def _work_device_check(rank, world):
+    """The CUDA-style agreement check (AGREEMENT = "device": the table on the first call, then one
+    fixed-size all-gather compared on the device, no host read) under gloo: each mismatch of issue 23
+    raises on every rank (the device assert's RuntimeError, or the rank's own argument error) before
+    any collective whose size depends on it, and the group stays usable."""
+    lay = LAYOUTS[world]
+    B, shards = lay["batch"][rank], lay["shards"]
+    c0, n = sum(shards[:rank]), shards[rank]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    w = torch.randn(n, D, generator=g, requires_grad=True)
+    t = torch.randint(0, sum(shards), (B,), generator=g)
+    last = rank == world - 1
+    key = torch.nn.Module()  # the check_key a module passes: its own schedule
+
+    def call(**kw):
+        args = dict(features=x, weight_shard=w, target=t, class_start=c0, alpha=16.0, bias_shard=None, group=None,
+                    normalize_weight=False, margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
+                    label_smoothing=0.0, eps=1e-12, backend="eager", batch_sizes=None, sample_rate=1.0,
+                    generator=None)
+        args.update(kw)
+        return LDC._class_parallel(args.pop("features"), args.pop("weight_shard"), args.pop("target"),
+                                   args.pop("class_start"), args.pop("alpha"), args.pop("bias_shard"),
+                                   check_key=key, **args)[0]
+
+    LDC.AGREEMENT = "device"
+    try:
+        assert LDC._check_mode(torch.device("cpu"), key) == "table"
+        good = float(call())  # the table, once
+        assert LDC._check_mode(torch.device("cpu"), key) == "device", "the device check does not run"
+        disagree = r"ranks of the class-parallel group disagree"
+        m_rows = torch.full((B,), 0.2)
+        cases = {
+            "another batch size (batch_sizes=None)": (dict(features=torch.randn(B + last, D),
+                                                           target=torch.zeros(B + last, dtype=torch.long)), None),
+            # each list holds this rank's own size at its place: only the lists differ
+            "different batch_sizes lists": (dict(batch_sizes=[b + (last and r != rank) for r, b in
+                                                              enumerate(lay["batch"])]), None),
+            "batch_sizes on one rank only": (dict(batch_sizes=lay["batch"] if last else None), None),
+            "another per-row margin form": (dict(margin_type="cosface", margin=m_rows if last else 0.2), None),
+            "another 0-d margin value": (dict(margin_type="cosface", margin=torch.tensor(0.2 + 0.1 * last)), None),
+            "another option": (dict(label_smoothing=0.1 if last else 0.0), None),
+            "another alpha": (dict(alpha=torch.tensor(16.0 + last)), None),
+            "another requires_grad pattern": (dict(features=x.detach().requires_grad_(not last)), None),
+            "another grad_reduce_dtype": (dict(grad_reduce_dtype="features" if last else "compute"), None),
+            "an argument error on one rank": (dict(margin_type="sphereface" if last else "none"),
+                                              r"margin_type must be one of"),
+            "a batch_sizes list that misses this rank's size": (
+                dict(batch_sizes=[b + last for b in lay["batch"]]), r"batch_sizes must list the"),
+        }
+        for what, (kw, own) in cases.items():
+            match = own if (own and last) else disagree
+            with pytest.raises((RuntimeError, ValueError), match=match):
+                call(**kw)
+            assert float(call()) == good, f"the group is out of step after: {what}"
+        with torch.no_grad() if last else contextlib.nullcontext(), pytest.raises(RuntimeError, match=disagree):
+            call()
+        assert float(call()) == good
+        # and the device path computes the same loss and gradients as the table
+        loss = call(reduction="sum")
+        loss.backward()
+        gx, gw = x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+        LDC.AGREEMENT = "table"
+        call(reduction="sum").backward()
+        assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+    finally:
+        LDC.AGREEMENT = "auto"
+
+
+def _work_overlap(rank, world, backend, dtype, combos, wdtype=None, grad_reduce_dtype="compute"):
+    """overlap_grad_reduce (dX first, its reduce-scatter started under dW) and grad_reduce_dtype:
+    every gradient against the float64 reference; an empty shard; Partial FC; gloo's reduce_scatter."""
+    extra = dict(overlap_grad_reduce=True, grad_reduce_dtype=grad_reduce_dtype)
+    _work_options(rank, world, backend, dtype, combos, wdtype, extra=extra)
+    combo = dict(margin=MARGINS[2], normalize_weight=True, bias=True, label_smoothing=0.1, ignore_rows=1,
+                 reduction="mean", alpha_grad=True)
+    shards = [0, 13] + ([6] if world == 3 else [])  # a rank without a shard node: the same collectives
+    _check(rank, combo, shards, [4] * world, dtype, backend, seed=1, tag="overlap, empty shard", wdtype=wdtype,
+           extra=extra)
+    _check(rank, dict(combo, label_smoothing=0.0), shards, [4] * world, dtype, backend, seed=2,
+           tag="overlap, empty shard, no smoothing", wdtype=wdtype, extra=extra)
+    lay = LAYOUTS[world]
+    _check(rank, combo, lay["shards"], lay["uneven_batch"], dtype, backend, seed=4, batch_sizes=lay["uneven_batch"],
+           sample_rate=0.5, tag="overlap, partial fc", wdtype=wdtype, extra=extra)
+    LDX.GLOO_FEATURE_GRAD = "reduce_scatter"
+    try:
+        _check(rank, dict(combo, reduction="none"), lay["shards"], lay["uneven_batch"], dtype, backend, seed=3,
+               batch_sizes=lay["uneven_batch"], tag="overlap, reduce_scatter", wdtype=wdtype, extra=extra)
+    finally:
+        LDX.GLOO_FEATURE_GRAD = "all_reduce"
+
+
+def _work_auto_batch_sizes(rank, world, backend):
+    """batch_sizes="auto": uneven batches without a list, the same loss as with the list."""
+    lay = LAYOUTS[world]
+    combo = dict(margin=MARGINS[1], normalize_weight=True, bias=False, label_smoothing=0.1, ignore_rows=1,
+                 reduction="none", alpha_grad=False)
+    got = _check(rank, combo, lay["shards"], lay["uneven_batch"], torch.float64, backend, seed=7, tag="auto sizes",
+                 batch_sizes="auto")
+    want = _check(rank, combo, lay["shards"], lay["uneven_batch"], torch.float64, backend, seed=7, tag="list",
+                  batch_sizes=lay["uneven_batch"])
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # the tests
 # ---------------------------------------------------------------------------------------------
@@ -915,6 +1025,46 @@ def test_cuda_check_runs_once_per_key():
     del key
     gc.collect()
     assert len(LDC._CHECKED) == n - 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cuda_style_agreement_check(world):
+    """issue 23: the per-call check CUDA runs after the first call (no host read), run under gloo: a
+    rank with another batch size, different batch_sizes lists, another per-row margin form, another
+    grad mode, another option, an argument error on one rank: every rank raises, the group survives."""
+    _spawn(_work_device_check, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_grad_reduce(backend, world):
+    """overlap_grad_reduce=True: loss and every gradient slice against the float64 reference and the
+    single-process op, across the option axes, an empty shard, Partial FC, uneven batches."""
+    if not supports_fp64(backend):
+        pytest.skip("float64 comparison")
+    combos = FEW_COMBOS if is_slow(backend) else SUBSETS["partial_fc"]
+    _spawn(_work_overlap, world, backend, torch.float64, combos)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_grad_reduce_in_feature_dtype(backend, world):
+    """grad_reduce_dtype="features" (the feature gradients summed over the ranks in bf16 / fp16), with and
+    without overlap: the feature gradient within the accuracy relation plus the partial sums' rounding."""
+    if is_slow(backend):
+        pytest.skip("covered by the eager and cpu backends")
+    dtype = torch.bfloat16 if world == 2 else torch.float16
+    try:
+        L.backends.resolve(backend, "cpu", (dtype, torch.float32))
+    except ValueError as e:
+        pytest.skip(str(e))
+    _spawn(_work_options, world, backend, dtype, SUBSETS["half"], torch.float32, dict(grad_reduce_dtype="features"))
+    _spawn(_work_overlap, world, backend, dtype, SUBSETS["half"][:4], torch.float32, "features")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_auto_batch_sizes(backend, world):
+    if not supports_fp64(backend):
+        pytest.skip("float64 comparison")
+    _spawn(_work_auto_batch_sizes, world, backend)
 
 
 def test_needs_init():

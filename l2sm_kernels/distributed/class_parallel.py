@@ -92,13 +92,15 @@ from ..options import (
 )
 from ..reference import target_margin
 from ..sampling import partial_fc_sample
-from .agreement import _Args, _check_ranks
-from .collectives import _gather_rows, _GatherFeatures, _SumOverRanks
+from .agreement import _Args, _check_ranks, _check_ranks_on_device
+from .collectives import _gather_rows, _GatherFeatures, _PendingRowSum, _SumOverRanks
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes"]
 
 # The index the per-shard op sees on rows whose target is not in the shard: never a valid local index.
 _LOCAL_IGNORE = -1
+# the dtype the feature gradients are summed over the ranks in (grad_reduce_dtype)
+GRAD_REDUCE_DTYPES = ("compute", "features")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,29 +131,48 @@ def _check_targets(target_g: torch.Tensor, num_classes: int, ignore_index: int, 
 # ---------------------------------------------------------------------------------------------
 # the ranks' agreement check (docs/reliability.md, case 29)
 # ---------------------------------------------------------------------------------------------
-# On CUDA tensors the check costs one host synchronization (it reads the gathered values), so it runs
-# on the first call per module (per group for the functional form) only; every rank makes the same
-# calls, so every rank skips or runs it alike. True: check every call on CUDA too (one sync a step).
-# CPU tensors are checked on every call (no device to wait for).
+# How each call checks that the ranks agree (docs/class_parallel.md, "The agreement check"):
+#   "auto":   CPU tensors: the table (_check_ranks: every value in the clear, the error names what differs)
+#             on every call. CUDA tensors: the table on the first call per module (per group for the
+#             functional form), then the device check (_check_ranks_on_device: one fixed-size all-gather
+#             compared on the device, no host sync) on every later call.
+#   "table":  the table on every call (on CUDA one host sync per call).
+#   "device": CPU tensors follow CUDA's schedule too (the table first, then the device check): the CUDA
+#             code path, runnable under gloo (the tests use it).
+# batch_sizes="auto" takes the table on every call (the gathered batch sizes size the collectives).
+AGREEMENT = "auto"
+AGREEMENT_MODES = ("auto", "table", "device")
+# the older switch: True is AGREEMENT = "table"
 CHECK_EVERY_CALL = False
 
-# what the check has passed once for (modules, process groups); weak, so nothing keeps a group alive
+# what the table has passed once for (modules, process groups); weak, so nothing keeps a group alive
 _CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
-def _check_due(device: torch.device, key) -> bool:
+def _check_mode(device: torch.device, key, auto_sizes: bool = False):
+    """Which agreement check this call runs: "table", "device", or None (under torch.compile)."""
     if torch.compiler.is_compiling():
-        return False
-    if device.type == "cpu" or CHECK_EVERY_CALL:
-        return True
+        return None
+    if AGREEMENT not in AGREEMENT_MODES:
+        raise ValueError(f"l2sm_kernels.distributed.class_parallel.AGREEMENT must be one of {AGREEMENT_MODES}, "
+                         f"got {AGREEMENT!r}")
+    if auto_sizes or CHECK_EVERY_CALL or AGREEMENT == "table":
+        return "table"
+    if device.type == "cpu" and AGREEMENT == "auto":
+        return "table"
     try:
-        return key not in _CHECKED
-    except TypeError:  # not weakly referenceable: check every call
-        return True
+        return "device" if key in _CHECKED else "table"
+    except TypeError:  # not weakly referenceable: the table every call
+        return "table"
+
+
+def _check_due(device: torch.device, key) -> bool:
+    """Whether this call runs the table (the host-read check)."""
+    return _check_mode(device, key) == "table"
 
 
 def _mark_checked(device: torch.device, key) -> None:
-    if device.type != "cpu":
+    if device.type != "cpu" or AGREEMENT == "device":
         try:
             _CHECKED.add(key)
         except TypeError:
@@ -165,7 +186,8 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                                    group=None, normalize_weight=False, margin=0.0, margin_type="none",
                                    reduction="mean", ignore_index=-100, label_smoothing=0.0, eps=1e-12,
                                    subcenters=1, margin_grad="exact", backend="auto", batch_sizes=None,
-                                   sample_rate=1.0, generator=None):
+                                   sample_rate=1.0, generator=None, overlap_grad_reduce=False,
+                                   grad_reduce_dtype="compute"):
     """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
 
     Args:
@@ -177,12 +199,22 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
         alpha: a number > 0, or a 0-d tensor (may require grad: its gradient is the full one, summed
             over the ranks); the same value on every rank.
         bias_shard: optional (n,) rows of the global bias.
-        batch_sizes: None (every rank has the same B), or the list of every rank's B (same on all ranks).
+        batch_sizes: None (every rank has the same B), the list of every rank's B (same on all ranks), or
+            "auto": the ranks' batch sizes are gathered on every call (the agreement table: on CUDA
+            one host sync per call).
         sample_rate: Partial FC: 1.0 uses every class; q < 1 uses the batch's target classes plus a
             random share q of the shard's classes (see partial_fc_sample); unsampled rows of
             weight_shard / bias_shard get a zero gradient, and the loss is the loss over the sampled
             classes (label smoothing averages over them).
         generator: the torch.Generator of the sampling (this rank's RNG when None).
+        overlap_grad_reduce: the shard's backward computes this rank's dX contribution first, starts
+            its reduce-scatter asynchronously and computes dW (and db, d alpha) while it runs; costs one
+            more pass over the shard's logits in the backward (the backward op is called twice).
+        grad_reduce_dtype: "compute" (default): the feature gradients are summed over the ranks in the
+            compute dtype (fp32 for fp16 / bf16 features), rounded to the features' dtype once;
+            "features": summed in the features' dtype (half the bytes for bf16 / fp16), each rank's
+            contribution accumulated in fp32 and rounded once, the partial sums in that dtype
+            (docs/class_parallel.md, "Options").
         Other options: as l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
             subcenters, margin_grad, label smoothing).
 
@@ -195,14 +227,17 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                            normalize_weight=normalize_weight, margin=margin, margin_type=margin_type,
                            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                            eps=eps, subcenters=subcenters, margin_grad=margin_grad, backend=backend,
-                           batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator)[0]
+                           batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator,
+                           overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype)[0]
 
 
 def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
              margin_type, reduction, ignore_index, label_smoothing, eps, subcenters, margin_grad, backend, batch_sizes,
-             sample_rate) -> _Args:
+             sample_rate, overlap_grad_reduce=False, grad_reduce_dtype="compute", layout=None) -> _Args:
     """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
-    the argument), and what the step derives from them."""
+    the argument), and what the step derives from them. layout=(world, rank): also check that a
+    batch_sizes list holds this rank's batch size at its place (the device check compares the lists,
+    not the sizes)."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
                        margin_grad=margin_grad)
@@ -214,15 +249,26 @@ def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, 
     opts = check_option_tensors(opts, B, features.device)
     warn_angular_unnormalized(opts)
     class_start = check_int("class_start", class_start, 0)
-    if batch_sizes is not None:
+    if isinstance(batch_sizes, str):
+        if batch_sizes != "auto":
+            raise ValueError(f"batch_sizes must be None, a list of the ranks' batch sizes or 'auto', got {batch_sizes!r}")
+    elif batch_sizes is not None:
         batch_sizes = [check_int("batch_sizes[i]", b, 0) for b in batch_sizes]
+        if layout is not None and (len(batch_sizes) != layout[0] or batch_sizes[layout[1]] != B):
+            raise ValueError(f"batch_sizes must list the {layout[0]} ranks' batch sizes with batch_sizes[{layout[1]}] = "
+                             f"{B} (this rank's), got {batch_sizes}")
+    if not isinstance(overlap_grad_reduce, bool):
+        raise TypeError(f"overlap_grad_reduce must be a bool, got {overlap_grad_reduce!r}")
+    if grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+        raise ValueError(f"grad_reduce_dtype must be one of {GRAD_REDUCE_DTYPES}, got {grad_reduce_dtype!r}")
     cdt = compute_dtype(features, weight_shard, bias_shard)
     alpha_t = _alpha_tensor(alpha, features.device, cdt)
     dtypes = {features.dtype, weight_shard.dtype} | ({bias_shard.dtype} if bias_shard is not None else set())
-    forward_op, _ = ops_for(resolve(backend, features.device.type, dtypes))
+    forward_op, backward_op = ops_for(resolve(backend, features.device.type, dtypes))
     return _Args(opts=opts, reduction=reduction, sample_rate=sample_rate, features=features, weight=weight_shard,
                  bias=bias_shard, B=B, D=D, n=n, class_start=class_start,
-                 batch_sizes=batch_sizes, cdt=cdt, alpha_t=alpha_t, forward_op=forward_op)
+                 batch_sizes=batch_sizes, cdt=cdt, alpha_t=alpha_t, forward_op=forward_op, backward_op=backward_op,
+                 overlap=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype)
 
 
 def _global_options(opts: L2SMOptions, sizes, group) -> L2SMOptions:
@@ -244,37 +290,86 @@ def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs):
     return forward_op(X, W, local, alpha, b, *shard_opts.op_arguments(X.shape[0], X.device), *needs)
 
 
+class _ShardOpOverlapped(torch.autograd.Function):
+    """The shard's forward op, whose backward computes this rank's dX contribution first (the
+    backward op asked for dX only), starts its reduce-scatter (pending.start), and then computes
+    dW, db and d alpha (the backward op again, asked for those) while the collective runs. X gets
+    no gradient through this node: _GatherFeatures takes the reduced rows from `pending`. Cost: the
+    backward op runs twice (each recomputes what it needs of the shard's logits)."""
+
+    @staticmethod
+    def forward(ctx, X, W, local, alpha, b, forward_op, backward_op, op_arguments, needs, pending):
+        loss, lse, aux = forward_op(X, W, local, alpha, b, *op_arguments, *needs)
+        ctx.backward_op, ctx.op_arguments, ctx.pending = backward_op, op_arguments, pending
+        ctx.save_for_backward(X, W, local, alpha, b, lse, aux)
+        ctx.mark_non_differentiable(aux)
+        return loss, lse, aux
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_aux):
+        X, W, local, alpha, b, lse, aux = ctx.saved_tensors
+        grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+        margins, smoothing, *static = ctx.op_arguments
+        base = (grad_loss, grad_lse, X, W, local, alpha, b, margins, smoothing, lse, aux, *static)
+        gx = ctx.backward_op(*base, True, False, False, False)[0]
+        ctx.pending.start(gx)  # the reduce-scatter runs while dW is computed
+        need = ctx.needs_input_grad
+        nw, nb, na = need[1], b is not None and need[4], need[3]
+        gw = gb = ga = None
+        if nw or nb or na:
+            _, gw, gb, ga = ctx.backward_op(*base, False, nw, nb, na)
+        return (None, gw if nw else None, None, ga if na else None, gb if nb else None,
+                None, None, None, None, None)
+
+
+def _shard_forward_overlapped(forward_op, backward_op, X, W, local, alpha, b, opts, needs, pending):
+    """_shard_forward through _ShardOpOverlapped: (loss_r, lse_r)."""
+    shard_opts = dataclasses.replace(opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0)
+    loss, lse, _aux = _ShardOpOverlapped.apply(X, W, local, alpha, b, forward_op, backward_op,
+                                               shard_opts.op_arguments(X.shape[0], X.device), needs, pending)
+    return loss, lse
+
+
 def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
                     margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
-                    sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None):
-    """-> (loss, sampled local indices or None). check_key: what the CUDA agreement check is done once
-    for (the module; None: the group)."""
+                    sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None,
+                    overlap_grad_reduce=False, grad_reduce_dtype="compute"):
+    """-> (loss, sampled local indices or None). check_key: what the agreement table is done once
+    for on CUDA (the module; None: the group)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("class_parallel_l2_softmax_loss needs torch.distributed initialized "
                            "(torch.distributed.init_process_group)")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
     key = check_key if check_key is not None else (group if group is not None else dist.group.WORLD)
-    check = _check_due(device, key)
+    mode = _check_mode(device, key, isinstance(batch_sizes, str) and batch_sizes == "auto")
     try:
         a = _prepare(features, weight_shard, target, class_start, alpha, bias_shard,
                      normalize_weight=normalize_weight, margin=margin, margin_type=margin_type, reduction=reduction,
                      ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
-                     margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate)
+                     margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
+                     overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
+                     layout=None if mode == "table" else (world, rank))
         err = None
-    except Exception as e:  # every rank learns of it in _check_ranks, which re-raises it here
-        if not check:
+    except Exception as e:  # every rank learns of it in the agreement check, which re-raises it here
+        if mode is None:
             raise
         a, err = None, e
-    if check:
-        # before any collective whose size depends on the checked values
-        num_classes_all = _check_ranks(a, err, world, rank, group, device)
+    # before any collective whose size depends on the checked values
+    gathered_sizes = None
+    if mode == "table":
+        num_classes_all, gathered_sizes = _check_ranks(a, err, world, rank, group, device)
         _mark_checked(device, key)
-    elif a.batch_sizes is not None and (len(a.batch_sizes) != world or a.batch_sizes[rank] != a.B):
-        raise ValueError(f"batch_sizes must list the {world} ranks' batch sizes with batch_sizes[{rank}] = {a.B} "
-                         f"(this rank's), got {a.batch_sizes}")
+    elif mode == "device":
+        _check_ranks_on_device(a, err, world, group, device)
     opts, B, n, class_start, cdt, alpha_t = a.opts, a.B, a.n, a.class_start, a.cdt, a.alpha_t
-    sizes = list(a.batch_sizes) if a.batch_sizes is not None else [B] * world
+    if a.batch_sizes == "auto":
+        if gathered_sizes is None:
+            raise RuntimeError("batch_sizes='auto' needs the agreement table (not available under torch.compile)")
+        sizes = gathered_sizes
+    else:
+        sizes = list(a.batch_sizes) if a.batch_sizes is not None else [B] * world
     opts = _global_options(opts, sizes, group)
     K = opts.subcenters
     s = opts.label_smoothing
@@ -283,9 +378,15 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     # 1. gather the global batch (features differentiably, alpha through the same node); targets
     # are range-checked on CPU tensors only (reading them is a host sync on CUDA)
     target_g = _gather_rows(target.long(), sizes, group)
-    if check and device.type == "cpu":
+    if mode == "table" and device.type == "cpu":
         _check_targets(target_g, num_classes_all, ignore_index, sizes)
-    X, Xc, alpha_g = _GatherFeatures.apply(features, alpha_t, sizes, rank, group, cdt)
+    grad_on = torch.is_grad_enabled()
+    # the features in the compute dtype only where torch ops use them (label smoothing's terms)
+    need_xc = smooth
+    reduce_dtype = cdt if a.grad_reduce_dtype == "compute" else features.dtype
+    pending = _PendingRowSum(sizes, rank, group, reduce_dtype) if a.overlap and grad_on and features.requires_grad \
+        else None
+    X, Xc, alpha_g = _GatherFeatures.apply(features, alpha_t, sizes, rank, group, cdt, need_xc, reduce_dtype, pending)
     Xc = Xc if Xc.numel() else X  # the global features in the compute dtype
     valid = target_g != ignore_index
     local = target_g - class_start
@@ -303,11 +404,14 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
         # every owned target is sampled, so searchsorted finds its exact position
         local = torch.where(own, torch.searchsorted(sampled, local.clamp_min(0)), local)
     k = W.shape[0] // K  # classes in this shard's part (sampled ones with Partial FC)
-    grad_on = torch.is_grad_enabled()
     if k > 0:
         needs = (grad_on and X.requires_grad, grad_on and W.requires_grad,
                  grad_on and b is not None and b.requires_grad, grad_on and alpha_g.requires_grad)
-        loss_r, lse_r, _aux = _shard_forward(a.forward_op, X, W, local, alpha_g, b, opts, needs)
+        if pending is not None:
+            loss_r, lse_r = _shard_forward_overlapped(a.forward_op, a.backward_op, X, W, local, alpha_g, b, opts, needs,
+                                                      pending)
+        else:
+            loss_r, lse_r, _aux = _shard_forward(a.forward_op, X, W, local, alpha_g, b, opts, needs)
     else:
         # nothing to contribute; stay connected to every differentiable input (with exact zeros,
         # an empty slice sums to 0 even if X holds inf) so that this rank's backward runs the same

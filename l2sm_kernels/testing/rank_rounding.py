@@ -52,14 +52,16 @@ def rank_sum_rounding(x, weight, target, alpha, bias, grad_output, shards, rows,
 
 
 def assert_accurate_rank_sum(name, got, want, plain, x, weight, target, alpha, bias, grad_output, shards, rows,
-                             kwargs) -> None:
+                             kwargs, roundings: int = 1) -> None:
     """STYLE's relation for the feature gradient of fp16 / bf16 features of the class-parallel loss:
     err(got) <= 2 err(plain) + atol + rank_sum_rounding(...), errors against the float64 reference
     `want`; plain: the single-process op's gradient. The added term is exactly the rounding the op
-    boundary puts on each rank's contribution, nothing more."""
+    boundary puts on each rank's contribution, nothing more. roundings: how many times that term
+    (grad_reduce_dtype="features": the partial sums over the ranks are rounded to the features' dtype too,
+    at most world roundings more of at most the sum of the contributions' magnitudes)."""
     finite = want[torch.isfinite(want)]
     atol = ATOL_REL[got.dtype] * max(float(finite.abs().max()) if finite.numel() else 1.0, 1e-30)
-    extra = rank_sum_rounding(x, weight, target, alpha, bias, grad_output, shards, rows, kwargs)
+    extra = roundings * rank_sum_rounding(x, weight, target, alpha, bias, grad_output, shards, rows, kwargs)
     err, base = max_err(got, want), max_err(plain, want)
     assert err <= 2 * base + atol + extra, (
         f"{name}: error {err:.3e} against the float64 reference exceeds 2 x the single-process op's {base:.3e} "
