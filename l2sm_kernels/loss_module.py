@@ -13,6 +13,22 @@ from .options import L2SMOptions, check_alpha, check_int, check_reduction, check
 
 _STATE_VERSION = 1
 
+# What a checkpoint's record (the module's "_extra_state") must match to load (docs/class_parallel.md,
+# "Model options and schedule options"): the model's identity. Everything else it records (the margin's
+# value, label smoothing, sample_rate, margin_grad, ignore_index, eps, the heads' hyperparameters) is
+# the training schedule and may differ: the module keeps its own.
+MODEL_RECORD = ("class", "in_features", "num_classes")
+MODEL_OPTIONS = ("subcenters", "normalize_weight", "margin_type")
+
+
+def checkpoint_record_diffs(state: dict, mine: dict) -> list[str]:
+    """The model fields in which a checkpoint's record differs from a module's (empty: it loads)."""
+    diffs = [f"{k}: checkpoint {state.get(k)!r}, module {mine[k]!r}" for k in MODEL_RECORD if state.get(k) != mine[k]]
+    theirs = state.get("options") or {}
+    diffs += [f"{k}: checkpoint {theirs.get(k)!r}, module {mine['options'][k]!r}" for k in MODEL_OPTIONS
+              if theirs.get(k) != mine["options"][k]]
+    return diffs
+
 
 def initial_alpha(alpha) -> float:
     """The value a module starts alpha at: a number > 0, or a 0-d tensor's value (read once, here)."""
@@ -40,9 +56,12 @@ class L2SoftmaxLoss(nn.Module):
     which a class can reach probability 0.9 at all. The state_dict stores "alpha" (the radius) either
     way, so checkpoints move between learned and fixed alpha and older checkpoints load.
 
-    The options are stored in the state_dict too (its "_extra_state"): loading a checkpoint made
-    with other options (margin type, margin, sub-centers, ...) is a clear error, never a silent
-    mismatch. To reuse the tensors with other options on purpose, load them without it:
+    The options are stored in the state_dict too (its "_extra_state"). Loading a checkpoint of another
+    model (another class, in_features, num_classes, sub-centers, normalize_weight or margin_type) is a
+    clear error raised before anything is written; the training schedule (the margin's value,
+    label smoothing, sample_rate, margin_grad, ignore_index, eps, the heads' hyperparameters) may
+    differ, and the module keeps its own (docs/class_parallel.md, "Model options and schedule options").
+    To reuse the tensors across a model mismatch on purpose, load them without the record:
     ``m.load_state_dict({k: v for k, v in sd.items() if not k.endswith("_extra_state")}, strict=False)``.
 
     reset_parameters() sets every parameter and buffer (weight, bias, alpha), so the meta-device /
@@ -175,25 +194,22 @@ class L2SoftmaxLoss(nn.Module):
                 "num_classes": self.num_classes, "options": self.options.to_dict(),
                 "sample_rate": self.sample_rate, "head": self.head_config()}
 
-    def set_extra_state(self, state) -> None:
-        mine = self.get_extra_state()
+    def check_checkpoint(self, state) -> None:
+        """Refuse (RuntimeError) a checkpoint record of another model (MODEL_RECORD, MODEL_OPTIONS);
+        called by the load_state_dict pre-hook, before any tensor is written."""
         if not isinstance(state, dict) or "options" not in state:
             raise RuntimeError(f"{type(self).__name__}: the checkpoint's _extra_state is not an l2sm_kernels "
                                f"options record: {state!r}")
-        diffs = []
-        for key in ("class", "in_features", "num_classes", "sample_rate", "head"):
-            if state.get(key) != mine[key]:
-                diffs.append(f"{key}: checkpoint {state.get(key)!r}, module {mine[key]!r}")
-        for key, v in mine["options"].items():
-            w = state["options"].get(key)
-            if w != v:
-                diffs.append(f"{key}: checkpoint {w!r}, module {v!r}")
+        diffs = checkpoint_record_diffs(state, self.get_extra_state())
         if diffs:
             raise RuntimeError(
-                f"{type(self).__name__}: the checkpoint was saved with other loss options ({'; '.join(diffs)}). "
-                "Construct the module with the checkpoint's options, or load the tensors alone on purpose: "
+                f"{type(self).__name__}: the checkpoint is of another model ({'; '.join(diffs)}). "
+                "Construct the module with the checkpoint's model options, or load the tensors alone on purpose: "
                 "module.load_state_dict({k: v for k, v in sd.items() if not k.endswith('_extra_state')}, "
                 "strict=False)")
+
+    def set_extra_state(self, state) -> None:
+        self.check_checkpoint(state)
 
     def _register_state_hooks(self) -> None:
         register_alpha_state_hooks(self, with_options=True)
@@ -236,10 +252,13 @@ def _save_alpha_as_radius(module, state_dict, prefix, local_metadata):
 
 def _load_alpha_and_options(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                             error_msgs):
-    """load_state_dict pre-hook: _load_alpha, and a checkpoint from before the options were stored (no
+    """load_state_dict pre-hook: the checkpoint's record checked (module.check_checkpoint) before any
+    tensor is written, then _load_alpha; a checkpoint from before the options were stored (no
     "_extra_state") loads as if it matched."""
-    _load_alpha(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
     extra = prefix + "_extra_state"
+    if extra in state_dict:
+        module.check_checkpoint(state_dict[extra])
+    _load_alpha(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
     if extra not in state_dict:
         state_dict[extra] = module.get_extra_state()
 

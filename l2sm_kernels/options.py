@@ -215,12 +215,14 @@ class L2SMOptions:
         return s
 
     def to_dict(self) -> dict:
-        """The options as plain Python values (a checkpoint's record; tensors become None: their values
-        are per call)."""
+        """The options as plain Python values (a checkpoint's record): a 0-d tensor as its value (read
+        on the host: a checkpoint is not a training step), a per-row (B,) tensor as "per-row"."""
         def plain(v):
             if isinstance(v, tuple):
                 return [plain(u) for u in v]
-            return None if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                return float(v.detach()) if v.dim() == 0 else "per-row"
+            return v
 
         return {"normalize_weight": self.normalize_weight, "margin_type": self.margin_type,
                 "margin": plain(self.margin), "ignore_index": self.ignore_index,

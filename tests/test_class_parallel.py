@@ -859,6 +859,99 @@ def _work_auto_batch_sizes(rank, world, backend):
     assert torch.equal(got, want)
 
 
+def _work_reduce_dtype(rank, world):
+    """grad_reduce_dtype decides the dtype the feature gradients travel in (not only their accuracy)."""
+    lay = LAYOUTS[world]
+    B, shards = lay["batch"][rank], lay["shards"]
+    seen = []
+    real = LDX._scatter_rows_sum
+
+    def spy(g, *args, **kw):
+        seen.append(g.dtype)
+        return real(g, *args, **kw)
+
+    LDX._scatter_rows_sum = spy
+    try:
+        for overlap in (False, True):
+            for how, want in (("compute", torch.float32), ("features", torch.bfloat16)):
+                seen.clear()
+                x = torch.randn(B, D, dtype=torch.bfloat16, requires_grad=True)
+                w = torch.randn(shards[rank], D, requires_grad=True)
+                t = torch.randint(0, sum(shards), (B,))
+                LD.class_parallel_l2_softmax_loss(x, w, t, sum(shards[:rank]), backend="eager", grad_reduce_dtype=how,
+                                                  overlap_grad_reduce=overlap).backward()
+                assert seen and set(seen) == {want}, (how, overlap, seen)
+    finally:
+        LDX._scatter_rows_sum = real
+
+
+def _work_checkpoints(rank, world, tmpdir):
+    """Per-rank shard checkpoints (issue 18): the record (rank, world size, class range, options); a
+    shard of another rank, another split or another model is refused before anything is written; the
+    schedule may differ; load_shards reshards on purpose; full_state_dict in chunks, to the CPU."""
+    C = 23
+    kw = dict(bias=True, normalize_weight=True, margin_type="arcface", margin=0.5, dtype=torch.float64)
+    head = LD.ClassParallelL2SoftmaxLoss(D, C, seed=3, sample_rate=0.5, **kw)
+    with torch.no_grad():
+        head.bias.copy_(torch.arange(head.num_local, dtype=torch.float64) + head.class_start)
+    sd = head.state_dict()
+    rec = sd["_extra_state"]
+    assert (rec["rank"], rec["world_size"], rec["class_start"], rec["num_local"]) == (
+        rank, world, head.class_start, head.num_local) and rec["options"]["margin_type"] == "arcface"
+    torch.save(sd, os.path.join(tmpdir, f"head.rank{rank}.pt"))
+    dist.barrier()
+    full = head.full_state_dict()
+    # the same layout, another schedule (sample_rate 1.0 for fine-tuning, another margin): loads
+    same = LD.ClassParallelL2SoftmaxLoss(D, C, seed=4, **dict(kw, margin=0.3))
+    same.load_state_dict(torch.load(os.path.join(tmpdir, f"head.rank{rank}.pt")))
+    assert torch.equal(same.weight, head.weight) and torch.equal(same.bias, head.bias)
+    assert same.sample_rate == 1.0 and same.options.margin == 0.3
+    # another rank's file: refused, nothing written
+    other = torch.load(os.path.join(tmpdir, f"head.rank{(rank + 1) % world}.pt"))
+    before = same.weight.detach().clone()
+    if other["weight"].shape == same.weight.shape:
+        with pytest.raises(RuntimeError, match=r"the checkpoint holds classes \[.*load_shards"):
+            same.load_state_dict(other)
+        assert torch.equal(same.weight, before)
+    # another model (a CosFace head loading an ArcFace shard): refused, nothing written
+    cos = LD.ClassParallelL2SoftmaxLoss(D, C, seed=4, **dict(kw, margin_type="cosface", margin=0.35))
+    before = cos.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="shard of another model.*margin_type: checkpoint 'arcface'"):
+        cos.load_state_dict(sd)
+    assert torch.equal(cos.weight, before)
+    # a deliberate reshard: another split, from every rank's file
+    sizes = [C - 2 * (world - 1)] + [2] * (world - 1)
+    resh = LD.ClassParallelL2SoftmaxLoss(D, C, shard_sizes=sizes, seed=5, **kw)
+    files = [torch.load(os.path.join(tmpdir, f"head.rank{r}.pt"), mmap=True) for r in range(world)]
+    with pytest.raises(RuntimeError, match="another split|holds classes"):
+        if resh.num_local == head.num_local:
+            raise RuntimeError("another split")  # same size by chance: nothing to refuse on shape grounds
+        resh.load_state_dict(sd)
+    resh.load_shards(files[::-1])
+    c0 = sum(sizes[:rank])
+    assert torch.equal(resh.weight, full["weight"][c0: c0 + sizes[rank]])
+    assert torch.equal(resh.bias, full["bias"][c0: c0 + sizes[rank]])
+    if resh.num_local:
+        with pytest.raises(ValueError, match="do not cover"):
+            orig = LD.shard_sizes(C, world)
+            missing = next(r for r in range(world) if sum(orig[:r]) <= c0 < sum(orig[:r + 1]))
+            resh.load_shards([f for r, f in enumerate(files) if r != missing])
+    with pytest.raises(RuntimeError, match=r"load_shards: states\[0\] is a shard of another model"):
+        cos.load_shards(files)
+    # full_state_dict in chunks (a few rows per collective), to the CPU, everywhere or on one rank
+    for dst in (None, world - 1):
+        got = head.full_state_dict(dst=dst, chunk_bytes=3 * D * 8 * world)
+        if dst is None or dst == rank:
+            assert got["weight"].device.type == "cpu"
+            assert torch.equal(got["weight"], full["weight"]) and torch.equal(got["bias"], full["bias"])
+            assert torch.equal(got["bias"], torch.arange(C, dtype=torch.float64))
+        else:
+            assert got is None
+    single = L.L2SoftmaxLoss(D, C, **kw)
+    single.load_state_dict(full)
+    assert torch.equal(single.weight, full["weight"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the tests
 # ---------------------------------------------------------------------------------------------
@@ -1065,6 +1158,31 @@ def test_auto_batch_sizes(backend, world):
     if not supports_fp64(backend):
         pytest.skip("float64 comparison")
     _spawn(_work_auto_batch_sizes, world, backend)
+
+
+def test_reduce_dtype_is_the_wire_dtype():
+    _spawn(_work_reduce_dtype, 2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_checkpoints(world, tmp_path):
+    _spawn(_work_checkpoints, world, str(tmp_path))
+
+
+def test_nccl_device_must_be_current():
+    """issue 23: under NCCL the shard's device must be the rank's current CUDA device (pure function: no GPU)."""
+    from l2sm_kernels.distributed.class_parallel_module import device_problem
+    cuda = torch.device
+    assert device_problem(cuda("cpu"), "gloo", 0, None, 0) is None
+    assert device_problem(cuda("cuda", 1), "gloo", 0, 1, 2) is None  # gloo: any device
+    assert device_problem(cuda("cuda", 2), "nccl", 2, 2, 8) is None
+    assert device_problem(cuda("cuda"), "nccl", 3, 3, 8) is None
+    assert device_problem(cuda("cuda"), "nccl", 0, None, 8) is None  # no LOCAL_RANK: nothing to compare
+    msg = device_problem(cuda("cuda", 1), "nccl", 0, 1, 8)
+    assert "cuda:1 is not the current CUDA device (cuda:0)" in msg and "torch.cuda.set_device(local_rank)" in msg
+    msg = device_problem(cuda("cuda"), "nccl", 0, 3, 8)  # the README's old example on local rank 3
+    assert "LOCAL_RANK=3" in msg and "device_id=" in msg
+    assert device_problem(cuda("cuda"), "nccl", 1, 9, 8) is None  # local rank 9 of 8 GPUs per node: cuda:1
 
 
 def test_needs_init():

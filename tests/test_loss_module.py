@@ -82,20 +82,44 @@ def test_alpha_min_rules():
 # ---------------------------------------------------------------------------------------------
 # checkpoints (reliability case 33)
 # ---------------------------------------------------------------------------------------------
-def test_checkpoint_refuses_other_options():
+def test_checkpoint_refuses_another_model():
+    """The model's options (class, sizes, sub-centers, normalize_weight, margin_type) must match, and a
+    refused load writes nothing (the check runs before any tensor is copied)."""
     arc = L.L2SoftmaxLoss(8, 5, normalize_weight=True, margin_type="arcface", margin=0.5)
     sd = arc.state_dict()
-    for other in (dict(margin_type="cosface", margin=0.5), dict(margin_type="arcface", margin=0.3),
-                  dict(margin_type="arcface", margin=0.5, subcenters=2)):
-        cos = L.L2SoftmaxLoss(8, 5, normalize_weight=True, **other)
-        with pytest.raises(RuntimeError, match="saved with other loss options"):
+    for other, what in ((dict(normalize_weight=True, margin_type="cosface", margin=0.5), "margin_type"),
+                        (dict(normalize_weight=True, margin_type="arcface", margin=0.5, subcenters=2), "subcenters"),
+                        (dict(normalize_weight=False, margin_type="arcface", margin=0.5), "normalize_weight")):
+        cos = L.L2SoftmaxLoss(8, 5, **other)
+        before = cos.weight.detach().clone()
+        with pytest.raises(RuntimeError, match=f"checkpoint is of another model.*{what}: checkpoint"):
             cos.load_state_dict(sd)
+        assert torch.equal(cos.weight, before), "a refused checkpoint was written into the module"
     with pytest.raises(RuntimeError, match="margin_type: checkpoint 'arcface', module 'cosface'"):
         L.L2SoftmaxLoss(8, 5, normalize_weight=True, margin_type="cosface", margin=0.5).load_state_dict(sd)
     # on purpose: the tensors alone
     cos = L.L2SoftmaxLoss(8, 5, normalize_weight=True, margin_type="cosface", margin=0.5)
     cos.load_state_dict({k: v for k, v in sd.items() if not k.endswith("_extra_state")}, strict=False)
     assert torch.equal(cos.weight, arc.weight)
+
+
+def test_checkpoint_schedule_options_may_differ():
+    """The training schedule is not the model (issue 18): resume mid margin warm-up, fine-tune or evaluate
+    a Partial FC checkpoint at sample_rate 1.0, change label smoothing, margin_grad, ignore_index, eps;
+    the module keeps its own schedule. A tensor margin is recorded with its value ("per-row" for (B,))."""
+    src = L.L2SoftmaxLoss(8, 5, normalize_weight=True, margin_type="arcface", margin=torch.tensor(0.25),
+                          sample_rate=0.5, label_smoothing=0.1, margin_grad="detached")
+    sd = src.state_dict()
+    assert sd["_extra_state"]["options"]["margin"] == pytest.approx(0.25)
+    assert sd["_extra_state"]["sample_rate"] == 0.5
+    dst = L.L2SoftmaxLoss(8, 5, normalize_weight=True, margin_type="arcface", margin=0.5, sample_rate=1.0,
+                          ignore_index=-1, eps=1e-6)
+    dst.load_state_dict(sd)
+    assert torch.equal(dst.weight, src.weight)
+    assert dst.options.margin == 0.5 and dst.sample_rate == 1.0 and dst.options.label_smoothing == 0.0
+    assert dst.options.margin_grad == "exact" and dst.options.ignore_index == -1
+    rows = L.L2SoftmaxLoss(8, 5, normalize_weight=True, margin_type="cosface", margin=torch.full((3,), 0.2))
+    assert rows.state_dict()["_extra_state"]["options"]["margin"] == "per-row"
 
 
 def test_checkpoint_alpha_moves_between_learned_and_fixed_and_old_checkpoints_load():
@@ -117,13 +141,15 @@ def test_checkpoint_alpha_moves_between_learned_and_fixed_and_old_checkpoints_lo
         again.load_state_dict({"weight": torch.randn(5, 8), "alpha": torch.tensor(-19.4)})
 
 
-def test_head_checkpoint_keeps_its_hyperparameters():
+def test_head_checkpoint_hyperparameters_are_schedule_the_class_is_model():
     a = L.AdaFaceLoss(8, 5, m=0.4)
     b = L.AdaFaceLoss(8, 5, m=0.3)
-    with pytest.raises(RuntimeError, match="head: checkpoint"):
-        b.load_state_dict(a.state_dict())
+    b.load_state_dict(a.state_dict())  # a margin hyperparameter: schedule, b keeps its own
+    assert b.m == 0.3 and torch.equal(a.weight, b.weight)
     with pytest.raises(RuntimeError, match="class: checkpoint 'AdaFaceLoss'"):
         L.MagFaceLoss(8, 5).load_state_dict(a.state_dict())
+    with pytest.raises(RuntimeError, match="class: checkpoint 'ArcFaceLoss'"):
+        L.CosFaceLoss(8, 5).load_state_dict(L.ArcFaceLoss(8, 5).state_dict())
 
 
 # ---------------------------------------------------------------------------------------------

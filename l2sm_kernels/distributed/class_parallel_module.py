@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 from typing import Sequence
 
@@ -12,10 +13,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backends.registry import check_backend
-from ..loss_module import (L2SoftmaxLoss, default_alpha_min, getattr_with_alpha, initial_alpha,
-                      register_alpha_state_hooks)
+from ..loss_module import (L2SoftmaxLoss, checkpoint_record_diffs, default_alpha_min, getattr_with_alpha,
+                           initial_alpha, register_alpha_state_hooks)
 from ..options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
-from .class_parallel import _class_parallel, shard_sizes
+from .class_parallel import GRAD_REDUCE_DTYPES, _class_parallel, shard_sizes
 from .collectives import _all_gather_single
 
 __all__ = ["ClassParallelL2SoftmaxLoss"]
@@ -65,6 +66,44 @@ def _refuse_ddp(head: nn.Module, prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the rank's device (issue 23): NCCL runs a rank's collectives on the current CUDA device
+# ---------------------------------------------------------------------------------------------
+_SET_DEVICE = ("call torch.cuda.set_device(local_rank) before building the head (local_rank = "
+               "int(os.environ['LOCAL_RANK']) under torchrun), or init_process_group('nccl', "
+               "device_id=torch.device('cuda', local_rank))")
+
+
+def device_problem(device: torch.device, dist_backend: str, current: int, local_rank: int | None,
+                   device_count: int) -> str | None:
+    """Why `device` cannot hold this rank's shard under `dist_backend` (None: it can). current: the
+    current CUDA device's index; local_rank: LOCAL_RANK (None when not set). A pure function of its
+    arguments (the module passes torch's and the environment's values)."""
+    if device.type != "cuda" or "nccl" not in dist_backend:
+        return None
+    index = current if device.index is None else device.index
+    if index != current:
+        return (f"device cuda:{index} is not the current CUDA device (cuda:{current}); NCCL runs this rank's "
+                f"collectives on the current device: {_SET_DEVICE}")
+    if local_rank is not None and device_count > 1 and index != local_rank % device_count:
+        return (f"this rank (LOCAL_RANK={local_rank}) would hold its shard on cuda:{index}, the current device, "
+                f"which belongs to local rank {index}: every rank would work on the same GPU; {_SET_DEVICE}")
+    return None
+
+
+def _check_rank_device(device, group, what: str) -> None:
+    """Raise ValueError(device_problem(...)) for a CUDA device under NCCL (cheap: no sync)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    backend = str(dist.get_backend(group))
+    lr = os.environ.get("LOCAL_RANK")
+    problem = device_problem(device, backend, torch.cuda.current_device(), int(lr) if lr and lr.isdigit() else None,
+                             torch.cuda.device_count())
+    if problem:
+        raise ValueError(f"{what}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
 # the module
 # ---------------------------------------------------------------------------------------------
 class ClassParallelL2SoftmaxLoss(nn.Module):
@@ -79,10 +118,17 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
     A learned alpha is alpha_min + exp(alpha_raw), as in L2SoftmaxLoss (alpha_min defaults to
     alpha_lower_bound(num_classes)); the state_dict and full_state_dict store the radius as "alpha".
 
-    The state_dict holds this rank's shard (a per-rank checkpoint). full_state_dict() gathers the
-    full matrix with the keys of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process
-    L2SoftmaxLoss loads it; load_full_state_dict(state) takes this rank's rows of a full one (load
-    it with torch.load(..., mmap=True) so that no rank reads all of it into memory).
+    Checkpoints (docs/class_parallel.md, "Checkpoints"): the state_dict holds this rank's shard and
+    records what it is (rank, world size, shard_sizes, class range, the model's options); loading it
+    into another rank's module, another split or another model is refused before anything is
+    written. load_shards(states) reshards on purpose from the per-rank checkpoints of any number of
+    ranks; full_state_dict() gathers the full matrix (in chunks, to the CPU by default) with the keys
+    of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process L2SoftmaxLoss loads it;
+    load_full_state_dict(state) takes this rank's rows of a full one (load it with
+    torch.load(..., mmap=True) so that no rank reads all of it into memory).
+
+    On CUDA under NCCL, device must be the rank's current device (torch.cuda.set_device(local_rank)
+    or init_process_group(device_id=...) first): another one is a ValueError saying so.
     Initialization (reset_parameters): weight uniform in +-1/sqrt(in_features) like L2SoftmaxLoss,
     drawn in blocks of classes seeded from one seed and the block index, so the full matrix does
     not depend on the number of ranks and shards of equally seeded ranks differ; bias zero; alpha
@@ -106,7 +152,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                  ignore_index: int = -100, label_smoothing: float = 0.0, sample_rate: float = 1.0,
                  shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
                  seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
-                 alpha_min: float | None = None):
+                 alpha_min: float | None = None, overlap_grad_reduce: bool = False,
+                 grad_reduce_dtype: str = "compute"):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
@@ -120,6 +167,13 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         check_reduction(reduction)
         check_backend(backend)
         check_sample_rate(sample_rate)
+        if not isinstance(overlap_grad_reduce, bool):
+            raise TypeError(f"overlap_grad_reduce must be a bool, got {overlap_grad_reduce!r}")
+        if grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+            raise ValueError(f"grad_reduce_dtype must be one of {GRAD_REDUCE_DTYPES}, got {grad_reduce_dtype!r}")
+        self.overlap_grad_reduce, self.grad_reduce_dtype = overlap_grad_reduce, grad_reduce_dtype
+        if device is not None:
+            _check_rank_device(device, group, "device")
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
                                    margin_grad=margin_grad)
@@ -149,7 +203,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             self.alpha_raw = nn.Parameter(alpha_t)
         else:
             self.register_buffer("alpha", alpha_t)
-        register_alpha_state_hooks(self)
+        register_alpha_state_hooks(self, with_options=True)
         self.reset_parameters()
 
     learn_alpha = L2SoftmaxLoss.learn_alpha
@@ -212,44 +266,65 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """batch_sizes: None (equal batch sizes), the list of every rank's, or "auto" (gathered)."""
         o = self.options
+        if isinstance(features, torch.Tensor) and features.is_cuda and not torch.compiler.is_compiling():
+            _check_rank_device(features.device, self.group, "features")
         loss, sampled = _class_parallel(
             features, self.weight, target, self.class_start, self._alpha_value(), self.bias, group=self.group,
             normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
             reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
             backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
-            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self)
+            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self,
+            overlap_grad_reduce=self.overlap_grad_reduce, grad_reduce_dtype=self.grad_reduce_dtype)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 
     @torch.no_grad()
-    def full_state_dict(self, dst: int | None = None) -> dict | None:
+    def full_state_dict(self, dst: int | None = None, device="cpu", chunk_bytes: int = 2 ** 28) -> dict | None:
         """The full class matrix (and bias, alpha) as a state_dict of L2SoftmaxLoss. dst=None: on every
-        rank; dst=r: on rank r only (None elsewhere). A collective: every rank must call it."""
-        out = {"weight": self._gather_full(self.weight, dst)}
+        rank; dst=r: on rank r only (None elsewhere). The rows are gathered in chunks (at most
+        chunk_bytes of collective buffer per rank, 256 MiB by default) straight into tensors on
+        `device` (the CPU by default; None: the shard's device), so no GPU holds the full matrix.
+        A collective: every rank must call it."""
+        out = {"weight": self._gather_full(self.weight, dst, device, chunk_bytes)}
         if self.bias is not None:
-            out["bias"] = self._gather_full(self.bias, dst)
-        out["alpha"] = self._alpha_value().detach().clone()
+            out["bias"] = self._gather_full(self.bias, dst, device, chunk_bytes)
+        out["alpha"] = self._alpha_value().detach().clone().to(device if device is not None else self.weight.device)
         return out if dst is None or dst == self.rank else None
 
-    def _gather_full(self, t: torch.Tensor, dst):
-        per = t.shape[0] // max(self.num_local, 1) if self.num_local else (
-            self.options.subcenters if t.dim() == 2 else 1)  # K rows per class for the weight
+    def _gather_full(self, t: torch.Tensor, dst, device, chunk_bytes):
+        """The rows of every rank's shard of t, in order, on `device`: per chunk of rows (the same
+        number of chunks on every rank, from shard_sizes), an all-gather (dst=None) or a gather to
+        dst of each rank's next rows, padded to the chunk."""
+        per = (self.options.subcenters if t.dim() == 2 else 1)  # rows per class: K for the weight
         sizes = [n * per for n in self.shard_sizes]
-        nmax = max(sizes)
-        padded = t.new_zeros((nmax,) + tuple(t.shape[1:]))
-        padded[: t.shape[0]] = t.detach()
-        if dst is None:
-            buf = t.new_empty((self.world_size * nmax,) + tuple(t.shape[1:]))
-            _all_gather_single(buf, padded, group=self.group)
-            chunks = buf.split(nmax)
-        else:
-            chunks = [torch.empty_like(padded) for _ in sizes] if dst == self.rank else None
-            dist.gather(padded, chunks, dst=dist.get_global_rank(self.group, dst) if self.group is not None else dst,
-                        group=self.group)
-            if dst != self.rank:
-                return None
-        return torch.cat([c[:s] for c, s in zip(chunks, sizes)])
+        tail = tuple(t.shape[1:])
+        row_bytes = max(1, math.prod(tail)) * t.element_size()
+        chunk = max(1, min(max(sizes), chunk_bytes // (row_bytes * self.world_size)))
+        mine = dst is None or dst == self.rank
+        out_device = t.device if device is None else torch.device(device)
+        out = torch.empty((sum(sizes),) + tail, dtype=t.dtype, device=out_device) if mine else None
+        starts = [sum(sizes[:r]) for r in range(self.world_size)]
+        dst_global = None if dst is None else (dist.get_global_rank(self.group, dst) if self.group is not None else dst)
+        for lo in range(0, max(sizes), chunk):
+            piece = t.new_zeros((chunk,) + tail)
+            hi = min(lo + chunk, t.shape[0])
+            if hi > lo:
+                piece[: hi - lo] = t.detach()[lo:hi]
+            if dst is None:
+                buf = t.new_empty((self.world_size * chunk,) + tail)
+                _all_gather_single(buf, piece, group=self.group)
+                parts = buf.split(chunk)
+            else:
+                parts = [torch.empty_like(piece) for _ in sizes] if mine else None
+                dist.gather(piece, parts, dst=dst_global, group=self.group)
+            if mine:
+                for r, (p, n) in enumerate(zip(parts, sizes)):
+                    m = min(chunk, n - lo)
+                    if m > 0:
+                        out[starts[r] + lo: starts[r] + lo + m] = p[:m].to(out_device)
+        return out
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict) -> None:
@@ -274,6 +349,84 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         if "alpha" in state:
             self._set_alpha(state["alpha"])
 
+    @torch.no_grad()
+    def load_shards(self, states: Sequence[dict]) -> None:
+        """Reshard on purpose: take this rank's rows from per-rank checkpoints (state_dicts of this
+        module, each with its record) of any number of ranks and any split, e.g. those of a run on 8
+        GPUs into a run on 16. The records must describe one model with this module's model options
+        (docs/class_parallel.md, "Model options and schedule options") and shards that cover this
+        rank's class range. Not a collective; with torch.load(..., mmap=True) each rank reads only
+        the rows it takes."""
+        K = self.options.subcenters
+        lo, hi = self.class_start, self.class_start + self.num_local
+        pieces, bias_pieces, alpha, covered = [], [], None, lo
+        records = []
+        for i, st in enumerate(states):
+            rec = _shard_record(st, f"states[{i}]")
+            diffs = checkpoint_record_diffs(rec, self.get_extra_state())
+            if diffs:
+                raise RuntimeError(f"{type(self).__name__}.load_shards: states[{i}] is a shard of another model "
+                                   f"({'; '.join(diffs)})")
+            records.append((rec["class_start"], rec["class_start"] + rec["num_local"], i, st))
+        for start, end, i, st in sorted(records):
+            if alpha is None and "alpha" in st:
+                alpha = st["alpha"]
+            a, e = max(start, covered), min(end, hi)
+            if e <= a:
+                continue
+            if start > covered:
+                break
+            w = st["weight"]
+            if tuple(w.shape) != ((end - start) * K, self.in_features):
+                raise ValueError(f"states[{i}]['weight'] must have shape ({(end - start) * K}, {self.in_features}) "
+                                 f"for its classes [{start}, {end}), got {tuple(w.shape)}")
+            pieces.append(w[(a - start) * K:(e - start) * K])
+            if self.bias is not None:
+                if "bias" not in st:
+                    raise ValueError(f"states[{i}] has no 'bias' but this module has one")
+                bias_pieces.append(st["bias"][a - start:e - start])
+            covered = e
+        if covered < hi:
+            raise ValueError(f"load_shards: the shards given do not cover this rank's classes [{lo}, {hi}) "
+                             f"(classes from {covered} on are missing); pass every rank's checkpoint")
+        if pieces:
+            self.weight.copy_(torch.cat(pieces))
+            if self.bias is not None:
+                self.bias.copy_(torch.cat(bias_pieces))
+        if alpha is not None:
+            self._set_alpha(alpha)
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def get_extra_state(self) -> dict:
+        """The record of this rank's shard: what it is (layout) and the options (model and schedule)."""
+        return {"version": 1, "class": type(self).__name__, "in_features": self.in_features,
+                "num_classes": self.num_classes, "options": self.options.to_dict(), "sample_rate": self.sample_rate,
+                "head": {}, "rank": self.rank, "world_size": self.world_size, "shard_sizes": list(self.shard_sizes),
+                "class_start": self.class_start, "num_local": self.num_local,
+                "overlap_grad_reduce": self.overlap_grad_reduce, "grad_reduce_dtype": self.grad_reduce_dtype}
+
+    def check_checkpoint(self, state) -> None:
+        """Refuse (RuntimeError) a record of another model or another class range; called by the
+        load_state_dict pre-hook, before any tensor is written."""
+        rec = _shard_record({"_extra_state": state}, "the checkpoint")
+        diffs = checkpoint_record_diffs(rec, self.get_extra_state())
+        if diffs:
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint is a shard of another model ({'; '.join(diffs)}). Construct "
+                "the module with the checkpoint's model options, or load the tensors alone on purpose: "
+                "module.load_state_dict({k: v for k, v in sd.items() if not k.endswith('_extra_state')}, strict=False)")
+        theirs = (rec["class_start"], rec["class_start"] + rec["num_local"])
+        mine = (self.class_start, self.class_start + self.num_local)
+        if theirs != mine:
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint holds classes [{theirs[0]}, {theirs[1]}) (rank {rec.get('rank')} "
+                f"of {rec.get('world_size')}, shard_sizes {rec.get('shard_sizes')}); this module is rank {self.rank} of "
+                f"{self.world_size} with classes [{mine[0]}, {mine[1]}). Load this rank's own file, or reshard on "
+                "purpose: module.load_shards([every rank's state_dict]) or module.load_full_state_dict(full)")
+
+    def set_extra_state(self, state) -> None:
+        self.check_checkpoint(state)
+
     def extra_repr(self) -> str:
         o = self.options
         s = (f"in_features={self.in_features}, num_classes={self.num_classes}, "
@@ -283,6 +436,14 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         if self.sample_rate < 1:
             s += f", sample_rate={self.sample_rate:g}"
         return s + f", reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+def _shard_record(st, what: str) -> dict:
+    rec = st.get("_extra_state") if isinstance(st, dict) else None
+    if not isinstance(rec, dict) or "class_start" not in rec or "num_local" not in rec or "options" not in rec:
+        raise ValueError(f"{what} is not a ClassParallelL2SoftmaxLoss shard checkpoint (its '_extra_state' record, "
+                         f"with the class range, is missing); for a full matrix use load_full_state_dict")
+    return rec
 
 
 _default_split = shard_sizes
