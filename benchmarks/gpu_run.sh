@@ -11,7 +11,7 @@
 #   3. the report: table.txt (printed again at the very end)
 #   4. the CUDA-only tests (-k cuda), then the rest of the triton tests on CUDA, then the option matrix,
 #      then the out-of-range target test alone (see below)
-#   5. optional, if time remains: benchmarks/gpu_distributed_check.py (NCCL, world size 1)
+#   5. if time remains: benchmarks/gpu_distributed_check.py (NCCL on every GPU: world size 1 with one)
 # The whole run keeps to L2SM_GPU_BUDGET seconds (default 300): each step gets min(its box, what is left).
 # L2SM_GPU_STEPS=name,name,... runs only those steps (a second try: e.g. tests_cuda,tests_triton); names:
 # bench_triton bench_baselines bench_report tests_cuda tests_triton tests_options tests_out_of_range dist.
@@ -125,9 +125,11 @@ if [ -z "$SMOKE" ]; then
     --out "$OUTDIR"
 fi
 
-# --- 5. optional: the class-parallel loss with NCCL (world size 1) and triton per shard -------------------
+# --- 5. the class-parallel loss with NCCL on every GPU of the machine (world size 1 with one), triton per
+# shard: every collective path, the checkpoint collectives, the step timed with and without overlap ------
 if [ -z "$SMOKE" ]; then
-  step dist 45 "$OUTDIR/dist.log" $PY -m torch.distributed.run --standalone --nproc_per_node 1 \
+  NGPU=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+  step dist 60 "$OUTDIR/dist.log" $PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" \
     benchmarks/gpu_distributed_check.py
 else
   step dist 60 "$OUTDIR/dist.log" $PY -m torch.distributed.run --standalone --nproc_per_node 2 \

@@ -1132,10 +1132,8 @@ def test_cuda_style_agreement_check(world):
 def test_overlapped_grad_reduce(backend, world):
     """overlap_grad_reduce=True: loss and every gradient slice against the float64 reference and the
     single-process op, across the option axes, an empty shard, Partial FC, uneven batches."""
-    if not supports_fp64(backend):
-        pytest.skip("float64 comparison")
-    combos = FEW_COMBOS if is_slow(backend) else SUBSETS["partial_fc"]
-    _spawn(_work_overlap, world, backend, torch.float64, combos)
+    dtype, combos = _dtype_and_combos(backend)
+    _spawn(_work_overlap, world, backend, dtype, combos[:1] if is_slow(backend) else SUBSETS["partial_fc"])
 
 
 @pytest.mark.parametrize("world", [2, 3])

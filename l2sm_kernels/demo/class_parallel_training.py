@@ -46,6 +46,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
+    if cuda:  # the rank's own GPU is the current device before NCCL starts (docs/class_parallel.md)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         train(args, cuda)  # every object that holds the process group lives (and dies) in here
@@ -57,10 +59,8 @@ def main(argv=None):
 
 def train(args, cuda):
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     torch.manual_seed(0)  # the same data distribution and backbone init on every rank

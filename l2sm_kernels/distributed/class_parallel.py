@@ -22,19 +22,23 @@ How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of doc
    d lse_i / d lse_r,i = exp(lse_r,i - lse_i) is local; the rank's backward op (fed grad_loss and
    grad_lse, see ops.py) gives dW and db of its shard locally and its contribution to dX for all
    B_g rows; a reduce-scatter sums those contributions and hands each rank the rows it owns. A
-   learnable alpha's gradient (each rank holds a replica) is all-reduced.
+   learnable alpha's gradient (each rank holds a replica) is all-reduced. overlap_grad_reduce: the
+   backward op is called for dX first, its reduce-scatter started asynchronously, then called again
+   for dW (db, d alpha) while it runs (_ShardOpOverlapped, collectives._PendingRowSum).
 
 Communication per step (W never moves; f = bytes of the features' dtype, 4 or 8 for the statistics):
     forward:  all-gather B_g x D features (B_g D f bytes) + B_g int64 targets,
               all-reduce(MAX) of B_g values, all-reduce(SUM) of 3 or 4 B_g-vectors (+1 value);
-              the agreement check's all-gather of 32 int64 per rank (every call on CPU tensors,
-              the first call per module / group on CUDA: see below).
+              the agreement check: the table's all-gather of 34 int64 per rank (every call on CPU
+              tensors, the first call per module / group on CUDA) or the device check's 7 (later
+              CUDA calls): see below.
     backward: reduce-scatter of the B_g x D feature gradients in the compute dtype (B_g D 4 bytes for
               fp32 / fp16 / bf16 features: the sum over ranks is rounded to the features' dtype once;
-              with gloo an all-reduce of them by default); an all-reduce of one value for a
-              learnable alpha.
+              grad_reduce_dtype="features": in the features' dtype, B_g D 2 bytes for bf16; with gloo
+              an all-reduce of them by default); an all-reduce of one value for a learnable alpha.
     This does not depend on C: for B_g = 8 x 128 = 1024, D = 512, bf16 features it is 1 MiB gathered
-    and 2 MiB reduce-scattered, while the shard of W (C/P x D) and its gradient stay on their rank.
+    and 2 MiB reduce-scattered, while the shard of W (C/P x D) and its gradient stay on their rank
+    (docs/design.md, "The communication model", for P = 8 and 64).
 
 Scaling with P ranks (C classes, B per rank, B_g = P B):
     memory per rank:  W shard and its gradient C/P x D; the fused op's workspace for a B_g x C/P
@@ -55,10 +59,11 @@ Requirements and conventions:
   size depends on them, and every rank raises the same error on a mismatch (instead of gloo's
   SIGABRT or a hang until the process-group timeout). It runs on every call for CPU tensors, and on
   the first call per module (per group for the functional form) for CUDA tensors, where reading
-  the gathered table is a host sync (set CHECK_EVERY_CALL = True to check every step there). Later
-  CUDA calls trust the layout: a target that no shard or two shards own then triggers an
-  asynchronous device assert and the row's loss is NaN; a rank whose local argument check fails
-  raises alone. The targets are range-checked on CPU tensors only.
+  the gathered table is a host sync. Later CUDA calls run the device check (_check_ranks_on_device:
+  a fixed-size all-gather of a hash compared on the device, torch._assert_async on a mismatch, no
+  host read); AGREEMENT selects (below). A target that no shard or two shards own on CUDA triggers
+  an asynchronous device assert and the row's loss is NaN. The targets are range-checked on CPU
+  tensors only.
 - Batch sizes: equal on every rank, or pass batch_sizes (the same list on every rank) for uneven
   ones; rows are padded to the largest for the collectives.
 - The result is the loss of the global batch, the same on every rank. reduction="none" returns the
@@ -68,8 +73,8 @@ Requirements and conventions:
   over the ranks, so the backbone gets 1/P of the global loss's gradient unless a communication
   hook sums them (demo/class_parallel_training.py). DDP around the head itself is refused.
 - No host synchronization in the CUDA path, except in Partial FC sampling (the number of positive
-  classes decides the sample size, as in InsightFace's PartialFC whose torch.unique syncs too) and
-  the first call's agreement check.
+  classes decides the sample size, as in InsightFace's PartialFC whose torch.unique syncs too), the
+  first call's agreement table and batch_sizes="auto" (the table on every call).
 """
 from __future__ import annotations
 
