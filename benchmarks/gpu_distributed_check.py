@@ -250,6 +250,9 @@ def main(argv=None):
         device = torch.device("cpu")
     dist.init_process_group(args.dist_backend or ("nccl" if cuda else "gloo"))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not cuda:  # the CPU dry run follows CUDA's agreement schedule (the device check after the first call)
+        import l2sm_kernels.distributed.class_parallel as LDC
+        LDC.AGREEMENT = "device"
     name = L.backends.resolve(args.backend, device.type, (torch.float32, torch.bfloat16))
     if rank == 0:
         print(f"torch {torch.__version__}, {dist.get_backend()} x {world}, device "
