@@ -860,7 +860,8 @@ def _work_auto_batch_sizes(rank, world, backend):
 
 
 def _work_reduce_dtype(rank, world):
-    """grad_reduce_dtype decides the dtype the feature gradients travel in (not only their accuracy)."""
+    """grad_reduce_dtype decides the dtype the feature gradients travel in (not only their accuracy);
+    the fp32 copy of gathered bf16 features exists only with label smoothing (its torch-op terms)."""
     lay = LAYOUTS[world]
     B, shards = lay["batch"][rank], lay["shards"]
     seen = []
@@ -883,6 +884,27 @@ def _work_reduce_dtype(rank, world):
                 assert seen and set(seen) == {want}, (how, overlap, seen)
     finally:
         LDX._scatter_rows_sum = real
+    made = []
+    real_gather = LDC._GatherFeatures
+
+    class Spy(real_gather):
+        @staticmethod
+        def forward(ctx, *args):
+            out = real_gather.forward(ctx, *args)
+            made.append(out[1].numel())
+            return out
+
+    LDC._GatherFeatures = Spy
+    try:
+        for ls in (0.0, 0.1):
+            x = torch.randn(B, D, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(shards[rank], D, requires_grad=True)
+            t = torch.randint(0, sum(shards), (B,))
+            LD.class_parallel_l2_softmax_loss(x, w, t, sum(shards[:rank]), backend="eager",
+                                              label_smoothing=ls).backward()
+    finally:
+        LDC._GatherFeatures = real_gather
+    assert made == [0, sum(lay["batch"]) * D], made
 
 
 def _work_checkpoints(rank, world, tmpdir):
@@ -1114,6 +1136,16 @@ def test_cuda_check_runs_once_per_key():
         assert LDC._check_due(cuda, key)
     finally:
         LDC.CHECK_EVERY_CALL = False
+    # AGREEMENT: "table" every call; "device": CPU tensors follow CUDA's schedule
+    assert LDC._check_mode(cuda, key) == "device" and LDC._check_mode(cpu, key) == "table"
+    assert LDC._check_mode(cuda, key, auto_sizes=True) == "table"  # batch_sizes="auto"
+    for mode, want_cuda, want_cpu in (("table", "table", "table"), ("device", "device", "device")):
+        LDC.AGREEMENT = mode
+        try:
+            LDC._mark_checked(cpu, key)
+            assert LDC._check_mode(cuda, key) == want_cuda and LDC._check_mode(cpu, key) == want_cpu
+        finally:
+            LDC.AGREEMENT = "auto"
     n = len(LDC._CHECKED)
     del key
     gc.collect()
