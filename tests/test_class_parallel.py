@@ -1201,7 +1201,7 @@ def test_shard_checkpoints(world, tmp_path):
 
 def test_nccl_device_must_be_current():
     """issue 23: under NCCL the shard's device must be the rank's current CUDA device (pure function: no GPU)."""
-    from l2sm_kernels.distributed.class_parallel_module import device_problem
+    from l2sm_kernels.distributed.rank_device import device_problem
     cuda = torch.device
     assert device_problem(cuda("cpu"), "gloo", 0, None, 0) is None
     assert device_problem(cuda("cuda", 1), "gloo", 0, 1, 2) is None  # gloo: any device

@@ -99,6 +99,7 @@ from ..reference import target_margin
 from ..sampling import partial_fc_sample
 from .agreement import _Args, _check_ranks, _check_ranks_on_device
 from .collectives import _gather_rows, _GatherFeatures, _PendingRowSum, _SumOverRanks
+from .rank_device import _check_rank_device
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes"]
 
@@ -347,6 +348,9 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                            "(torch.distributed.init_process_group)")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        # before any collective: every rank whose device is wrong raises here (usually all of them alike)
+        _check_rank_device(device, group, "features")
     key = check_key if check_key is not None else (group if group is not None else dist.group.WORLD)
     mode = _check_mode(device, key, isinstance(batch_sizes, str) and batch_sizes == "auto")
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import sys
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from ..loss_module import (L2SoftmaxLoss, checkpoint_record_diffs, default_alpha
                            initial_alpha, register_alpha_state_hooks)
 from ..options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
 from .class_parallel import GRAD_REDUCE_DTYPES, _class_parallel, shard_sizes
+from .rank_device import _check_rank_device
 from .collectives import _all_gather_single
 
 __all__ = ["ClassParallelL2SoftmaxLoss"]
@@ -63,44 +63,6 @@ def _refuse_ddp(head: nn.Module, prefix: str) -> None:
         ignored = getattr(f.f_locals.get("module"), "_ddp_params_and_buffers_to_ignore", ())
     if not all(n in ignored for n in names):
         raise RuntimeError(_DDP_MESSAGE.format(where=f"'{prefix}'" if prefix else "(this module)", names=names))
-
-
-# ---------------------------------------------------------------------------------------------
-# the rank's device (issue 23): NCCL runs a rank's collectives on the current CUDA device
-# ---------------------------------------------------------------------------------------------
-_SET_DEVICE = ("call torch.cuda.set_device(local_rank) before building the head (local_rank = "
-               "int(os.environ['LOCAL_RANK']) under torchrun), or init_process_group('nccl', "
-               "device_id=torch.device('cuda', local_rank))")
-
-
-def device_problem(device: torch.device, dist_backend: str, current: int, local_rank: int | None,
-                   device_count: int) -> str | None:
-    """Why `device` cannot hold this rank's shard under `dist_backend` (None: it can). current: the
-    current CUDA device's index; local_rank: LOCAL_RANK (None when not set). A pure function of its
-    arguments (the module passes torch's and the environment's values)."""
-    if device.type != "cuda" or "nccl" not in dist_backend:
-        return None
-    index = current if device.index is None else device.index
-    if index != current:
-        return (f"device cuda:{index} is not the current CUDA device (cuda:{current}); NCCL runs this rank's "
-                f"collectives on the current device: {_SET_DEVICE}")
-    if local_rank is not None and device_count > 1 and index != local_rank % device_count:
-        return (f"this rank (LOCAL_RANK={local_rank}) would hold its shard on cuda:{index}, the current device, "
-                f"which belongs to local rank {index}: every rank would work on the same GPU; {_SET_DEVICE}")
-    return None
-
-
-def _check_rank_device(device, group, what: str) -> None:
-    """Raise ValueError(device_problem(...)) for a CUDA device under NCCL (cheap: no sync)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return
-    backend = str(dist.get_backend(group))
-    lr = os.environ.get("LOCAL_RANK")
-    problem = device_problem(device, backend, torch.cuda.current_device(), int(lr) if lr and lr.isdigit() else None,
-                             torch.cuda.device_count())
-    if problem:
-        raise ValueError(f"{what}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +230,6 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """batch_sizes: None (equal batch sizes), the list of every rank's, or "auto" (gathered)."""
         o = self.options
-        if isinstance(features, torch.Tensor) and features.is_cuda and not torch.compiler.is_compiling():
-            _check_rank_device(features.device, self.group, "features")
         loss, sampled = _class_parallel(
             features, self.weight, target, self.class_start, self._alpha_value(), self.bias, group=self.group,
             normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
@@ -435,6 +395,10 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
              f"bias={self.bias is not None}, normalize_weight={o.normalize_weight}{o.repr_extras()}")
         if self.sample_rate < 1:
             s += f", sample_rate={self.sample_rate:g}"
+        if self.overlap_grad_reduce:
+            s += ", overlap_grad_reduce=True"
+        if self.grad_reduce_dtype != "compute":
+            s += f", grad_reduce_dtype={self.grad_reduce_dtype!r}"
         return s + f", reduction={self.reduction!r}, backend={self.backend!r}"
 
 
