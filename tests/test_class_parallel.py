@@ -514,7 +514,7 @@ def _work_arcface_fallback(rank, world, backend, dtype, combos):
                tag="arcface fallback", fallback=True)
 
 
-def _work_margin_family(rank, world, backend, dtype):
+def _work_margin_family(rank, world, backend, dtype, extra=None):
     """Sub-centers (K = 1, 2, 3) with per-row margins (each rank passes its own rows' (B,) m2, m3),
     label smoothing on and off, a "detached" case: every rank's loss and gradient slices against the
     single-process op on the concatenated batch and the full matrix, and against the float64 reference."""
@@ -542,7 +542,7 @@ def _work_margin_family(rank, world, backend, dtype):
         leaves = dict(x=_leaf(x[r0:r1]), weight=_leaf(w[c0 * K:c1 * K]), bias=_leaf(b[c0:c1]), alpha=_leaf(alpha))
         out = LD.class_parallel_l2_softmax_loss(leaves["x"], leaves["weight"], t[r0:r1], c0, leaves["alpha"],
                                                 leaves["bias"], backend=backend, batch_sizes=batch,
-                                                margin=(1.0, m2[r0:r1], m3[r0:r1]), **common)
+                                                margin=(1.0, m2[r0:r1], m3[r0:r1]), **common, **(extra or {}))
         got = _grads(out, go, leaves)
         kw = dict(common, margin=(1.0, m2, m3))
         single, sg = _single(lambda *a, **k: L.l2_softmax_loss(*a, backend=backend, **k), x, w, b, t, alpha, go, **kw)
@@ -829,6 +829,8 @@ def _work_overlap(rank, world, backend, dtype, combos, wdtype=None, grad_reduce_
     every gradient against the float64 reference; an empty shard; Partial FC; gloo's reduce_scatter."""
     extra = dict(overlap_grad_reduce=True, grad_reduce_dtype=grad_reduce_dtype)
     _work_options(rank, world, backend, dtype, combos, wdtype, extra=extra)
+    if dtype == torch.float64:  # sub-centers with smoothing: X's second consumer (a second shard op)
+        _work_margin_family(rank, world, backend, dtype, extra)
     combo = dict(margin=MARGINS[2], normalize_weight=True, bias=True, label_smoothing=0.1, ignore_rows=1,
                  reduction="mean", alpha_grad=True)
     shards = [0, 13] + ([6] if world == 3 else [])  # a rank without a shard node: the same collectives
