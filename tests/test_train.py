@@ -125,6 +125,31 @@ def test_resume_at_world_size_1_and_3_gives_the_same_loss(two_rank_run, tmp_path
     assert torch.load(three / "checkpoint" / "checkpoint_done.pt", weights_only=True)["world_size"] == 3
 
 
+def test_two_ranks_take_the_single_process_step(tmp_path):
+    """A batch-norm-free backbone: one step of 2 ranks x 4 images is the step of 1 process x 8 images (the
+    same global batch, flips drawn per image): the head's loss is the global batch's on every rank and DDP
+    sums the ranks' gradients, so backbone and head get the single-process update."""
+    # step 2 runs at lr 0 (the end of the decay): one update; no clip (it would hide a gradient of the wrong size)
+    args = ["--backbone", "mlp", "--steps", "2", "--warmup-steps", "0", "--clip", "0", "--val-synthetic", "0",
+            "--probe-batch", "0", "--classes", "13", "--per-class", "6", "--image-size", "16", "--log-every", "1",
+            "--no-progress", "--threads", "1"]
+    r = _torchrun(2, ["--output", str(tmp_path / "w2"), "--batch-size", "4", *args])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s1 = main(["--output", str(tmp_path / "w1"), "--batch-size", "8", *args])
+    s2 = json.loads((tmp_path / "w2" / "summary.json").read_text())
+    assert s2["losses"][0][1] == pytest.approx(s1["losses"][0][1], rel=1e-5)
+    b1, b2 = (torch.load(tmp_path / w / "model.pt", weights_only=True) for w in ("w1", "w2"))
+    torch.manual_seed(0)  # the loop's initialization: seed 0, then the backbone
+    init = build_backbone("mlp", 128, 16).state_dict()
+    for k in b1:
+        torch.testing.assert_close(b2[k], b1[k], rtol=1e-4, atol=1e-6)
+        assert (b1[k] - init[k]).abs().max() > 1e-3, k  # a real step, far above the tolerance
+    h1 = torch.load(tmp_path / "w1" / "checkpoint" / "checkpoint_rank0.pt", weights_only=True)["head"]["weight"]
+    h2 = torch.cat([torch.load(tmp_path / "w2" / "checkpoint" / f"checkpoint_rank{r}.pt", weights_only=True)
+                    ["head"]["weight"] for r in (0, 1)])
+    torch.testing.assert_close(h2, h1, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_single_process_mixed_precision_and_accumulation(tmp_path, amp):
     s = main(["--output", str(tmp_path), "--steps", "2", "--accum", "2", "--amp", amp, "--optimizer", "adamw",

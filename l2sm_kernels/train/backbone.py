@@ -76,11 +76,20 @@ BACKBONES = {
 }
 
 
+def mlp(num_features: int, image_size: int, hidden: int = 256) -> nn.Module:
+    """A batch-norm-free backbone (flatten, linear, PReLU, linear): its output does not depend on how a
+    batch is split over ranks, which is what tests of the distributed loop compare."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, hidden), nn.PReLU(hidden),
+                         nn.Linear(hidden, num_features))
+
+
 def build_backbone(name: str, num_features: int, image_size: int, dropout: float = 0.0) -> nn.Module:
-    """One of BACKBONES, "torchvision:<model name>" (a torchvision classification model whose last linear
-    layer `fc` / `classifier[-1]` / `head` is replaced by one of num_features outputs), or
-    "package.module:callable" (called with num_features=...; must return a module mapping
+    """One of BACKBONES, "mlp" (no batch norm), "torchvision:<model name>" (a torchvision classification
+    model whose last linear layer `fc` / `classifier[-1]` / `head` is replaced by one of num_features
+    outputs), or "package.module:callable" (called with num_features=...; must return a module mapping
     (B, 3, H, W) to (B, num_features))."""
+    if name == "mlp":
+        return mlp(num_features, image_size)
     if name in BACKBONES:
         return IResNet(num_features=num_features, image_size=image_size, dropout=dropout, **BACKBONES[name])
     if name.startswith("torchvision:"):
@@ -101,5 +110,5 @@ def build_backbone(name: str, num_features: int, image_size: int, dropout: float
     if ":" in name:
         mod, fn = name.split(":", 1)
         return getattr(importlib.import_module(mod), fn)(num_features=num_features)
-    raise ValueError(f"unknown backbone {name!r}: one of {sorted(BACKBONES)}, 'torchvision:<name>' or "
+    raise ValueError(f"unknown backbone {name!r}: one of {sorted(BACKBONES) + ['mlp']}, 'torchvision:<name>' or "
                      "'package.module:callable'")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..verification import VerificationSet, to_model_input
 
-__all__ = ["SyntheticFaces", "ImageFolder", "synthetic_verification_set", "train_transform"]
+__all__ = ["SyntheticFaces", "ImageFolder", "Indexed", "flip_table", "synthetic_verification_set", "train_transform"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -94,9 +94,28 @@ def synthetic_verification_set(pairs: int, image_size: int, seed: int, first_cla
     return VerificationSet(torch.stack(imgs), torch.tensor(same))
 
 
-def train_transform(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A batch of uint8 images -> model input: each image mirrored with probability 1/2, then
+class Indexed(torch.utils.data.Dataset):
+    """(image, label, index) of a dataset: the loop draws each image's mirror flip from its index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def flip_table(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) bool: whether image i is mirrored in this epoch; the same on every rank, so the global batch's
+    inputs do not depend on how it is split over the ranks."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)) < 0.5
+
+
+def train_transform(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """A batch of uint8 images -> model input: the images where `flip` is True mirrored, then
     to_model_input."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     return to_model_input(images)

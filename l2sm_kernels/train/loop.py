@@ -38,7 +38,7 @@ from ..distributed.class_parallel import shard_sizes
 from ..verification import VerificationCallback
 from .backbone import BACKBONES, build_backbone
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from .data import ImageFolder, SyntheticFaces, synthetic_verification_set, train_transform
+from .data import ImageFolder, Indexed, SyntheticFaces, flip_table, synthetic_verification_set, train_transform
 
 __all__ = ["main", "parse_args", "lr_at"]
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     a("--per-class", type=int, default=20, help="synthetic: images per class")
     a("--image-size", type=int, default=32)
     a("--backbone", default="iresnet-tiny",
-      help=f"{', '.join(BACKBONES)}, 'torchvision:<name>' or 'package.module:callable'")
+      help=f"{', '.join(BACKBONES)}, mlp (no batch norm), 'torchvision:<name>' or 'package.module:callable'")
     a("--embedding-size", type=int, default=128)
     a("--batch-size", type=int, default=64, help="images per rank per micro-batch")
     a("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
@@ -207,7 +207,7 @@ def train(args, cuda: bool) -> dict:
         num_classes = dataset.num_classes
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
                                                               drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+    loader = torch.utils.data.DataLoader(Indexed(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers)
     micro_per_epoch = len(loader)
     steps_per_epoch = micro_per_epoch // args.accum
@@ -301,17 +301,17 @@ def train(args, cuda: bool) -> dict:
                  f"{summary['probe_loss_saved']}")
 
     backbone.train()
-    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)  # the flips of this rank's images
     running, count, t0, seen = torch.zeros((), device=device), 0, time.time(), 0
     skip = (step % steps_per_epoch) * args.accum  # micro-batches of the resumed epoch already done
     while step < total:
         sampler.set_epoch(epoch)
+        flips = flip_table(len(dataset), args.seed, epoch)
         micro = 0
-        for micro, (img, y) in enumerate(loader):
+        for micro, (img, y, idx) in enumerate(loader):
             if skip:
                 skip -= 1
                 continue
-            x, y = train_transform(img, gen).to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = train_transform(img, flips[idx]).to(device, non_blocking=True), y.to(device, non_blocking=True)
             last = (micro + 1) % args.accum == 0
             sync = contextlib.nullcontext() if (last or world == 1) else backbone.no_sync()
             with sync:
