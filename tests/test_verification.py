@@ -408,6 +408,30 @@ def test_identification_matches_a_dense_reference():
         V.identification(probes, gids[pick], gallery, np.zeros(G, dtype=np.int64))
 
 
+def test_identification_ties_on_axis_vectors():
+    """Cosines of axis vectors are exactly 0 or 1 in any arithmetic: a mated score equal to the threshold
+    is not above it (their strict >), and equal scores rank the lower gallery index first."""
+    gallery, gids = np.eye(4), np.array([10, 11, 12, 13])
+    probes, pids = np.eye(4)[[0, 0, 2]], np.array([10, 11, 12])  # probe 1's mate (e1) scores 0, e0 scores 1
+    out = V.identification(probes, pids, gallery, gids, ks=(1, 2), fpirs=(0.5,))
+    assert out["thresholds"][0] == 0.0 and out["tpir"][0] == pytest.approx(2 / 3)
+    assert out["top1"] == pytest.approx(2 / 3) and out["top2"] == 1.0  # probe 1: e0 first, e1 (lower index) next
+    ref = _ref_identification(probes, pids, gallery, gids, (0.5,))
+    assert out["tpir"][0] == ref["tpir"][0] and out["top1"] == ref["top1"]
+
+
+def test_tar_at_far_nearest_reads_only_the_points_sklearn_keeps():
+    """One genuine and one impostor pair at each of 100 scores: a straight ROC whose middle points sklearn
+    drops, so their nearest point to FAR 0.3 is an end of the segment, not the point at 0.3."""
+    s = np.repeat(np.arange(100.0), 2)
+    y = np.tile([True, False], 100)
+    got = V.tar_at_far(s, y, [0.3])
+    fpr, tpr, _ = roc_curve(y, s)
+    assert len(fpr) == 3
+    assert got["nearest"][0] == tpr[np.argmin(np.abs(fpr - 0.3))] == 0.01
+    assert got["at_most"][0] == pytest.approx(0.3)
+
+
 # ---------------------------------------------------------------------------------------------
 # the callback
 # ---------------------------------------------------------------------------------------------

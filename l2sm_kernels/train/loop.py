@@ -134,8 +134,11 @@ def _setup_logging(rank: int, output: str) -> None:
 
 def _init_distributed(cuda: bool):
     """torchrun's environment when present, else a one-rank group on a FileStore (no port, no torchrun).
-    Returns the temporary folder to remove afterwards (or None)."""
+    Returns the temporary folder to remove afterwards, None, or False when a group existed already (it is
+    then used and not destroyed)."""
     backend = "nccl" if cuda else "gloo"
+    if dist.is_initialized():  # called from a program that set up its own group: use it, leave it
+        return False
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
         return None
@@ -155,8 +158,9 @@ def main(argv=None) -> dict:
         dist.barrier()  # nobody tears the group down while a peer still talks to it
     finally:
         gc.collect()  # DDP objects sit in reference cycles; their C++ Reducer holds the group
-        dist.destroy_process_group()
-        if tmp is not None:
+        if tmp is not False:
+            dist.destroy_process_group()
+        if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         for lg in (log, logging.getLogger("l2sm_kernels.verification")):
             for h in list(lg.handlers):
