@@ -158,3 +158,25 @@ def test_single_process_mixed_precision_and_accumulation(tmp_path, amp):
     ck = torch.load(tmp_path / "checkpoint" / "checkpoint_rank0.pt", weights_only=True)
     assert ck["step"] == 2 and ck["head"]["weight"].shape == (13, 128) and ck["head"]["weight"].dtype == torch.float32
     assert (ck["scaler"] is not None) == (amp == "fp16")
+
+
+def test_image_folder_data_and_a_cosface_partial_fc_run(tmp_path):
+    from PIL import Image
+
+    from l2sm_kernels.train.data import ImageFolder
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["alice", "bob", "carol"]):
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        for k in range(4):
+            img = torch.randint(0, 256, (20, 18, 3), generator=g, dtype=torch.uint8).numpy()  # resized to 16 x 16
+            Image.fromarray(img).save(tmp_path / "faces" / name / f"{k}.png")
+    (tmp_path / "faces" / "bob" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(str(tmp_path / "faces"), image_size=16)
+    assert ds.classes == ["alice", "bob", "carol"] and len(ds) == 12 and ds.num_classes == 3
+    x, y = ds[5]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
+    s = main(["--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"), "--steps", "2", *TINY,
+              "--batch-size", "3", "--margin-type", "cosface", "--sample-rate", "0.5"])
+    assert s["step"] == 2 and all(math.isfinite(v) for _, v in s["losses"])
+    with pytest.raises(ValueError, match="no class folders"):
+        ImageFolder(str(tmp_path / "faces" / "alice"))
