@@ -23,8 +23,8 @@ class VerificationCallback:
     here is a collective. `sets` maps a name to a VerificationSet or a .bin path (read once, here).
     Per set it logs XNorm, the flip-test accuracy +- std, the highest accuracy so far and VAL@FAR 1e-3,
     through `log` (default: the "l2sm_kernels.verification" logger's info). Returns {name: results}
-    (evaluate_pairs' dict plus "xnorm" and "highest_accuracy"). Pass the bare model (a DDP wrapper's
-    .module): the forward in eval mode needs no other rank."""
+    (evaluate_pairs' dict plus "xnorm" and "highest_accuracy"). A DistributedDataParallel wrapper is
+    unwrapped (its forward may talk to the other ranks); the bare model in eval mode needs none."""
 
     def __init__(self, sets: Mapping[str, VerificationSet | str | os.PathLike], every: int = 2000,
                  batch_size: int = 128, nfolds: int = 10, flip: bool = True, bgr: bool = False,
@@ -44,6 +44,9 @@ class VerificationCallback:
         self.highest = {name: 0.0 for name in self.sets}
 
     def evaluate(self, model, step: int) -> dict:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # its forward may broadcast buffers to ranks that are not here: run the wrapped module
+            model = model.module
         results = {}
         for name, vs in self.sets.items():
             emb = embed_pairs(model, vs.images, batch_size=self.batch_size, flip=self.flip, bgr=self.bgr)
