@@ -194,7 +194,8 @@ MUTATIONS += [
        "their nearest-FPR TAR read from points sklearn's roc_curve drops", tests=_VER),
     _m("train-ddp-averages", "l2sm_kernels/train/loop.py", "        backbone.register_comm_hook(None, _sum_gradients)",
        "        pass", "DDP averages the backbone's gradients: each rank's loss is the global batch's, so the "
-       "backbone learns at 1/world of the rate", tests=["tests/test_train.py::test_two_ranks_take_the_single_process_step"]),
+       "backbone learns at 1/world of the rate",
+       tests=["tests/test_train.py::test_two_ranks_take_the_single_process_step"]),
     _m("train-reshard-order", "l2sm_kernels/train/checkpoint.py",
        'full = {"weight": torch.cat([f["head"]["weight"] for f in files])}',
        'full = {"weight": torch.cat([f["head"]["weight"] for f in files[::-1]])}',

@@ -71,7 +71,9 @@ def _reshard_optimizer(states: list[dict], mine: dict, shard_rows: list[int], lo
         entry = {}
         for k, v0 in per[0].items():
             vals = [v[k] for v in per]
-            if isinstance(v0, torch.Tensor) and v0.dim() >= 1 and all(v.shape[0] == n for v, n in zip(vals, shard_rows)):
+            per_row = all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n
+                          for v, n in zip(vals, shard_rows))
+            if per_row:
                 entry[k] = torch.cat(vals)[lo:hi].clone()
             else:
                 entry[k] = v0.clone() if isinstance(v0, torch.Tensor) else v0

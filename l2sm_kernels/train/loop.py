@@ -69,7 +69,8 @@ def parse_args(argv=None):
     a("--clip", type=float, default=5.0, help="backbone gradient-norm clip (0: none)")
     a("--amp", choices=("none", "bf16", "fp16"), default="none")
     a("--margin-type", choices=("arcface", "cosface", "combined", "none"), default="arcface")
-    a("--margin", type=float, nargs="+", default=None, help="default 0.5 (arcface), 0.35 (cosface), 1.0 0.5 0.0 (combined: m1 m2 m3)")
+    a("--margin", type=float, nargs="+", default=None,
+      help="default 0.5 (arcface), 0.35 (cosface), 1.0 0.5 0.0 (combined: m1 m2 m3)")
     a("--scale", type=float, default=64.0, help="s (the radius alpha)")
     a("--margin-grad", choices=("detached", "exact"), default="detached")
     a("--sample-rate", type=float, default=1.0, help="Partial FC sampling rate of the head")
@@ -92,7 +93,8 @@ def parse_args(argv=None):
     if args.lr is None:
         args.lr = 0.1 if args.optimizer == "sgd" else 1e-3
     if args.margin is None:
-        args.margin = {"arcface": [0.5], "cosface": [0.35], "combined": [1.0, 0.5, 0.0], "none": [0.0]}[args.margin_type]
+        defaults = {"arcface": [0.5], "cosface": [0.35], "combined": [1.0, 0.5, 0.0], "none": [0.0]}
+        args.margin = defaults[args.margin_type]
     for name in ("batch_size", "accum", "image_size", "embedding_size", "log_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
