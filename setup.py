@@ -120,6 +120,8 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
+        # l2sm_kernels.verification.read_bin decodes the .bin files' images with Pillow
+        "verification": ["pillow"],
         # benchmarks/sweep_cosine_topk.py's optional anchors (faiss-cpu is a 30 MB wheel: not in requirements.txt)
         "bench": ["faiss-cpu", "scikit-learn"],
     },

@@ -172,3 +172,33 @@ MUTATIONS += [
        "fp32 products in tf32 whatever torch's matmul precision says (GPU-only: a CPU unit test must see it)",
        tests=["tests/test_triton_config.py"], env=_TRITON),
 ]
+
+# ------------------------------------------------------------------ verification protocols and the training recipe
+_VER = ["tests/test_verification.py"]
+MUTATIONS += [
+    _m("verification-test-not-strict", "l2sm_kernels/verification/protocols.py", "pred = np.less(dt, t)",
+       "pred = np.less_equal(dt, t)", "a pair at exactly the threshold distance counted as 'same' (theirs: strict <)",
+       tests=_VER),
+    _m("verification-last-best-threshold", "l2sm_kernels/verification/protocols.py",
+       "best = int(np.argmax((tp + tn) / int(train.sum())))",
+       "best = len(tp) - 1 - int(np.argmax(((tp + tn) / int(train.sum()))[::-1]))",
+       "the last of equally good thresholds instead of their first", tests=_VER),
+    _m("verification-slinear-textbook", "l2sm_kernels/verification/protocols.py",
+       "return float((0.0 + y[l - 1] * h0) + y[l] * h1)",
+       "return float(y[l - 1] + (y[l] - y[l - 1]) * (xp - xa) / (xb - xa))",
+       "VAL's threshold by another linear formula: off in the last bits from theirs", tests=_VER),
+    _m("verification-unpickler-open", "l2sm_kernels/verification/bin_files.py",
+       "        if (module, name) in _ALLOWED_GLOBALS:", "        if True:",
+       "a .bin may name any global: a malicious file runs code", tests=_VER),
+    _m("ijb-keep-intermediate", "l2sm_kernels/verification/ijb.py", "    if len(fps) > 2:", "    if False:",
+       "their nearest-FPR TAR read from points sklearn's roc_curve drops", tests=_VER),
+    _m("train-ddp-averages", "l2sm_kernels/train/loop.py", "        backbone.register_comm_hook(None, _sum_gradients)",
+       "        pass", "DDP averages the backbone's gradients: each rank's loss is the global batch's, so the "
+       "backbone learns at 1/world of the rate",
+       tests=["tests/test_train.py::test_two_ranks_take_the_single_process_step"]),
+    _m("train-reshard-order", "l2sm_kernels/train/checkpoint.py",
+       'full = {"weight": torch.cat([f["head"]["weight"] for f in files])}',
+       'full = {"weight": torch.cat([f["head"]["weight"] for f in files[::-1]])}',
+       "a head resumed at another world size gets its shards in the wrong order",
+       tests=["tests/test_train.py::test_resume_at_world_size_1_and_3_gives_the_same_loss"]),
+]

@@ -300,7 +300,8 @@ def test_module_files_have_distinct_names_and_no_import_cycle():
     import collections
     import pathlib
     root = pathlib.Path(L.__file__).parent
-    names = collections.Counter(p.name for p in root.rglob("*.py") if p.name != "__init__.py")
+    # __init__.py and __main__.py are names Python fixes (a package; `python -m package`)
+    names = collections.Counter(p.name for p in root.rglob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert [n for n, k in names.items() if k > 1] == []
     tree = ast.parse((root / "distributed" / "class_parallel.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
