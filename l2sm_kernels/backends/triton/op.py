@@ -56,10 +56,25 @@ def load():
     triton_op, wrap_triton = triton_library()
 
     from .common import INTERPRETED
-    from .aux_layout import aux_meta
+    from .aux_layout import aux_meta as fused_aux_meta
+    from .config import forward_config, on_gpu
+    from .gemm_path import aux_numel as gemm_aux_numel
     from .loss_backward import backward
     from .loss_forward import forward
     from .margin import check_margin_inputs
+
+    def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+                 margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha):
+        """The fake kernel's aux: the fused forward's layout, or the GEMM path's (the path the forward takes)."""
+        D = x.shape[1]
+        cfg = forward_config(D, x.dtype, weight.dtype, need_x, on_gpu(x.device), C=weight.shape[0] // subcenters,
+                             subcenters=subcenters)
+        if cfg.gemm:
+            numel = gemm_aux_numel(x, weight, subcenters, need_x, need_weight, need_bias, cfg, None)
+            return x.new_empty((numel,), dtype=torch.float32)
+        return fused_aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+                              margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias,
+                              need_alpha)
 
     def triton_forward(
         x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor,
