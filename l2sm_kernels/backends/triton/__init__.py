@@ -166,7 +166,8 @@ def kernel_namespace():
     helpers), for tests and tools: kernel_namespace().forward, .Config, .aux_layout, ... Imports triton."""
     from types import SimpleNamespace
 
-    from . import aux_layout, common, config, loss_backward, loss_forward, margin, norms
+    from . import aux_layout, common, config, gemm_path, loss_backward, loss_forward, margin, norms, row_kernels
 
-    mods = (common, margin, norms, aux_layout, config, loss_forward, loss_backward)
+    # the launchers forward / backward are loss_forward's and loss_backward's (the GEMM path's own are reached through them)
+    mods = (common, margin, norms, aux_layout, config, row_kernels, gemm_path, loss_forward, loss_backward)
     return SimpleNamespace(**{k: v for m in mods for k, v in vars(m).items() if not k.startswith("__")})

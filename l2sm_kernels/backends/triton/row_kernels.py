@@ -90,7 +90,7 @@ def _chunk_stats_kernel(
     for j0 in range(lo, hi, BLOCK_C):
         cols = j0 + tl.arange(0, BLOCK_C)
         cmask = cols < hi
-        c, _ = _class_cosines(s_ptr, rows, rmask, cols, cmask, stride_sr, SUBC)
+        c, _win = _class_cosines(s_ptr, rows, rmask, cols, cmask, stride_sr, SUBC)
         keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
         sc += tl.sum(tl.where(keep, c, 0.0), 1)
         z = _nontarget_z2(c, c0 + cols, cmask, b_ptr, stride_b, a2, HAS_BIAS)
