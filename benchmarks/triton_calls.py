@@ -21,6 +21,7 @@ TIMED_VARIANTS = ("fused", "fused_prefetch", "fused_tma", "fused_tma_wide", "fus
 # The GEMM path at three logits budgets (max_logits_bytes as a share of B x C x the logits' element size):
 # keep nothing (4 GEMMs), a quarter, everything (3 GEMMs). Timed as core rows, beside the fused variants
 GEMM_DIALS = {"0": 0.0, "quarter": 0.25, "all": 1.0}
+GEMM_ROWS = tuple(f"gemm@{d}" for d in GEMM_DIALS)
 
 PLAIN = L2SMOptions()
 # every option on: what compile_report.py --options all and the GPU checks of the option paths use

@@ -11,13 +11,17 @@ takes three chunks (a ragged last one) and two column splits of the statistics k
 - an aux of another path or plan is a clear error; bad max_logits_bytes values are refused
 - on CUDA: a training step captured in a CUDA graph and replayed matches the eager step
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import l2sm_kernels as L
 from l2sm_kernels.testing import check_case, make_case, max_err
 from test_l2_softmax import _case_from_combo, _combo_id, _grad_output, _pairwise_combos
-from test_triton_backend import _unrecorded
+from test_triton_backend import _TRACE_SCRIPT, _unrecorded
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter",
                                         "ignore::DeprecationWarning:triton.runtime.interpreter",
@@ -251,6 +255,25 @@ def test_path_setting(G, monkeypatch):
     assert config.default_path(True) == "gemm" and config.default_path(False) == "fused"
     assert config.forward_config(512, torch.bfloat16, torch.bfloat16, True, True).gemm
     assert config.dw_config(512, torch.float32, torch.float32, True).gemm
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_traces_the_gemm_path_without_graph_break(G, dynamic):
+    """torch.compile(fullgraph=True) of a training step on the GEMM path: dynamo takes the op whole and AOT
+    autograd decomposes it into the row kernels and the GEMMs (aten ops), with fake tensors and symbolic
+    shapes; the script of tests/test_triton_backend.py (stand-in sm_90 driver, nothing launched) with the
+    path chosen by L2SM_TRITON_PATH."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path), L2SM_TRITON_PATH="gemm",
+               TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/l2sm-inductor-trace"))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, "1" if dynamic else "0"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("KERNELS")][-1]
+    for k in ("_chunk_stats_kernel", "_chunk_dz_kernel", "_normalize_rows_kernel", "_normalize_backward_kernel",
+              "_fwd_combine_kernel", "_bwd_rows_kernel"):
+        assert k in line, line
+    assert "_fwd_split_kernel" not in line and line.endswith("OPAQUE []"), line
 
 
 # ---------------------------------------------------------------------------------------------
