@@ -341,8 +341,8 @@ PROJ_TILE_MAX_D = 128
 
 
 def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
-             need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
+             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
              fwd_config: Config | None = None):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed
     (contract.py's argument order)."""

@@ -361,11 +361,13 @@ def _fwd_combine_kernel(
 
 
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha, *,
+            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+            need_alpha, *,
             launch=_identity, config: Config | None = None, splits: int | None = None):
     """-> (loss (B,), lse (B,), aux) fp32, the op's forward (contract.py's argument order). launch wraps
     each kernel (torch.library.wrap_triton inside the op); config / splits override the tile sizes and
-    the class splits (tests)."""
+    the class splits (tests). max_logits_bytes: the fused kernels keep no logits between the passes,
+    so every budget bounds them (docs/memory_dial.md)."""
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
