@@ -8,7 +8,7 @@ takes three chunks (a ragged last one) and two column splits of the statistics k
 - bf16, fp16 and mixed dtypes against float64; the three dials agree with each other
 - what is kept is what the dial allows (aux's size), nothing else grows with B x C, W is never copied whole
 - the backward never writes into aux (a second backward gives the same gradients), nor into the inputs
-- an aux of another path or plan is a clear error; bad max_logits_bytes values are refused
+- an aux of another path or plan is a clear error; the public keyword max_logits_bytes reaches the path
 - on CUDA: a training step captured in a CUDA graph and replayed matches the eager step
 """
 import os
@@ -144,19 +144,23 @@ def test_aux_holds_exactly_the_kept_chunks(G, subc):
     w = torch.randn(C * subc, D, device=dev)
     t = torch.randint(0, C, (B,), device=dev)
     a = torch.tensor(8.0, device=dev)
-    opts = L.L2SMOptions(subcenters=subc)
-    tens, args = _launch_args(opts, x)
     stats = gemm_path.stats_numel(B)
     chunk = B * 16 * subc  # fp32 elements of a whole kept chunk (the third holds 8 classes)
+    # None: at most W's gradient's bytes (C K x D x 4 = 1280 K here), more than B x C K x 4 = 960 K: all kept
     for budget, kept_elems in ((0, 0), (chunk * 4 - 1, 0), (chunk * 4, chunk), (2 * chunk * 4 + 1, 2 * chunk),
                                (None, 2 * chunk + B * 8 * subc), (1 << 40, 2 * chunk + B * 8 * subc)):
-        _, _, aux = K.forward(x, w, t, a, None, *tens, *args, True, True, False, False, config=cfg,
-                              max_logits_bytes=budget)
+        tens, args = _launch_args(L.L2SMOptions(subcenters=subc, max_logits_bytes=budget), x)
+        _, _, aux = K.forward(x, w, t, a, None, *tens, *args, True, True, False, False, config=cfg)
         assert aux.numel() == stats + kept_elems, (budget, aux.numel())
     # no gradient asked for (no_grad): nothing is kept whatever the budget
-    _, _, aux = K.forward(x, w, t, a, None, *tens, *args, False, False, False, False, config=cfg,
-                          max_logits_bytes=1 << 40)
+    tens, args = _launch_args(L.L2SMOptions(subcenters=subc, max_logits_bytes=1 << 40), x)
+    _, _, aux = K.forward(x, w, t, a, None, *tens, *args, False, False, False, False, config=cfg)
     assert aux.numel() == stats
+    # the default budget is W's gradient's size: with D = 4 < B = 6 it holds 4/6 of the logits (one whole chunk)
+    w2 = torch.randn(C * subc, 4, device=dev)
+    tens, args = _launch_args(L.L2SMOptions(subcenters=subc), x)
+    _, _, aux = K.forward(x[:, :4], w2, t, a, None, *tens, *args, True, True, False, False, config=cfg)
+    assert aux.numel() == stats + chunk
 
 
 def test_no_bxc_buffer_beyond_the_kept_logits(G):
@@ -173,7 +177,8 @@ def test_no_bxc_buffer_beyond_the_kept_logits(G):
     w = torch.randn(C, D, device=dev)
     t = torch.randint(0, C, (B,), device=dev)
     a = torch.tensor(8.0, device=dev)
-    opts = L.L2SMOptions(normalize_weight=True, margin_type="cosface", margin=0.2, label_smoothing=0.1)
+    opts = L.L2SMOptions(normalize_weight=True, margin_type="cosface", margin=0.2, label_smoothing=0.1,
+                         max_logits_bytes=0)
     tens, args = _launch_args(opts, x)
     needs = (True, True, False, True)
 
@@ -191,11 +196,9 @@ def test_no_bxc_buffer_beyond_the_kept_logits(G):
 
     rec = Rec()
     with rec:
-        loss, lse, aux = K.forward(x, w, t, a, None, *tens, *args, *needs, config=cfg, max_logits_bytes=0,
-                                   launch=_unrecorded)
+        loss, lse, aux = K.forward(x, w, t, a, None, *tens, *args, *needs, config=cfg, launch=_unrecorded)
         gl, gs = torch.ones(B, device=dev), torch.zeros(B, device=dev)
-        K.backward(gl, gs, x, w, t, a, None, *tens, lse, aux, *args, *needs, config=cfg, max_logits_bytes=0,
-                   launch=_unrecorded)
+        K.backward(gl, gs, x, w, t, a, None, *tens, lse, aux, *args, *needs, config=cfg, launch=_unrecorded)
     big = [s for s in rec.sizes if s[1] >= C * D]
     assert len(big) == 1 and big[0][1] == C * D, big  # dW, once
     assert max(s for _, s in rec.sizes if s != C * D) < C * D
@@ -228,18 +231,27 @@ def test_foreign_aux_is_an_error(G):
     x, w = torch.randn(B, D, device=dev), torch.randn(C, D, device=dev)
     t, a = torch.randint(0, C, (B,), device=dev), torch.tensor(4.0, device=dev)
     tens, args = _launch_args(L.L2SMOptions(), x)
-    _, lse, aux = K.forward(x, w, t, a, None, *tens, *args, True, True, False, False, config=cfg,
-                            max_logits_bytes=None)
+    _, lse, aux = K.forward(x, w, t, a, None, *tens, *args, True, True, False, False, config=cfg)
     gl = torch.ones(B, device=dev)
     with pytest.raises(ValueError, match="not produced by the triton backend's GEMM path"):
         K.backward(gl, gl, x, w, t, a, None, *tens, lse, aux[:-8], *args, True, True, False, False, config=cfg)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, float("nan"), True, "1"])
-def test_bad_max_logits_bytes_is_refused(G, bad):
-    _, gemm_path = G
-    with pytest.raises(ValueError, match="max_logits_bytes"):
-        gemm_path.check_max_logits_bytes(bad)
+def test_public_keyword_sets_the_budget(G, gemm):
+    """l2_softmax_loss(..., max_logits_bytes=n) reaches the GEMM path through the op: 0 keeps nothing, one
+    chunk's bytes keep one chunk, None the default (W's gradient's bytes: all three chunks here); the
+    results agree (bad values are refused before the op: tests/test_memory_dial.py)."""
+    from l2sm_kernels.testing import run
+    case = make_case(9, 20, 37, device=_dev(), seed=4, bias=True, normalize_weight=True, label_smoothing=0.1)
+    outs = []
+    for budget in (0, 9 * 16 * 4, None):
+        case.kwargs["max_logits_bytes"] = budget
+        out, grads = run(case, "triton")
+        outs.append([out] + [grads[k] for k in sorted(grads)])
+    assert gemm == [0, 1, 3], gemm
+    for other in outs[1:]:
+        for u, v in zip(other, outs[0]):
+            assert max_err(u, v) <= 2e-5 * max(float(v.abs().max()), 1e-30)
 
 
 def test_path_setting(G, monkeypatch):

@@ -78,6 +78,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
     With subcenters=K the shard holds num_local classes of K rows each (weight (num_local K, D)).
     A learned alpha is alpha_min + exp(alpha_raw), as in L2SoftmaxLoss (alpha_min defaults to
     alpha_lower_bound(num_classes)); the state_dict and full_state_dict store the radius as "alpha".
+    max_logits_bytes: the memory dial (bytes of this shard's logits of the global batch kept between
+    the passes; None: the backend's default; docs/memory_dial.md).
 
     The state_dict holds this rank's shard (a per-rank checkpoint). full_state_dict() gathers the
     full matrix with the keys of L2SoftmaxLoss ("weight", "bias", "alpha"), so a single-process
@@ -106,7 +108,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                  ignore_index: int = -100, label_smoothing: float = 0.0, sample_rate: float = 1.0,
                  shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
                  seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
-                 alpha_min: float | None = None):
+                 alpha_min: float | None = None, max_logits_bytes: int | None = None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
@@ -122,7 +124,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         check_sample_rate(sample_rate)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
-                                   margin_grad=margin_grad)
+                                   margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
@@ -218,7 +220,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
             reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
             backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
-            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self)
+            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self, max_logits_bytes=o.max_logits_bytes)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 

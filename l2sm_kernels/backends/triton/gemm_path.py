@@ -52,23 +52,25 @@ from .row_kernels import chunk_dz, chunk_stats, normalize_backward, normalize_ro
 # aten::mm.dtype (bf16 / fp16 operands, fp32 output: cuBLAS's fp32 epilogue) where this torch has it (CUDA)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
-# max_logits_bytes=None on the GEMM path: keep every chunk's logits, the 3-GEMM step (B x C x 2 bytes in
-# bf16: 256 MiB at B = 1024, C = 131072; 2 GiB at C = 1048576). Unmeasured: the GPU benchmark times 0, a
-# quarter of B x C and all (benchmarks/gpu_run.sh)
+# max_logits_bytes=None on the GEMM path: keep at most as many bytes of logits as W's gradient takes (C K x D x
+# W's element size), so that the step's peak stays about twice the gradients plus the chunk workspace. With
+# bf16 x and W that keeps every chunk (3 GEMMs) while B <= D (B <= 512 at D = 512), half of them at B = 1024,
+# D = 512 (3.5 GEMM-equivalents). Chosen without a GPU measurement (none has run this path): the GPU benchmark
+# times 0, a quarter of B x C and all (benchmarks/gpu_run.sh). Tests and the benchmark may set an int here
+# (the budget calls with max_logits_bytes=None get).
 DEFAULT_MAX_LOGITS_BYTES = None
+
+
+def default_budget(weight) -> int:
+    """The bytes of logits kept when max_logits_bytes is None: DEFAULT_MAX_LOGITS_BYTES, else W's gradient's size."""
+    if DEFAULT_MAX_LOGITS_BYTES is not None:
+        return DEFAULT_MAX_LOGITS_BYTES
+    return weight.shape[0] * weight.shape[1] * weight.element_size()
 
 
 def operand_dtype(xdt: torch.dtype, wdt: torch.dtype) -> torch.dtype:
     """The products' operand dtype (and the chunk buffer's): bf16 when x and W are both bf16, else fp32."""
     return torch.bfloat16 if xdt == wdt == torch.bfloat16 else torch.float32
-
-
-def check_max_logits_bytes(v) -> None:
-    """None or an int >= 0, else an error naming the argument."""
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"max_logits_bytes must be None or an int >= 0, got {v!r}")
 
 
 def _region(B: int, n: int, K: int, esize: int) -> int:
@@ -84,21 +86,24 @@ def chunk_plan(cfg: Config, B: int, C: int, K: int, cdt: torch.dtype):
     return n, bounds, [_region(B, m, K, es) for _, m in bounds]
 
 
-def kept_chunks(bounds, B: int, K: int, cdt: torch.dtype, max_logits_bytes, needs_pass2: bool) -> int:
-    """How many chunks, from the first, the forward keeps: as many whole chunks as fit in max_logits_bytes
-    (their logits' bytes, B x n K x element size each); none when no backward pass over the classes will
-    read them (only d alpha, or no gradient at all)."""
+def kept_chunks(bounds, B: int, K: int, cdt: torch.dtype, budget: int, needs_pass2: bool) -> int:
+    """How many chunks, from the first, the forward keeps: as many whole chunks as fit in the budget (their
+    logits' bytes, B x n K x element size each); none when no backward pass over the classes will read them
+    (only d alpha, or no gradient at all)."""
     if not needs_pass2:
         return 0
-    budget = DEFAULT_MAX_LOGITS_BYTES if max_logits_bytes is None else max_logits_bytes
     es = torch.empty((), dtype=cdt).element_size()
     kept, used = 0, 0
     for _, m in bounds:
         used += B * m * K * es
-        if budget is not None and used > budget:
+        if used > budget:
             break
         kept += 1
     return kept
+
+
+def _budget(max_logits_bytes, weight) -> int:
+    return default_budget(weight) if max_logits_bytes is None else max_logits_bytes
 
 
 def stats_numel(B: int) -> int:
@@ -112,7 +117,7 @@ def aux_numel(x, weight, subcenters, need_x, need_weight, need_bias, cfg: Config
     C = weight.shape[0] // subcenters
     cdt = operand_dtype(x.dtype, weight.dtype)
     _, bounds, regions = chunk_plan(cfg, B, C, subcenters, cdt)
-    kept = kept_chunks(bounds, B, subcenters, cdt, max_logits_bytes, need_x or need_weight or need_bias)
+    kept = kept_chunks(bounds, B, subcenters, cdt, _budget(max_logits_bytes, weight), need_x or need_weight or need_bias)
     return stats_numel(B) + sum(regions[:kept])
 
 
@@ -165,17 +170,17 @@ def _chunk_weights(w_c, buf, cdt, normalize_weight, eps, launch):
 
 
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha, *,
-            launch=_identity, config: Config, max_logits_bytes=None):
-    """-> (loss (B,), lse (B,), aux) fp32 (contract.py's argument order), aux = [statistics | kept chunks]."""
-    check_max_logits_bytes(max_logits_bytes)
+            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+            need_alpha, *, launch=_identity, config: Config):
+    """-> (loss (B,), lse (B,), aux) fp32 (contract.py's argument order), aux = [statistics | kept chunks]
+    (max_logits_bytes: checked by options.check_max_logits_bytes before the op)."""
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
     dev = x.device
     cdt = operand_dtype(x.dtype, weight.dtype)
     n, bounds, regions = chunk_plan(config, B, C, K, cdt)
-    kept = kept_chunks(bounds, B, K, cdt, max_logits_bytes, need_x or need_weight or need_bias)
+    kept = kept_chunks(bounds, B, K, cdt, _budget(max_logits_bytes, weight), need_x or need_weight or need_bias)
     base = stats_numel(B)
     loss = torch.empty((B,), device=dev, dtype=torch.float32)
     lse = torch.empty((B,), device=dev, dtype=torch.float32)
@@ -204,9 +209,10 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
 
 
 def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
-             need_bias, need_alpha, *, launch=_identity, config: Config, max_logits_bytes=None):
-    """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed."""
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
+             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config):
+    """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed. What the
+    forward kept is read from aux's size (max_logits_bytes is not needed here)."""
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K

@@ -366,9 +366,9 @@ PROJ_TILE_MAX_D = 128
 
 
 def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
-             need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
-             fwd_config: Config | None = None, max_logits_bytes: int | None = None):
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
+             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
+             fwd_config: Config | None = None):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed
     (contract.py's argument order). A config with gemm=True (the default on a GPU) runs the GEMM path's
     backward (gemm_path.py), which reads what its forward kept from aux."""
@@ -380,9 +380,8 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
     if cfg.gemm:
         from .gemm_path import backward as gemm_backward
         return gemm_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-                             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x,
-                             need_weight, need_bias, need_alpha, launch=launch, config=cfg,
-                             max_logits_bytes=max_logits_bytes)
+                             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps,
+                             max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=launch, config=cfg)
     smooth = label_smoothing is not None
     need_bias = need_bias and bias is not None
     bdt = bias.dtype if bias is not None else x.dtype
@@ -407,8 +406,8 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         # contract allows it). Before the gradients are allocated: its split partials and scratch are freed
         # when it returns, so they never coexist with dW
         _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, K, ignore_index, eps, need_x, False, False, need_alpha, launch=launch,
-                            config=fwd_config)
+                            margin_detached, K, ignore_index, eps, max_logits_bytes, need_x, False, False, need_alpha,
+                            launch=launch, config=fwd_config)
         has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
     dx, dw, db = outputs()
     _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)

@@ -361,13 +361,13 @@ def _fwd_combine_kernel(
 
 
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha, *,
-            launch=_identity, config: Config | None = None, splits: int | None = None,
-            max_logits_bytes: int | None = None):
+            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+            need_alpha, *, launch=_identity, config: Config | None = None, splits: int | None = None):
     """-> (loss (B,), lse (B,), aux) fp32, the op's forward (contract.py's argument order). launch wraps
     each kernel (torch.library.wrap_triton inside the op); config / splits override the tile sizes and
     the class splits (tests). A config with gemm=True (the default on a GPU, config.default_path) runs
-    the GEMM path instead (gemm_path.py; max_logits_bytes: how much of the logits it may keep)."""
+    the GEMM path instead (gemm_path.py), which keeps up to max_logits_bytes of logits in aux; the fused
+    kernels keep no logits between the passes, so every budget bounds them (docs/memory_dial.md)."""
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
@@ -378,8 +378,8 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
     if cfg.gemm:
         from .gemm_path import forward as gemm_forward
         return gemm_forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias,
-                            need_alpha, launch=launch, config=cfg, max_logits_bytes=max_logits_bytes)
+                            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
+                            need_bias, need_alpha, launch=launch, config=cfg)
     numel, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
     loss = torch.empty((B,), device=dev, dtype=torch.float32)
     lse = torch.empty((B,), device=dev, dtype=torch.float32)
