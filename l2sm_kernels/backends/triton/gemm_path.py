@@ -9,15 +9,17 @@ op boundary and per-row statistics as the fused kernels (loss_forward.py, loss_b
             split, merged online over the chunks (S x B x 4 floats in all, whatever C is). A chunk's S_c is
             written straight into aux (kept) while max_logits_bytes allows, else into the one reused chunk
             buffer (dropped). Then _fwd_combine_kernel (the fused forward's): the target column in fp64, its
-            margin, loss, lse and the per-row statistics in aux. Launches: 3 + 3 per chunk (2 when W needs
-            neither normalizing nor a cast).
+            margin, loss, lse and the per-row statistics in aux. Launches: 2 + 3 per chunk (2 when W needs
+            neither normalizing nor a cast; + 1, the bias sum, with bias and smoothing).
   backward  _bwd_rows_kernel (the fused backward's, without its dX): the per-row values and d alpha. Then,
             when dX, dW or db is asked for, per chunk: W_hat_c (1 launch), S_c from aux (kept) or the same
             GEMM again (1), _chunk_dz_kernel: dloss/dc in place, or beside a kept chunk (it never writes
             into aux: a second backward reads the same), and db (1); dX_hat += G_c W_hat_c (1 GEMM, + 1 add
             for bf16 operands), dW_hat_c = G_c^T x_hat (1 GEMM) written into dW's rows, W's normalization
             backward in place (1, when normalizing or casting). Then x's normalization backward (1).
-            Launches: 4 + 5 to 7 per chunk. The GEMMs per step: 3 per chunk kept (the 3-GEMM floor's
+            Launches: 4 (the rows kernel, x_hat, dX_hat's zeros, x's normalization backward; + 1, d alpha's
+            sum) + 6 per kept chunk, 7 per dropped one (bf16, normalize_weight). A training step: 6 + 9 per
+            kept chunk, 10 per dropped one. The GEMMs per step: 3 per chunk kept (the 3-GEMM floor's
             6 B C D flops), 4 per chunk dropped (8 B C D).
 No host synchronization: every size is a function of the shapes and of max_logits_bytes (Python ints), no
 value is read back; CUDA-graph capture of a training step is tested where CUDA exists
@@ -33,9 +35,11 @@ products are computed in fp32 from the bf16 operands (exact products, fp32 accum
 rounded once to bf16 where cuBLAS writes bf16.
 
 Memory beyond inputs, outputs and O(B + C + D) vectors: the kept logits (at most max_logits_bytes, in aux
-until the backward), one chunk buffer (B x n K) of the operand dtype (two in the backward when chunks are
-kept: the kept cosines are read, dloss/dc written beside them), W_hat_c (n K x D), x_hat (B x D), the (S, B, 4)
-partials, dX_hat (B x D fp32), and for dW in another dtype than the operands' an fp32 (n K x D) chunk.
+until the backward), one chunk buffer (B x n K) of the operand dtype per pass (the forward's only when a
+chunk is dropped; the backward's holds dloss/dc, beside a kept chunk or in place of a recomputed one),
+W_hat_c (n K x D, when W needs normalizing or a cast), x_hat (B x D), the (S, B, 4) partials, dX_hat and one
+chunk's fp32 dX_hat term (B x D fp32 each), and for dW in another dtype than the operands' an fp32
+(n K x D) chunk. At B = 1024, D = 512, bf16 and 64 MiB chunks: about 100 MiB besides the kept logits.
 """
 from __future__ import annotations
 
