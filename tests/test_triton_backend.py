@@ -805,7 +805,7 @@ def test_wide_d_offsets_are_64bit_in_compiled_kernels(K):
     every multiply of a D index by a D stride must be 64-bit. This proves the generated address
     arithmetic cannot wrap; it does not run the kernels (that needs an 8 GB W on a GPU)."""
     import json
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path), L2SM_TRITON_PATH="fused")
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, "-c", _WIDE_D_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
