@@ -53,8 +53,24 @@ from .loss_backward import row_values
 from .loss_forward import combine
 from .row_kernels import chunk_dz, chunk_stats, normalize_backward, normalize_rows
 
-# aten::mm.dtype (bf16 / fp16 operands, fp32 output: cuBLAS's fp32 epilogue) where this torch has it (CUDA)
+# aten::mm.dtype (bf16 / fp16 operands, fp32 output: cuBLAS's fp32 epilogue) where this torch has it (CUDA);
+# whether it runs is probed once per device type on 1 x 1 operands (a dispatch error, no synchronization)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+_MM_OUT_DTYPE_RUNS: dict = {}
+
+
+def _mm_out_dtype_runs(a: torch.Tensor) -> bool:
+    key = (a.device.type, a.dtype)
+    if key not in _MM_OUT_DTYPE_RUNS:
+        ok = _MM_OUT_DTYPE
+        if ok:
+            try:
+                one = torch.ones((1, 1), device=a.device, dtype=a.dtype)
+                torch.mm(one, one, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _MM_OUT_DTYPE_RUNS[key] = ok
+    return _MM_OUT_DTYPE_RUNS[key]
 
 # max_logits_bytes=None on the GEMM path: keep at most as many bytes of logits as W's gradient takes (C K x D x
 # W's element size), so that the step's peak stays about twice the gradients plus the chunk workspace. With
@@ -159,7 +175,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mm(a, b)
     if a.device.type == "cpu":
         return torch.mm(a.float(), b.float())
-    if _MM_OUT_DTYPE:
+    if _mm_out_dtype_runs(a):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()  # pragma: no cover - torch without mm's out_dtype: rounded per chunk
 
