@@ -222,7 +222,8 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
             s = scratch[:B * m * K].view(B, m * K)
         _mm_into(s, x_hat, w_hat.T)
         chunk_stats(s, bias, alpha, target, ws, C=C, c0=c0, n_cols=m, ignore_index=ignore_index, subcenters=K,
-                    first=i == 0, block_rows=config.block_rows, block_cols=config.block_cols, launch=launch)
+                    first=i == 0, block_rows=config.block_rows, block_cols=config.block_cols,
+                    num_warps=config.num_warps, launch=launch)
     combine(ws, ws.shape[0], x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
             margin_detached, K, ignore_index, eps, loss, lse, aux, False, True, 0, ws, launch)
     return loss, lse, aux
@@ -277,7 +278,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
                 s = g
             chunk_dz(s, g, bias, alpha, target, rowv, db if need_bias else None, C=C, c0=c0, n_cols=m,
                      ignore_index=ignore_index, subcenters=K, block_rows=config.block_rows,
-                     block_cols=config.block_cols, launch=launch)
+                     block_cols=config.block_cols, num_warps=config.num_warps, launch=launch)
             if need_x:  # dX_hat += G_c W_hat_c, accumulated in fp32
                 if cdt == torch.float32:
                     dxh.addmm_(g, w_hat)

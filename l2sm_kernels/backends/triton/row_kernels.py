@@ -245,7 +245,7 @@ def normalize_backward(v: torch.Tensor, g: torch.Tensor, out: torch.Tensor, eps:
 
 
 def chunk_stats(s, bias, alpha, target, ws, *, C, c0, n_cols, ignore_index, subcenters, first, block_rows,
-                block_cols, launch=_identity):
+                block_cols, num_warps=4, launch=_identity):
     """_chunk_stats_kernel over a chunk (s: (B, n_cols K) cosines) into the (S, B, NPART) partials."""
     n_split = ws.shape[0]
     B = s.shape[0]
@@ -255,17 +255,19 @@ def chunk_stats(s, bias, alpha, target, ws, *, C, c0, n_cols, ignore_index, subc
         B=B, C=C, c0=c0, n_cols=n_cols, cols_per_split=cols_per_split, ignore_index=ignore_index,
         stride_sr=s.stride(0), stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0),
         ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1), HAS_BIAS=bias is not None, SUBC=subcenters,
-        FIRST=first, BLOCK_R=block_rows, BLOCK_C=block_cols)
+        FIRST=first, BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=num_warps)
 
 
 def chunk_dz(s, g, bias, alpha, target, rowv, db, *, C, c0, n_cols, ignore_index, subcenters, block_rows,
-             block_cols, launch=_identity):
+             block_cols, num_warps=4, launch=_identity):
     """_chunk_dz_kernel over a chunk: g (B, n_cols K) = dloss/dc from the cosines s (g may be s); db's
-    entries [c0, c0 + n_cols) when db is given."""
+    entries [c0, c0 + n_cols) when db is given. Its grid is the chunk's class blocks only (each walks every
+    row), so the class block is a quarter of block_cols: 512 programs for a 32768-class chunk at 256."""
+    block_cols = max(16, block_cols // 4)
     B = s.shape[0]
     launch(_chunk_dz_kernel)[(triton.cdiv(n_cols, block_cols),)](
         s_ptr=s, g_ptr=g, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target, rowv_ptr=rowv,
         db_ptr=db if db is not None else rowv, B=B, C=C, c0=c0, n_cols=n_cols, ignore_index=ignore_index,
         stride_sr=s.stride(0), stride_gr=g.stride(0), stride_b=bias.stride(0) if bias is not None else 0,
         stride_t=target.stride(0), HAS_BIAS=bias is not None, NEED_B=db is not None, SUBC=subcenters,
-        EMU=INTERPRETED, BLOCK_R=block_rows, BLOCK_C=block_cols)
+        EMU=INTERPRETED, BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=num_warps)
