@@ -156,7 +156,8 @@ def default_path(gpu: bool) -> str:
 # chunk's logits take as much). 64 MiB: 32768 classes at B = 1024 in bf16, 4 chunks at C = 131072 and 32 at
 # C = 1048576. A chunk costs about 9 launches per step, ~0.13 ms of host time in Python (estimate), under the
 # GPU time of its GEMMs at these sizes; smaller chunks save memory (the workspace is a chunk buffer and
-# W_hat_c, ~100 MiB here, see gemm_path.py) but can leave the GPU waiting on the host (not inside a CUDA graph). Unmeasured
+# W_hat_c, ~100 MiB here, see gemm_path.py) but can leave the GPU waiting on the host (not inside a CUDA
+# graph). Unmeasured
 GEMM_CHUNK_BYTES = 64 << 20
 
 

@@ -72,6 +72,7 @@ def _mm_out_dtype_runs(a: torch.Tensor) -> bool:
         _MM_OUT_DTYPE_RUNS[key] = ok
     return _MM_OUT_DTYPE_RUNS[key]
 
+
 # max_logits_bytes=None on the GEMM path: keep at most as many bytes of logits as W's gradient takes (C K x D x
 # W's element size), so that the step's peak stays about twice the gradients plus the chunk workspace. With
 # bf16 x and W that keeps every chunk (3 GEMMs) while B <= D (B <= 512 at D = 512), half of them at B = 1024,
@@ -100,7 +101,7 @@ def _region(B: int, n: int, K: int, esize: int) -> int:
 
 def chunk_plan(cfg: Config, B: int, C: int, K: int, cdt: torch.dtype):
     """-> (classes per chunk, [(first class, classes)] per chunk, [aux elements of each chunk when kept])."""
-    es = torch.empty((), dtype=cdt).element_size()
+    es = cdt.itemsize
     n = gemm_chunk_classes(cfg, B, C, K, es)
     bounds = [(c0, min(n, C - c0)) for c0 in range(0, C, n)]
     return n, bounds, [_region(B, m, K, es) for _, m in bounds]
@@ -112,7 +113,7 @@ def kept_chunks(bounds, B: int, K: int, cdt: torch.dtype, budget: int, needs_pas
     (only d alpha, or no gradient at all)."""
     if not needs_pass2:
         return 0
-    es = torch.empty((), dtype=cdt).element_size()
+    es = cdt.itemsize
     kept, used = 0, 0
     for _, m in bounds:
         used += B * m * K * es
@@ -137,7 +138,8 @@ def aux_numel(x, weight, subcenters, need_x, need_weight, need_bias, cfg: Config
     C = weight.shape[0] // subcenters
     cdt = operand_dtype(x.dtype, weight.dtype)
     _, bounds, regions = chunk_plan(cfg, B, C, subcenters, cdt)
-    kept = kept_chunks(bounds, B, subcenters, cdt, _budget(max_logits_bytes, weight), need_x or need_weight or need_bias)
+    kept = kept_chunks(bounds, B, subcenters, cdt, _budget(max_logits_bytes, weight),
+                       need_x or need_weight or need_bias)
     return stats_numel(B) + sum(regions[:kept])
 
 

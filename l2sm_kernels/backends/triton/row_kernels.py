@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aux_layout import _NPART, _NROWV, RV_DCY, RV_DZY, RV_LSE2, RV_WIN, RV_WP, RV_WTS
+from .aux_layout import _NROWV, RV_DCY, RV_DZY, RV_LSE2, RV_WIN, RV_WP, RV_WTS
 from .common import _LOG2E, INTERPRETED, _didx, _identity, _out, _subcenter_max, wide_d
 from .config import _pow2
 from .margin import _target_info
@@ -204,7 +204,8 @@ def _normalize_backward_kernel(
             dm = rmask[:, None] & (d[None, :] < D)
             v_hat = tl.div_rn(tl.load(v_ptr + rows[:, None] * stride_n + d[None, :] * stride_d, mask=dm,
                                       other=0.0).to(tl.float32), den[:, None])
-            proj += tl.sum(v_hat * tl.load(g_ptr + rows[:, None] * D + d[None, :], mask=dm, other=0.0).to(tl.float32), 1)
+            g0 = tl.load(g_ptr + rows[:, None] * D + d[None, :], mask=dm, other=0.0).to(tl.float32)
+            proj += tl.sum(v_hat * g0, 1)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + _didx(tl.arange(0, BLOCK_D), D64)
         dm = rmask[:, None] & (d[None, :] < D)
