@@ -107,7 +107,7 @@ step bench_report 20 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase report
 #   later test in it. It is run once at the end, alone, to record what it does.
 # - the checks that compile for sm_90 in a CPU subprocess (no GPU involved; CI runs them).
 OOR="test_target_out_of_range_is_an_error"
-CPU_ONLY="test_compile_traces_both_ops_without_graph_break or test_gpu_tiles_compile_for_hopper or test_wide_d_offsets_are_64bit_in_compiled_kernels or test_compile_report"
+CPU_ONLY="test_compile_traces_both_ops_without_graph_break or test_compile_traces_the_gemm_path_without_graph_break or test_gpu_tiles_compile_for_hopper or test_wide_d_offsets_are_64bit_in_compiled_kernels or test_compile_report"
 NARROW=""
 if [ -n "$SMOKE" ]; then  # the dry run: a couple of tests per step, to prove the command lines
   NARROW=" and (test_aux_layout or test_op_gives_nan_for_out_of_range_target or test_dials_agree or cuda)"
