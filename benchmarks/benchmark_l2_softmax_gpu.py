@@ -4,9 +4,14 @@ the cuBLAS floor and the baselines, on one GPU (torch 2.11+, triton 3.6; nothing
 Shapes: B=1024, D=512, bf16 features and weights, alpha=16, mean loss, C = 131072 and 1048576.
 Providers (the harness's names, benchmarks/harness.py, where they mean the same):
   gemm_floor       the three cuBLAS GEMMs of the same shapes (harness.make_step: logits, dX = dZ W, dW = dZ^T X)
-  triton           l2_softmax_loss(..., backend="triton") + backward, default tiles
-  triton:<name>    the same with both main kernels on GPU_CONFIGS[name] (l2sm_kernels/backends/triton/config.py),
-                   for TIMED_VARIANTS (benchmarks/triton_calls.py), to choose the defaults
+  triton           l2_softmax_loss(..., backend="triton") + backward, the default: on a GPU the GEMM path
+                   (gemm_path.py: cuBLAS GEMMs per class chunk + Triton row kernels) with its default budget
+  triton:gemm@<d>  the GEMM path with max_logits_bytes = 0, a quarter of B x C x 2 bytes, all (d = 0, quarter,
+                   all; triton_calls.GEMM_DIALS): 4 GEMMs, in between, 3 GEMMs. Core rows (also with --no-variants)
+  triton:<name>    the fused kernels with both main kernels on GPU_CONFIGS[name] (l2sm_kernels/backends/triton/
+                   config.py), for TIMED_VARIANTS (benchmarks/triton_calls.py: "fused", the fused default tiles,
+                   and the alternatives; "fused_tma_wide" forces forward 64x128 and dW 128x64 TMA tiles), to
+                   choose the defaults
   triton ops       the forward op alone, the backward op alone, the forward without the dX hint (lse only)
   plain            reference.plain_formula: F.cross_entropy(alpha * F.normalize(x) @ W.T, y) in bf16
   eager            l2_softmax_loss(..., backend="eager")
@@ -18,7 +23,8 @@ Providers (the harness's names, benchmarks/harness.py, where they mean the same)
 Each: median time (triton.testing.do_bench, CUDA events), peak memory allocated beyond the inputs during
 one forward + backward, gradients included (l2sm_kernels.testing.peak_bytes: the one meter of the tests,
 the harness and this script), and one torch.profiler pass (a few steps) giving each GPU kernel's time
-per step (for triton: split, combine, rows, dW, inv-norm, colsum), next to the whole step.
+per step (for triton: split, combine, rows, dW, inv-norm, colsum; the GEMM path: stats, dz, normalize,
+norm-bwd and the library GEMMs, labelled GEMM), next to the whole step.
 
 Accuracy first, on the GPU, at B=256, D=512, C=8192 bf16 (the same compiled kernels as the timed shapes):
 loss, dX and dW against float64 by the accuracy relation of l2sm_kernels.testing (error <= 2 x plain
@@ -75,7 +81,19 @@ TABLE_NAME = "table.txt"
 
 # the triton kernels by the names the profiler reports, and their short labels in the table
 KERNEL_LABELS = {"_fwd_split_kernel": "split", "_fwd_combine_kernel": "combine", "_bwd_rows_kernel": "rows",
-                 "_bwd_dw_kernel": "dW", "_inv_norm_kernel": "inv-norm", "_colsum_kernel": "colsum"}
+                 "_bwd_dw_kernel": "dW", "_inv_norm_kernel": "inv-norm", "_colsum_kernel": "colsum",
+                 "_chunk_stats_kernel": "stats", "_chunk_dz_kernel": "dz", "_normalize_rows_kernel": "normalize",
+                 "_normalize_backward_kernel": "norm-bwd"}
+# library GEMM kernels (cuBLAS / cuBLASLt / CUTLASS names) in a profile: labelled "GEMM"
+GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "ampere_", "cublas")
+
+
+def kernel_label(name: str) -> str:
+    """The short label of a profiled kernel: the triton kernels by name, library GEMMs as "GEMM", else ""."""
+    if name in KERNEL_LABELS:
+        return KERNEL_LABELS[name]
+    low = name.lower()
+    return "GEMM" if any(m in low for m in GEMM_KERNEL_MARKS) else ""
 # GPU_CONFIGS entries not meant for bf16 x bf16 with a dX: checked in the setting they serve
 CHECK_SETTINGS = {
     "lse": dict(dtype=torch.bfloat16, frozen_x=True),  # the forward without O' (features need no gradient)
@@ -190,11 +208,20 @@ def _matmul_precision(p):
         torch.set_float32_matmul_precision(old)
 
 
+def variant(name, shape):
+    """The context of a triton row: GPU_CONFIGS[name] forced on both main kernels (a VARIANT_PAIRS name: a
+    configuration each), or "gemm@<dial>": the GEMM path with that dial's budget at this (B, D, C)."""
+    base, _, dial = (name or "").partition("@")
+    if dial:
+        return TC.gemm_path(TC.gemm_budget(shape[0], shape[2], dial))
+    return TC.forced_tiles(name)
+
+
 def check_variant(name):
-    """Accuracy of the triton backend with GPU_CONFIGS[name] forced on both main kernels (None: default),
-    in the setting that entry serves."""
+    """Accuracy of the triton backend with GPU_CONFIGS[name] forced on both main kernels (None: default;
+    "gemm@<dial>": the GEMM path at that budget), in the setting that entry serves."""
     setting = CHECK_SETTINGS.get(name, {}) if name else {}
-    with _matmul_precision(setting.get("matmul")), TC.forced_tiles(name) as used:
+    with _matmul_precision(setting.get("matmul")), variant(name, CHECK_SHAPE) as used:
         res = accuracy(_triton_fn, dtype=setting.get("dtype", DTYPE), frozen_x=setting.get("frozen_x", False))
     res["setting"] = {k: str(v) for k, v in setting.items()} or {"dtype": str(DTYPE)}
     if name and used["calls"] == 0:  # the override never reached the launchers: the check checked nothing
@@ -283,7 +310,7 @@ def profile_kernels(step, steps):
         for e in prof.key_averages():
             if e.self_cpu_time_total > 0:
                 per[e.key] = [e.self_cpu_time_total, e.count]
-    rows = [{"name": n[:120], "label": KERNEL_LABELS.get(n, ""), "ms_per_step": us / steps / 1e3,
+    rows = [{"name": n[:120], "label": kernel_label(n), "ms_per_step": us / steps / 1e3,
              "calls_per_step": c / steps} for n, (us, c) in per.items()]
     rows.sort(key=lambda r: -r["ms_per_step"])
     return {"steps": steps, "what": "GPU kernels" if cuda else "CPU operators (self time)",
@@ -384,7 +411,7 @@ def environment(run):
 
 
 def phase_triton(run, a):
-    from l2sm_kernels.backends.triton.config import GPU_CONFIGS
+    from l2sm_kernels.backends.triton.config import GPU_CONFIGS, VARIANT_PAIRS
     prof = a.profile_steps
     environment(run)
     run.res["bf16_mm_tflops"] = run.guarded(peak_mm)
@@ -399,6 +426,22 @@ def phase_triton(run, a):
     for s in SHAPES:
         run.row(s, "triton", measure_loss, _triton_fn, _case(*s), prof)
         run.row(s, "triton_ops", measure_ops, _case(*s))
+    # the GEMM path at its three budgets (core rows): checked, then timed beside the fused variants below
+    for name in TC.GEMM_ROWS:
+        c = run.check(f"triton:{name}", check_variant, name)
+        ok[name] = c.get("ok", False)
+    for name in TC.GEMM_ROWS:
+        for s in SHAPES:
+            if not ok[name]:
+                run.res["runs"].setdefault(_key(*s), {})[f"triton:{name}"] = {
+                    "error": "not timed: its accuracy check failed or did not run"}
+                run.save()
+                continue
+
+            def timed_gemm(shape=s, n=name):
+                with variant(n, shape):
+                    return measure_loss(_triton_fn, _case(*shape), prof)
+            run.row(s, f"triton:{name}", timed_gemm)
     for name in () if a.no_variants else TC.TIMED_VARIANTS:
         for s in SHAPES:
             if not run.selected(f"triton:{name}"):
@@ -412,12 +455,14 @@ def phase_triton(run, a):
                 continue
 
             def timed(shape=s, n=name):
-                with TC.forced_tiles(n):
+                with variant(n, shape):
                     return measure_loss(_triton_fn, _case(*shape), prof)
             run.row(s, f"triton:{name}", timed, optional=True)
-    # the other tiles, each in the setting it serves (other dtypes, the forward without dX)
+    # the other tiles, each in the setting it serves (other dtypes, the forward without dX); the halves of a
+    # pair and the GEMM path's entry are checked above, as "fused_tma_wide" and "gemm@<dial>"
+    halves = {n for pair in VARIANT_PAIRS.values() for n in pair} | {"gemm"}
     for name in GPU_CONFIGS:
-        if f"triton:{name}" not in run.res["checks"] and name not in TC.TIMED_VARIANTS and (
+        if f"triton:{name}" not in run.res["checks"] and name not in halves and (
                 a.variant_checks or name not in CHECK_SETTINGS):
             run.check(f"triton:{name}", check_variant, name, optional=True)
 

@@ -8,7 +8,7 @@ exactly the arguments, constexprs and tiles the op would use at that shape; poin
 triton's bundled ptxas builds the cubin and its cuobjdump gives the resource usage and the SASS.
 
     python benchmarks/compile_report.py                          # sm_90, B=1024 D=512 C=131072 bf16, plain and all options
-    python benchmarks/compile_report.py --variants --markdown    # also the timed variants; a markdown table
+    python benchmarks/compile_report.py --variants --markdown    # also the timed variants and the GEMM path's row kernels
     python benchmarks/compile_report.py --dtype mixed --options all --json out.json
 
 Per kernel x configuration x option set ("plain": the benchmark's loss; "all": bias, normalize_weight,
@@ -314,20 +314,28 @@ def record(a, xdt, wdt, options_name, fcfg_text=None, wcfg_text=None):
         TC.launch_backward(K, g, g, x, w, t, alpha, bias, lse, aux, opts, needs, launch=rec, config=wcfg)
         return rec.calls, splits
 
-    fcfg = cfg(fcfg_text, K.forward_config(a.D, xdt, wdt, True, gpu=True))
-    wcfg = cfg(wcfg_text, K.dw_config(a.D, xdt, wdt, gpu=True))
+    # "default": the fused kernels' default tiles (on a GPU the op's default path is the GEMM path, reported
+    # as the "gemm" row with --variants: its row kernels)
+    from l2sm_kernels.backends.triton import config as cfg_mod
+    saved_path = cfg_mod._PATH
+    cfg_mod._PATH = "fused"
+    try:
+        fcfg = cfg(fcfg_text, K.forward_config(a.D, xdt, wdt, True, gpu=True))
+        wcfg = cfg(wcfg_text, K.dw_config(a.D, xdt, wdt, gpu=True))
+        lse_cfg = K.forward_config(a.D, xdt, wdt, False, gpu=True)
+    finally:
+        cfg_mod._PATH = saved_path
     calls, splits = step(fcfg, wcfg)
     out = [("default", f"{_config_name(fcfg, a.D)} / dW {_config_name(wcfg, a.D)}", calls, splits)]
-    lse_cfg = K.forward_config(a.D, xdt, wdt, False, gpu=True)
     rec = Recorder()
     lse_splits = K.forward_splits(a.B, a.C, a.D, False, lse_cfg, a.sms)
     TC.launch_forward(K, x, w, t, alpha, bias, opts, (False, False, False, False), launch=rec, config=lse_cfg,
                       splits=lse_splits)
     out.append(("lse only", _config_name(lse_cfg, a.D), rec.calls, lse_splits))
     if a.variants:
-        for v in TC.TIMED_VARIANTS:
-            vc = K.GPU_CONFIGS[v](K._pow2(a.D))
-            calls, splits = step(vc, vc)
+        for v in TC.TIMED_VARIANTS + ("gemm",):
+            fv, wv = K.VARIANT_PAIRS.get(v, (v, v))
+            calls, splits = step(K.GPU_CONFIGS[fv](K._pow2(a.D)), K.GPU_CONFIGS[wv](K._pow2(a.D)))
             out.append((v, v, calls, splits))
     return out
 

@@ -4,15 +4,19 @@
 #   bash benchmarks/gpu_run.sh --smoke     # dry run on a CPU machine: every step, tiny, interpreted (~2-3 min)
 # Steps, in this order, each in its own process under its own time box (timeout), so that a hang or a
 # CUDA fault (sticky: it kills that process's CUDA context) costs its box only:
-#   1. benchmark, triton phase: bf16 mm peak, the 3-GEMM floor, accuracy of the default tiles and of each
-#      timed variant (a wrong one is not timed), triton + its ops + the variants at C=131072 and 1048576,
-#      a torch.profiler pass per provider and shape, then accuracy of the other GPU_CONFIGS entries
+#   1. benchmark, triton phase: bf16 mm peak, the 3-GEMM floor, accuracy of the default (on a GPU: the GEMM
+#      path), of the GEMM path at max_logits_bytes = 0, B x C / 4 and all, and of each timed fused variant
+#      (a wrong one is not timed), then triton + its ops, the GEMM path's three budgets, and the fused
+#      variants (the fused default tiles, prefetch, TMA, wide TMA, chained, split_d) at C=131072 and
+#      1048576, each with its peak memory and a torch.profiler pass (per kernel), then accuracy of the
+#      other GPU_CONFIGS entries
 #   2. benchmark, baselines phase: plain, torch_lce, cce, liger, eager, then torch.compile (cold compiles)
 #   3. the report: table.txt (printed again at the very end)
-#   4. the CUDA-only tests (-k cuda), then the rest of the triton tests on CUDA, then the option matrix,
-#      then the out-of-range target test alone (see below)
+#   4. the CUDA-only tests (-k cuda: the GEMM path's CUDA-graph capture among them), then the rest of the
+#      triton tests on CUDA (test_triton_backend.py on the fused path, test_triton_gemm_path.py, the shared
+#      suite on the default, the GEMM path), then the option matrix, then the out-of-range target test alone
 #   5. if time remains: benchmarks/gpu_distributed_check.py (NCCL on every GPU: world size 1 with one)
-# The whole run keeps to L2SM_GPU_BUDGET seconds (default 300): each step gets min(its box, what is left).
+# The whole run keeps to L2SM_GPU_BUDGET seconds (default 330): each step gets min(its box, what is left).
 # L2SM_GPU_STEPS=name,name,... runs only those steps (a second try: e.g. tests_cuda,tests_triton); names:
 # bench_triton bench_baselines bench_report tests_cuda tests_triton tests_options tests_out_of_range dist.
 # The device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=360)
@@ -29,7 +33,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/l2sm-inductor}
 PY=${PYTHON:-python3}
 start=$(date +%s)
-BUDGET=${L2SM_GPU_BUDGET:-300}
+BUDGET=${L2SM_GPU_BUDGET:-330}
 deadline=$(( start + BUDGET ))
 ENV_TXT=$OUTDIR/env.txt
 # a fresh result unless only some steps run (a report-only step reads what is there)
@@ -90,7 +94,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && PT_TIMEOUT="--timeout 90"
 # --- 1-3. the benchmark: triton first, the baselines (torch.compile last) in another process -------------
 BENCH=(benchmarks/benchmark_l2_softmax_gpu.py --out "$OUTDIR")
 [ -n "$SMOKE" ] && BENCH+=(--smoke)
-step bench_triton 110 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase triton --budget 80
+step bench_triton 140 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase triton --budget 100
 step bench_baselines 75 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase baselines --budget 45
 step bench_report 20 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase report
 [ -f "$OUTDIR/bench.log" ] && grep -E "^(check |CUDA context lost|interrupted)" "$OUTDIR/bench.log" | cut -c1-200 | tail -25
@@ -103,15 +107,16 @@ step bench_report 20 "$OUTDIR/bench.log" $PY "${BENCH[@]}" --phase report
 #   later test in it. It is run once at the end, alone, to record what it does.
 # - the checks that compile for sm_90 in a CPU subprocess (no GPU involved; CI runs them).
 OOR="test_target_out_of_range_is_an_error"
-CPU_ONLY="test_compile_traces_both_ops_without_graph_break or test_gpu_tiles_compile_for_hopper or test_wide_d_offsets_are_64bit_in_compiled_kernels or test_compile_report"
+CPU_ONLY="test_compile_traces_both_ops_without_graph_break or test_compile_traces_the_gemm_path_without_graph_break or test_gpu_tiles_compile_for_hopper or test_wide_d_offsets_are_64bit_in_compiled_kernels or test_compile_report"
 NARROW=""
 if [ -n "$SMOKE" ]; then  # the dry run: a couple of tests per step, to prove the command lines
-  NARROW=" and (test_aux_layout or test_op_gives_nan_for_out_of_range_target or cuda)"
+  NARROW=" and (test_aux_layout or test_op_gives_nan_for_out_of_range_target or test_dials_agree or cuda)"
 fi
 PYTEST=($PY -m pytest -q -p no:cacheprovider --maxfail=30 $PT_TIMEOUT)
 export L2SM_TEST_BACKENDS=triton L2SM_REQUIRE_BACKENDS=triton
 step tests_cuda 50 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests -k "cuda and not ($CPU_ONLY)"
-step tests_triton 70 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests/test_triton_backend.py tests/test_l2_softmax.py \
+step tests_triton 70 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests/test_triton_backend.py tests/test_triton_gemm_path.py \
+  tests/test_l2_softmax.py \
   -k "not cuda and not test_options_match_reference and not $OOR and not ($CPU_ONLY)$NARROW"
 step tests_options 40 "$OUTDIR/tests.log" "${PYTEST[@]}" $XDIST tests/test_l2_softmax.py \
   -k "test_options_match_reference$([ -n "$SMOKE" ] && echo ' and none-K1-w-nob-ls0.0-ig0-mean')"

@@ -14,8 +14,14 @@ import contextlib
 from l2sm_kernels.options import L2SMOptions
 
 # The tiles the GPU benchmark times next to the default (l2sm_kernels/backends/triton/config.py:
-# GPU_CONFIGS; "fused" is the default for bf16 at D <= 512), and compile_report.py --variants compiles.
-TIMED_VARIANTS = ("fused_prefetch", "fused_tma", "fused_chained", "split_d")
+# GPU_CONFIGS; on a GPU the default is the GEMM path, "gemm", and "fused" the fused kernels' default for bf16
+# at D <= 512), and compile_report.py --variants compiles. "fused_tma_wide" is a pair of configurations
+# (config.VARIANT_PAIRS: the forward's and the dW pass's).
+TIMED_VARIANTS = ("fused", "fused_prefetch", "fused_tma", "fused_tma_wide", "fused_chained", "split_d")
+# The GEMM path at three logits budgets (max_logits_bytes as a share of B x C x the logits' element size):
+# keep nothing (4 GEMMs), a quarter, everything (3 GEMMs). Timed as core rows, beside the fused variants
+GEMM_DIALS = {"0": 0.0, "quarter": 0.25, "all": 1.0}
+GEMM_ROWS = tuple(f"gemm@{d}" for d in GEMM_DIALS)
 
 PLAIN = L2SMOptions()
 # every option on: what compile_report.py --options all and the GPU checks of the option paths use
@@ -63,16 +69,42 @@ def forced_tiles(name: str | None):
     if name is None:
         yield used
         return
-    if name not in cfg_mod.GPU_CONFIGS:
-        raise KeyError(f"no GPU_CONFIGS entry {name!r}; there are {sorted(cfg_mod.GPU_CONFIGS)}")
+    fwd_name, dw_name = cfg_mod.VARIANT_PAIRS.get(name, (name, name))
+    for n in (fwd_name, dw_name):
+        if n not in cfg_mod.GPU_CONFIGS:
+            raise KeyError(f"no GPU_CONFIGS entry {n!r}; there are {sorted(cfg_mod.GPU_CONFIGS)}")
     saved = loss_forward.forward_config, loss_backward.dw_config
 
-    def tiles(D, *args, **kwargs):
-        used["calls"] += 1
-        return cfg_mod.GPU_CONFIGS[name](cfg_mod._pow2(D))
+    def tiles_of(n):
+        def tiles(D, *args, **kwargs):
+            used["calls"] += 1
+            return cfg_mod.GPU_CONFIGS[n](cfg_mod._pow2(D))
+        return tiles
 
-    loss_forward.forward_config = loss_backward.dw_config = tiles
+    loss_forward.forward_config = tiles_of(fwd_name)
+    loss_backward.dw_config = tiles_of(dw_name)
     try:
         yield used
     finally:
         loss_forward.forward_config, loss_backward.dw_config = saved
+
+
+def gemm_budget(B: int, C: int, dial: str, elem_bytes: int = 2) -> int:
+    """max_logits_bytes for a GEMM_DIALS entry at B x C (bf16 logits: 2 bytes each)."""
+    return int(GEMM_DIALS[dial] * B * C * elem_bytes)
+
+
+@contextlib.contextmanager
+def gemm_path(max_logits_bytes: int | None):
+    """Within the block, the triton backend runs its GEMM path (whatever the device's default) and keeps at most
+    max_logits_bytes of logits for calls that leave the budget at its default (max_logits_bytes=None), such
+    as the benchmark's l2_softmax_loss calls."""
+    from l2sm_kernels.backends.triton import gemm_path as gp
+
+    saved = gp.DEFAULT_MAX_LOGITS_BYTES
+    gp.DEFAULT_MAX_LOGITS_BYTES = max_logits_bytes
+    try:
+        with forced_tiles("gemm") as used:
+            yield used
+    finally:
+        gp.DEFAULT_MAX_LOGITS_BYTES = saved

@@ -46,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const at::Tensor& alpha,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& margins,
     const c10::optional<at::Tensor>& label_smoothing, bool normalize_weight, c10::string_view margin_kind,
-    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps, bool need_x, bool need_weight,
-    bool need_bias, bool need_alpha);
+    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps,
+    c10::optional<int64_t> max_logits_bytes, bool need_x, bool need_weight, bool need_bias, bool need_alpha);
 
 // (grad_x, grad_weight, grad_bias, grad_alpha) of the op l2sm::cpu_backward (loss_backward.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& margins, const c10::optional<at::Tensor>& label_smoothing, const at::Tensor& lse,
     const at::Tensor& aux, bool normalize_weight, c10::string_view margin_kind, bool margin_detached,
-    int64_t subcenters, int64_t ignore_index, double eps, bool need_x, bool need_weight, bool need_bias,
-    bool need_alpha);
+    int64_t subcenters, int64_t ignore_index, double eps, c10::optional<int64_t> max_logits_bytes, bool need_x,
+    bool need_weight, bool need_bias, bool need_alpha);
 
 }  // namespace l2sm_cpu

@@ -441,8 +441,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& margins, const c10::optional<at::Tensor>& label_smoothing, const at::Tensor& lse,
     const at::Tensor& aux, bool normalize_weight, c10::string_view margin_kind, bool margin_detached,
-    int64_t subcenters, int64_t ignore_index, double eps, bool need_x, bool need_weight, bool need_bias,
-    bool need_alpha) {
+    int64_t subcenters, int64_t ignore_index, double eps, c10::optional<int64_t> max_logits_bytes, bool need_x,
+    bool need_weight, bool need_bias, bool need_alpha) {
   const int64_t C = check_inputs(x, weight, target, alpha, bias, subcenters);
   const int64_t B = x.size(0);
   TORCH_CHECK(grad_loss.numel() == B && grad_lse.numel() == B && lse.numel() == B,

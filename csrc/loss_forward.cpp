@@ -239,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const at::Tensor& alpha,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& margins,
     const c10::optional<at::Tensor>& label_smoothing, bool normalize_weight, c10::string_view margin_kind,
-    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps, bool need_x, bool need_weight,
-    bool need_bias, bool need_alpha) {
+    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps,
+    c10::optional<int64_t> max_logits_bytes, bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
   // need_* are hints for aux; this backend's aux (q per row) does not depend on them
   const int64_t C = check_inputs(x, weight, target, alpha, bias, subcenters);
   const KernelGuard guard;

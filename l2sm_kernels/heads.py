@@ -11,6 +11,9 @@ Where a head differs from its reference implementation, the docstring says so. C
 arccos(c) + m2 >= pi the op uses the monotonic fallback c - m2 sin(m2) - m3 (InsightFace's), where
 some papers' code clips the angle instead; only target cosines below -cos(m2) (about -0.88 at
 m2 = 0.5) are affected.
+
+Every head takes L2SoftmaxLoss's keywords (bias, subcenters, margin_grad, sample_rate, backend,
+max_logits_bytes, ...) through **kwargs.
 """
 from __future__ import annotations
 

@@ -103,9 +103,7 @@ def check_option_tensors(opts: L2SMOptions, batch: int, device) -> L2SMOptions:
     else:
         m = fix("margin", m)
     s = fix("label_smoothing", opts.label_smoothing)
-    return L2SMOptions(normalize_weight=opts.normalize_weight, margin_type=opts.margin_type, margin=m,
-                       ignore_index=opts.ignore_index, label_smoothing=s, eps=opts.eps,
-                       subcenters=opts.subcenters, margin_grad=opts.margin_grad)
+    return dataclasses.replace(opts, margin=m, label_smoothing=s)
 
 
 _WARNED_UNNORMALIZED = set()
@@ -174,7 +172,7 @@ def reduce_rows(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, red
 def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                     margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
                     label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", sample_rate=1.0,
-                    generator=None, backend="auto", _sampled=None):
+                    generator=None, backend="auto", max_logits_bytes=None, _sampled=None):
     """L2-constrained softmax cross-entropy, fused: never builds the B x C logits (except backend
     "eager", the verification fallback).
 
@@ -210,6 +208,11 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
             the sample reads the number of positives on the host (a synchronization).
         generator: the torch.Generator of Partial FC's draw (on the features' device; None: the default).
         backend: "auto", "eager", "cpu" or "triton" (see l2sm_kernels.available_backends()).
+        max_logits_bytes: the memory dial (docs/memory_dial.md): the most bytes of logits the forward
+            may keep for the backward, an int >= 0, or None for the backend's default. 0: keep none
+            (4 GEMM-equivalents per step, constant memory); B x C K x 4 (8 for float64) or more: keep
+            all (3). The cpu backend honours it; the fused triton kernels keep nothing (any budget
+            bounds them); eager builds the B x C logits whatever it says.
 
     Returns: the loss in float32 (float64 if features, weight or bias is float64); shape () for
         reduction "mean" / "sum", (B,) for "none" (0 on ignored rows). "mean" averages over rows
@@ -217,7 +220,7 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     """
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
-                       subcenters=subcenters, margin_grad=margin_grad)
+                       subcenters=subcenters, margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
     check_reduction(reduction)
     q = check_sample_rate(sample_rate)
     C = check_inputs(features, weight, target, bias, subcenters=opts.subcenters)

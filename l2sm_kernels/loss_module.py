@@ -67,6 +67,9 @@ class L2SoftmaxLoss(nn.Module):
     reset_parameters() sets every parameter and buffer (weight, bias, alpha), so the meta-device /
     FSDP path (to_empty + reset_parameters) gives a fully initialized module.
 
+    max_logits_bytes: the memory dial of l2_softmax_loss (bytes of logits kept between the passes; None:
+    the backend's default); set_max_logits_bytes changes it. Not part of the checkpoint's options.
+
     forward(features (B, in_features), target (B,)) -> loss, see l2_softmax_loss. With sample_rate < 1,
     `last_sampled` holds the classes of the last call's Partial FC sample.
     """
@@ -75,7 +78,7 @@ class L2SoftmaxLoss(nn.Module):
                  bias: bool = False, normalize_weight: bool = False, margin=0.0, margin_type: str = "none",
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing=0.0, subcenters: int = 1,
                  margin_grad: str = "exact", sample_rate: float = 1.0, eps: float = 1e-12, backend: str = "auto",
-                 alpha_min: float | None = None, device=None, dtype=None):
+                 alpha_min: float | None = None, max_logits_bytes: int | None = None, device=None, dtype=None):
         super().__init__()
         in_features = check_int("in_features", in_features, 1)
         num_classes = check_int("num_classes", num_classes, 1)
@@ -89,7 +92,7 @@ class L2SoftmaxLoss(nn.Module):
         check_backend(backend)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
-                                   subcenters=subcenters, margin_grad=margin_grad)
+                                   subcenters=subcenters, margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend = reduction, backend
         self.sample_rate = check_sample_rate(sample_rate)
@@ -143,6 +146,11 @@ class L2SoftmaxLoss(nn.Module):
         """A new label smoothing (a number in [0, 1] or a 0-d tensor; see set_margin)."""
         self.options = dataclasses.replace(self.options, label_smoothing=label_smoothing)
 
+    def set_max_logits_bytes(self, max_logits_bytes) -> None:
+        """A new memory dial (None, or an int >= 0: bytes of logits kept between the passes;
+        docs/memory_dial.md). Not stored in checkpoints."""
+        self.options = dataclasses.replace(self.options, max_logits_bytes=max_logits_bytes)
+
     def batch_margin(self, features: torch.Tensor, target: torch.Tensor):
         """The margin of this batch (heads that compute per-row margins override it)."""
         return self.options.margin
@@ -163,7 +171,7 @@ class L2SoftmaxLoss(nn.Module):
                                reduction=reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
                                eps=o.eps, subcenters=o.subcenters, margin_grad=o.margin_grad,
                                sample_rate=self.sample_rate, generator=self.generator, backend=self.backend,
-                               _sampled=sampled)
+                               max_logits_bytes=o.max_logits_bytes, _sampled=sampled)
         if sampled is not None:
             self.last_sampled = sampled[0]
         return loss

@@ -82,6 +82,11 @@ class L2SMOptions:
     subcenters: K >= 1 sub-centers per class (the weight has num_classes * K rows).
     margin_grad: "exact" (the margin function's derivative) or "detached" (as InsightFace: the
         gradient w.r.t. the target cosine as if the margin were the identity).
+    max_logits_bytes: the memory dial (docs/memory_dial.md): the most bytes of logits the op may keep
+        between its forward and backward passes; an int >= 0, or None for the backend's default.
+        0 recomputes every logit in the backward (constant memory); B x C K x element size or more
+        keeps them all (3 GEMMs instead of 4). It changes memory and time, never the loss's value
+        beyond rounding, so it is not part of a checkpoint's options record (to_dict).
     """
 
     normalize_weight: bool = False
@@ -92,6 +97,7 @@ class L2SMOptions:
     eps: float = 1e-12
     subcenters: int = 1
     margin_grad: str = "exact"
+    max_logits_bytes: int | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -122,6 +128,7 @@ class L2SMOptions:
         set_(self, "subcenters", check_int("subcenters", self.subcenters, 1))
         if self.margin_grad not in MARGIN_GRADS:
             raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {self.margin_grad!r}")
+        set_(self, "max_logits_bytes", check_max_logits_bytes(self.max_logits_bytes))
 
     @staticmethod
     def _checked_margin(margin_type: str, margin):
@@ -212,11 +219,15 @@ class L2SMOptions:
             s += f", label_smoothing={_short(self.label_smoothing)}"
         if self.ignore_index != -100:
             s += f", ignore_index={self.ignore_index}"
+        if self.max_logits_bytes is not None:
+            s += f", max_logits_bytes={self.max_logits_bytes}"
         return s
 
     def to_dict(self) -> dict:
         """The options as plain Python values (a checkpoint's record): a 0-d tensor as its value (read
-        on the host: a checkpoint is not a training step), a per-row (B,) tensor as "per-row"."""
+        on the host: a checkpoint is not a training step), a per-row (B,) tensor as "per-row".
+        max_logits_bytes is left out: a memory setting, not a property of the loss, so a checkpoint
+        loads whatever budget either side runs with."""
         def plain(v):
             if isinstance(v, tuple):
                 return [plain(u) for u in v]
@@ -231,9 +242,9 @@ class L2SMOptions:
 
     def op_args(self) -> tuple:
         """The static options in the order of the op schemas (backends/contract.py): normalize_weight,
-        margin_kind, margin_detached, subcenters, ignore_index, eps."""
+        margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes."""
         return (self.normalize_weight, self.margin_kind, self.margin_grad == "detached", self.subcenters,
-                self.ignore_index, self.eps)
+                self.ignore_index, self.eps, self.max_logits_bytes)
 
     def op_arguments(self, batch: int, device) -> tuple:
         """Everything an op call takes after (x, weight, target, alpha, bias) and before the need flags:
@@ -264,6 +275,24 @@ def check_int(name: str, v, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
     return int(v)
+
+
+# The largest budget passed to the op (its schema's int is int64): any value from B x C K x element
+# size up means "keep everything", so larger ones are clamped to this, which no tensor reaches.
+MAX_LOGITS_BYTES = 1 << 62
+
+
+def check_max_logits_bytes(v):
+    """The memory dial: None (the backend's default) or an int >= 0 (numpy integers too; not a bool, not
+    a float, not NaN), clamped to MAX_LOGITS_BYTES; a TypeError / ValueError naming the argument otherwise."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"max_logits_bytes must be None or an int >= 0 (bytes of logits kept between the passes), "
+                        f"got {v!r}")
+    if v < 0:
+        raise ValueError(f"max_logits_bytes must be None or an int >= 0 (0: keep nothing, recompute), got {v!r}")
+    return min(int(v), MAX_LOGITS_BYTES)
 
 
 def check_alpha(alpha) -> float:

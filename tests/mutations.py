@@ -202,3 +202,19 @@ MUTATIONS += [
        "a head resumed at another world size gets its shards in the wrong order",
        tests=["tests/test_train.py::test_resume_at_world_size_1_and_3_gives_the_same_loss"]),
 ]
+
+_GEMM = ["tests/test_triton_gemm_path.py"]
+MUTATIONS += [
+    # ------------------------------------------------------------------ the triton backend's GEMM path (interpreted)
+    _m("triton-gemm-stats-target-in-lse", "l2sm_kernels/backends/triton/row_kernels.py",
+       "keep = cmask[None, :] & (cols[None, :] != tcol[:, None])", "keep = cmask[None, :] & (tcol[:, None] > -2)",
+       "pass 1 counts the target column among the non-target logits (the combine adds it again)",
+       tests=_GEMM, env=_TRITON),
+    _m("triton-gemm-dz-smoothing", "l2sm_kernels/backends/triton/row_kernels.py",
+       "w_p[:, None] * p - wts[:, None]", "w_p[:, None] * p",
+       "pass 2's dz loses label smoothing's -w_t s / C on the non-target columns", tests=_GEMM, env=_TRITON),
+    _m("triton-gemm-kept-offset", "l2sm_kernels/backends/triton/gemm_path.py",
+       "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += regions[i]",
+       "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += 0",
+       "the backward reads every kept chunk's logits from the first chunk's place", tests=_GEMM, env=_TRITON),
+]

@@ -304,15 +304,17 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert all(p["done"] for p in out["phases"].values()) and set(out["phases"]) == {"triton", "baselines"}
     assert out["checks"]["triton"]["ok"] and out["checks"]["plain"]["ok"]
     assert out["checks"]["triton:fused"]["ok"]  # through forced tiles (triton_calls.forced_tiles)
+    gemm = [f"triton:gemm@{d}" for d in ("0", "quarter", "all")]  # the GEMM path at three budgets: core rows
+    assert all(out["checks"][n]["ok"] for n in gemm)
     assert len(out["runs"]) == 2
     for key, r in out["runs"].items():
-        assert set(r) == {"gemm_floor", "triton", "triton_ops", "plain"}, (key, r)
-        for name in ("gemm_floor", "triton", "plain"):
+        assert set(r) == {"gemm_floor", "triton", "triton_ops", "plain", *gemm}, (key, r)
+        for name in ("gemm_floor", "triton", "plain", *gemm):
             assert r[name]["ms"] > 0 and r[name]["peak_bytes"] > 0 and r[name]["profile"]["kernels"], (key, name)
         assert set(r["triton_ops"]) == {"fwd_ms", "bwd_ms", "fwd_lse_only_ms"}
     table = (tmp_path / "table.txt").read_text().splitlines()
     summary = table[max(i for i, ln in enumerate(table) if ln.startswith("summary:")):]
-    assert {ln.split()[0] for ln in summary[2:]} >= {"gemm_floor", "triton", "plain"}
+    assert {ln.split()[0] for ln in summary[2:]} >= {"gemm_floor", "triton", "plain", *gemm}
 
 
 def test_scripts_name_only_what_the_harness_has():

@@ -100,9 +100,9 @@ def test_op_rejects_bad_arguments_clearly():
     with pytest.raises(RuntimeError, match="label_smoothing must be None or a 0-d floating CPU tensor"):
         call(tensors=(None, torch.tensor([0.1])))
     with pytest.raises(RuntimeError, match="not a multiple of subcenters = 2"):
-        call(args=(False, "none", False, 2, -100, 1e-12))
+        call(args=(False, "none", False, 2, -100, 1e-12, None))
     with pytest.raises(RuntimeError, match=r"bias must be \(5,\) \(one per class\)"):
-        call(w=torch.randn(10, 4), b=torch.randn(10), args=(False, "none", False, 2, -100, 1e-12))
+        call(w=torch.randn(10, 4), b=torch.randn(10), args=(False, "none", False, 2, -100, 1e-12, None))
     loss, lse, aux = call()
     assert aux.shape == (3,) and aux.dtype == torch.float32  # q = 1 - p_y per row
     with pytest.raises(RuntimeError, match=r"alpha must be a 0-d floating tensor, got shape \[1\]"):

@@ -16,6 +16,7 @@ TRITON_INTERPRET=1); with CUDA on the GPU, where the CUDA-only tests below also 
 - the aux layout (the target's winning sub-center), the workspace bound of the module docstring
 - torch.compile traces a training step through both ops with no graph break (on a CPU-only machine
   through a subprocess that compiles the kernels' IR for sm_90 without running them)
+Every test here runs the fused path (fixture fused_path), also on a GPU, whose default is the GEMM path.
 """
 import os
 import subprocess
@@ -52,6 +53,14 @@ def K():
 @pytest.fixture(scope="module")
 def dev(K):
     return "cpu" if triton_interpreted() else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def fused_path(monkeypatch):
+    """These tests are the fused kernels': on a GPU, whose default is the GEMM path (tested in
+    tests/test_triton_gemm_path.py), they choose the fused path explicitly, as under the interpreter."""
+    from l2sm_kernels.backends.triton import config
+    monkeypatch.setattr(config, "_PATH", "fused")
 
 
 OPTS = L.L2SMOptions(normalize_weight=True, margin_type="arcface", margin=0.4, label_smoothing=0.1)
@@ -598,6 +607,7 @@ def test_compile_traces_both_ops_without_graph_break(K, dynamic):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path),
                TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/l2sm-inductor-trace"))
     env.pop("TRITON_INTERPRET", None)
+    env["L2SM_TRITON_PATH"] = "fused"  # (tests/test_triton_gemm_path.py traces the GEMM path)
     res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, "1" if dynamic else "0"], capture_output=True,
                          text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -795,7 +805,7 @@ def test_wide_d_offsets_are_64bit_in_compiled_kernels(K):
     every multiply of a D index by a D stride must be 64-bit. This proves the generated address
     arithmetic cannot wrap; it does not run the kernels (that needs an 8 GB W on a GPU)."""
     import json
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path), L2SM_TRITON_PATH="fused")
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, "-c", _WIDE_D_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

@@ -12,6 +12,13 @@ triton = pytest.importorskip("triton")
 
 from l2sm_kernels.backends.triton import config as TC  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def fused_path(monkeypatch):
+    """The defaults tested here are the fused kernels' tiles (a GPU's default path is the GEMM path, whose
+    choice test_default_path_is_the_gemm_path_on_a_gpu checks)."""
+    monkeypatch.setattr(TC, "_PATH", "fused")
+
 FP32, FP16, BF16 = 0, 1, 2  # dot_plan's operand codes
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -48,7 +55,7 @@ SMEM_PER_SM = 228 * 1024  # H100 / H200: 228 KiB per multiprocessor, 227 KiB usa
 REGISTER_FILE = 256 * 1024  # 64K 32-bit registers per multiprocessor
 
 
-def assert_valid(cfg, D, fp32_tiles, where):
+def assert_valid(cfg, D, fp32_tiles, where, dw=False):
     d_pad = TC._pow2(D)
     for field in ("block_rows", "block_cols", "block_k", "block_do"):
         v = getattr(cfg, field)
@@ -57,6 +64,9 @@ def assert_valid(cfg, D, fp32_tiles, where):
     assert cfg.num_warps in (4, 8) and cfg.num_stages >= 1 and cfg.ctas_per_sm >= 1, where
     if cfg.prefetch:
         assert cfg.block_k >= 64, where  # _prefetch_l1 walks 64-element lines
+    if cfg.gemm:  # the GEMM path's row kernels: one fp32 tile of block_rows x block_cols, no products
+        assert cfg.block_rows * cfg.block_cols * 4 <= REGISTER_FILE // 8, (where, cfg)
+        return
     # operand tiles in flight: 2-byte elements (bf16 / fp16), 4 for tf32 / IEEE fp32 operands
     elem = 4 if fp32_tiles else 2
     single_k = cfg.block_k >= d_pad
@@ -66,7 +76,7 @@ def assert_valid(cfg, D, fp32_tiles, where):
     assert smem * cfg.ctas_per_sm <= SMEM_PER_SM, (where, smem)
     # the fp32 accumulator (O' or dW: block_rows x block_do) lives in registers: at most half the file
     # per multiprocessor, so the rest of the kernel has room
-    acc = cfg.block_rows * cfg.block_do * 4
+    acc = (cfg.block_cols if dw else cfg.block_rows) * cfg.block_do * 4  # dW's: classes x D chunk
     assert acc * cfg.ctas_per_sm <= REGISTER_FILE // 2, (where, acc)
 
 
@@ -79,13 +89,13 @@ def test_default_gpu_configs_are_valid(xdt, wdt, D):
     for acc_o in (True, False):
         cfg = TC.forward_config(D, xdt, wdt, acc_o, gpu=True)
         assert_valid(cfg, D, fp32_tiles, ("forward", xdt, wdt, D, acc_o))
-    assert_valid(TC.dw_config(D, xdt, wdt, gpu=True), D, fp32_tiles, ("dW", xdt, wdt, D))
+    assert_valid(TC.dw_config(D, xdt, wdt, gpu=True), D, fp32_tiles, ("dW", xdt, wdt, D), dw=True)
 
 
 @pytest.mark.parametrize("name", sorted(TC.GPU_CONFIGS))
 def test_benchmarked_variants_are_valid_at_d512(name):
     """Every GPU_CONFIGS entry at the GPU benchmark's D = 512 (the variants it times and checks)."""
-    assert_valid(TC.GPU_CONFIGS[name](512), 512, name in ("tf32", "ieee_fwd", "ieee_dw"), name)
+    assert_valid(TC.GPU_CONFIGS[name](512), 512, name in ("tf32", "ieee_fwd", "ieee_dw"), name, dw=name.endswith("_dw"))
 
 
 @pytest.mark.parametrize("xdt,wdt", list(itertools.product(DTYPES, DTYPES)))
@@ -98,3 +108,16 @@ def test_default_configs_come_from_the_table(xdt, wdt, D):
     for acc_o in (True, False):
         assert TC.forward_config(D, xdt, wdt, acc_o, gpu=True) in table.values()
     assert TC.dw_config(D, xdt, wdt, gpu=True) in table.values()
+
+
+def test_default_path_is_the_gemm_path_on_a_gpu(monkeypatch):
+    """Until a GPU has timed both, a GPU's default is the GEMM path for every dtype pair (its GEMMs are
+    cuBLAS's), the interpreter's the fused kernels; set_path / L2SM_TRITON_PATH choose."""
+    monkeypatch.setattr(TC, "_PATH", None)
+    for xdt, wdt in itertools.product(DTYPES, DTYPES):
+        assert TC.forward_config(512, xdt, wdt, True, gpu=True) == TC.GPU_CONFIGS["gemm"](512)
+        assert TC.dw_config(512, xdt, wdt, gpu=True).gemm
+        assert not TC.forward_config(512, xdt, wdt, True, gpu=False).gemm
+    TC.set_path("gemm")
+    assert TC.forward_config(64, torch.float32, torch.float32, False, gpu=False).gemm
+    TC.set_path(None)

@@ -34,7 +34,12 @@ Contract every implementation honours (docs/design.md, "The operation"):
   Returned gradients are in their input's dtype. Nothing is written into any input.
 - <options> = normalize_weight, margin_kind ("none" | "additive" | "angular": which part of the table
   applies), margin_detached (the gradient w.r.t. the target cosine as if f'(c) = 1), subcenters (K),
-  ignore_index, eps: see options.L2SMOptions.op_args().
+  ignore_index, eps, max_logits_bytes: see options.L2SMOptions.op_args().
+- max_logits_bytes (None: the backend's default; else >= 0, already checked): the most bytes of logits
+  the forward may keep for the backward (docs/memory_dial.md). A backend that keeps logits returns
+  them inside aux (so that autograd saves them; aux's size is then a function of the metadata and this
+  budget, as aux_meta says); one that keeps none ignores it (eager builds the logits anyway; the
+  fused triton kernels keep nothing, so any budget bounds them).
 
 Per backend the forward op's autograd formula calls its own backward op; the backward op itself has
 no derivative (double backward raises a clear error).
@@ -49,7 +54,8 @@ from ..options import compute_dtype
 
 NAMESPACE = "l2sm"
 
-_OPTS = "bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps"
+_OPTS = ("bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps, "
+         "int? max_logits_bytes")
 _NEEDS = "bool need_x, bool need_weight, bool need_bias, bool need_alpha"
 _INPUTS = "Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, Tensor? label_smoothing"
 FORWARD_SCHEMA = f"({_INPUTS}, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor)"
@@ -59,7 +65,7 @@ BACKWARD_SCHEMA = (
 )
 # Number of input tensors, of option arguments and of need flags, in the order of both schemas.
 N_INPUTS = 7
-N_OPTS = 6
+N_OPTS = 7
 N_NEEDS = 4
 
 

@@ -118,10 +118,12 @@ def _without_autocast(fn):
 
 @_without_autocast
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha):
+            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+            need_alpha):
     """-> (loss (B,), lse (B,), aux (0,)), in the compute dtype. Ignored rows: loss 0; rows whose
     target is out of range (and not ignore_index): loss NaN (the public API raises before getting
-    here). The backward recomputes everything from lse, so aux is empty."""
+    here). The backward recomputes everything from lse, so aux is empty. max_logits_bytes is ignored:
+    this backend builds the B x C logits in each pass whatever the budget (docs/memory_dial.md)."""
     L = _logits(x, weight, target, alpha, bias, margins, normalize_weight, margin_kind, margin_detached,
                 subcenters, ignore_index, eps)
     z = L["z"]
@@ -138,8 +140,8 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
 
 @_without_autocast
 def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
-             need_bias, need_alpha):
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
+             need_weight, need_bias, need_alpha):
     """-> (dx, dW, db, dalpha), each in its input's dtype; an empty tensor for each one not needed."""
     L = _logits(x, weight, target, alpha, bias, margins, normalize_weight, margin_kind, margin_detached,
                 subcenters, ignore_index, eps)

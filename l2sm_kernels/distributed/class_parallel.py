@@ -193,7 +193,7 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                                    reduction="mean", ignore_index=-100, label_smoothing=0.0, eps=1e-12,
                                    subcenters=1, margin_grad="exact", backend="auto", batch_sizes=None,
                                    sample_rate=1.0, generator=None, overlap_grad_reduce=False,
-                                   grad_reduce_dtype="compute"):
+                                   grad_reduce_dtype="compute", max_logits_bytes=None):
     """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
 
     Args:
@@ -222,7 +222,8 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
             contribution accumulated in fp32 and rounded once, the partial sums in that dtype
             (docs/class_parallel.md, "Options").
         Other options: as l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
-            subcenters, margin_grad, label smoothing).
+            subcenters, margin_grad, label smoothing, max_logits_bytes: this rank's budget for its
+            shard's logits of the global batch).
 
     Returns: the loss of the global batch, identical on every rank (reduction "mean" averages over the
         non-ignored rows of all ranks; "none" gives the B_g rows in rank order). Gradients of
@@ -234,19 +235,21 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                            eps=eps, subcenters=subcenters, margin_grad=margin_grad, backend=backend,
                            batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator,
-                           overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype)[0]
+                           overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
+                           max_logits_bytes=max_logits_bytes)[0]
 
 
 def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
              margin_type, reduction, ignore_index, label_smoothing, eps, subcenters, margin_grad, backend, batch_sizes,
-             sample_rate, overlap_grad_reduce=False, grad_reduce_dtype="compute", layout=None) -> _Args:
+             sample_rate, overlap_grad_reduce=False, grad_reduce_dtype="compute", layout=None,
+             max_logits_bytes=None) -> _Args:
     """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
     the argument), and what the step derives from them. layout=(world, rank): also check that a
     batch_sizes list holds this rank's batch size at its place (the device check compares the lists,
     not the sizes)."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
-                       margin_grad=margin_grad)
+                       margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
     check_reduction(reduction)
     sample_rate = check_sample_rate(sample_rate)
     n = check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
@@ -340,7 +343,7 @@ def _shard_forward_overlapped(forward_op, backward_op, X, W, local, alpha, b, op
 def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
                     margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
                     sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None,
-                    overlap_grad_reduce=False, grad_reduce_dtype="compute"):
+                    overlap_grad_reduce=False, grad_reduce_dtype="compute", max_logits_bytes=None):
     """-> (loss, sampled local indices or None). check_key: what the agreement table is done once
     for on CUDA (the module; None: the group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -359,7 +362,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                      ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
                      margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
                      overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
-                     layout=None if mode == "table" else (world, rank))
+                     layout=None if mode == "table" else (world, rank), max_logits_bytes=max_logits_bytes)
         err = None
     except Exception as e:  # every rank learns of it in the agreement check, which re-raises it here
         if mode is None:

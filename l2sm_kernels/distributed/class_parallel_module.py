@@ -79,6 +79,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
     With subcenters=K the shard holds num_local classes of K rows each (weight (num_local K, D)).
     A learned alpha is alpha_min + exp(alpha_raw), as in L2SoftmaxLoss (alpha_min defaults to
     alpha_lower_bound(num_classes)); the state_dict and full_state_dict store the radius as "alpha".
+    max_logits_bytes: the memory dial (bytes of this shard's logits of the global batch kept between
+    the passes; None: the backend's default; docs/memory_dial.md).
 
     Checkpoints (docs/class_parallel.md, "Checkpoints"): the state_dict holds this rank's shard and
     records what it is (rank, world size, shard_sizes, class range, the model's options); loading it
@@ -115,7 +117,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                  shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
                  seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
                  alpha_min: float | None = None, overlap_grad_reduce: bool = False,
-                 grad_reduce_dtype: str = "compute"):
+                 grad_reduce_dtype: str = "compute", max_logits_bytes: int | None = None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
@@ -138,7 +140,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             _check_rank_device(device, group, "device")
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
-                                   margin_grad=margin_grad)
+                                   margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
@@ -236,7 +238,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
             backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
             subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self,
-            overlap_grad_reduce=self.overlap_grad_reduce, grad_reduce_dtype=self.grad_reduce_dtype)
+            overlap_grad_reduce=self.overlap_grad_reduce, grad_reduce_dtype=self.grad_reduce_dtype,
+            max_logits_bytes=o.max_logits_bytes)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 

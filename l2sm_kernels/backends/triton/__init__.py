@@ -9,7 +9,12 @@
   common.py         device helpers shared by the kernels (operands, products, interpreter emulation)
   config.py         tile configurations, the precision plan, grid sizes
   aux_layout.py     what the forward saves for the backward (aux) and the per-row buffers
+  gemm_path.py      the GEMM path: library GEMMs (torch.mm: cuBLAS) per class chunk, the logits kept in aux while
+                    max_logits_bytes allows; the default on a GPU (config.default_path), see its docstring
+  row_kernels.py    the GEMM path's Triton row kernels (chunk statistics, dloss/dc in place, row normalization
+                    and its backward) and their launchers
 Nothing here imports triton at package import: the registry loads op.py when the backend is asked for.
+The rest of this docstring is the fused kernels' design.
 
 Notation (docs/design.md, "The operation"): x_hat_i = x_i / max(|x_i|, eps); W_hat_j = W_j / max(|W_j|, eps) when normalize_weight,
 else W_j; c_ij = x_hat_i . W_hat_j; z_ij = alpha c_ij + b_j, with f(c_iy) instead of c_iy on a row's target
@@ -85,11 +90,12 @@ GEMMs over W's C K rows as eager computes them, is 3 G). Estimates, unmeasured:
   K = 1: 80), its ONES pass 255 / 256, the logsumexp-only split 243 / 0, the dW pass 255 / 416 at K = 3
   (656 at K = 2, 416 at K = 4; K = 1: 352), all options on.
 
-Why this design and not a bounded dz workspace with cuBLAS GEMMs (both are 4 GEMM-equivalents): the
-memory target leaves little room at C = 131072 (peak extra <= 1.1 x the gradients: 12.9 MiB beyond the
-0.126 GiB of gradients), so dz chunks could hold at most ~4096 classes: 32+ chunks of 3-4 launches
-each, about 1 ms of host time per step (estimate), more than the whole 1.6x-floor budget (1.09 ms on
-the H200 anchors). Here the launch count is constant (forward 3-5, backward 2-4).
+Why the fused kernels next to a bounded workspace with cuBLAS GEMMs (gemm_path.py): within the fused
+path's memory target (peak extra <= 1.1 x the gradients: 12.9 MiB beyond the 0.126 GiB of gradients at
+C = 131072) chunks could hold at most ~4096 classes: 32+ chunks of several launches each, about 1 ms of host
+time per step (estimate). Here the launch count is constant (forward 3-5, backward 2-4) and the workspace
+bounded by the gradients; the GEMM path trades ~100 MiB of chunk workspace (and the logits its budget keeps)
+for fewer launches and cuBLAS's GEMMs (docs/design.md, "The roofline").
 The cost of this design is register pressure: the D-wide fp32 accumulator of O' (or dW) is 64 x 512 x 4
 = 128 KiB, half the register file, which fixes 64-row (or 64-class) tiles with 8 warps. Compiled for
 sm_90 (benchmarks/compile_report.py, no GPU needed; B=1024, D=512, bf16): both main kernels use 255
@@ -166,7 +172,8 @@ def kernel_namespace():
     helpers), for tests and tools: kernel_namespace().forward, .Config, .aux_layout, ... Imports triton."""
     from types import SimpleNamespace
 
-    from . import aux_layout, common, config, loss_backward, loss_forward, margin, norms
+    from . import aux_layout, common, config, gemm_path, loss_backward, loss_forward, margin, norms, row_kernels
 
-    mods = (common, margin, norms, aux_layout, config, loss_forward, loss_backward)
+    # the launchers forward / backward are loss_forward's and loss_backward's (the GEMM path's own are reached through them)
+    mods = (common, margin, norms, aux_layout, config, row_kernels, gemm_path, loss_forward, loss_backward)
     return SimpleNamespace(**{k: v for m in mods for k, v in vars(m).items() if not k.startswith("__")})

@@ -1,8 +1,11 @@
 """Launch configuration of the main kernels: tile sizes (Config, GPU_CONFIGS, the interpreter's
 small tiles), the precision plan of the matrix products (dot_plan), the forward's class splits and
-the dW pass's program count, and the constexpr arguments both main kernels share (tile_meta)."""
+the dW pass's program count, and the constexpr arguments both main kernels share (tile_meta); which
+path runs (the fused kernels or the GEMM path, default_path) and the GEMM path's chunks."""
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,10 @@ class Config:
     # programs of this kernel one multiprocessor holds at once (sm_90, from the registers and shared
     # memory benchmarks/compile_report.py reports): sizes the forward grid to whole waves
     ctas_per_sm: int = 1
+    # the GEMM path (gemm_path.py) instead of the fused kernels: block_rows x block_cols are then the tiles
+    # of its row kernels, chunk_classes the classes of one chunk (0: from GEMM_CHUNK_BYTES)
+    gemm: bool = False
+    chunk_classes: int = 0
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -94,17 +101,95 @@ GPU_CONFIGS = {
     "tf32": lambda d: Config(64, 64, min(d, 64), min(d, 256), num_warps=8, num_stages=2),
     "ieee_fwd": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=4, num_stages=2, ctas_per_sm=3),
     "ieee_dw": lambda d: Config(32, 32, min(d, 32), min(d, 128), num_warps=8, num_stages=2),
+    # the wide TMA tiles (a static review of the sm_90 build estimated 15-20 % over "fused"; unmeasured): the
+    # forward 64 rows x 128 classes, the dW pass 128 rows x 64 classes (a 64 x D accumulator either way). A pair:
+    # forced on both kernels through VARIANT_PAIRS (benchmarks/triton_calls.py, forced_tiles)
+    "fused_tma_wide_fwd": lambda d: Config(64, 128, d, d, num_warps=8, num_stages=2, chain_break=True, tma=True),
+    "fused_tma_wide_dw": lambda d: Config(128, 64, d, d, num_warps=8, num_stages=2, chain_break=True, tma=True),
+    # the GEMM path (gemm_path.py): library GEMMs (cuBLAS) per class chunk plus Triton row kernels; the tiles
+    # are the row kernels' (rows x classes per step; memory-bound passes over the chunk). Every dtype.
+    # The default CUDA path until a GPU has timed both (docs/triton_notes.md, "The GEMM path")
+    "gemm": lambda d: Config(16, 256, d, d, num_warps=4, num_stages=2, gemm=True),
 }
+# variants that force a different configuration on each main kernel: name -> (forward's, dW pass's)
+VARIANT_PAIRS = {"fused_tma_wide": ("fused_tma_wide_fwd", "fused_tma_wide_dw")}
+
+PATHS = ("fused", "gemm")
+
+
+def _env_path():
+    """L2SM_TRITON_PATH (fused | gemm): the path both launchers take by default, on the GPU and under the
+    interpreter. Any other value is ignored with a warning (the package still imports)."""
+    v = os.environ.get("L2SM_TRITON_PATH", "").strip().lower()
+    if v in PATHS:
+        return v
+    if v:
+        warnings.warn(f"l2sm_kernels: L2SM_TRITON_PATH={v!r} ignored (one of {PATHS}); the triton backend "
+                      "keeps its default path", RuntimeWarning, stacklevel=2)
+    return None
+
+
+_PATH = _env_path()
+
+
+def set_path(name: str | None) -> None:
+    """Choose the triton backend's path for later calls: "fused" (the fused kernels), "gemm" (library GEMMs
+    plus row kernels, gemm_path.py) or None (the default: "gemm" on a GPU, "fused" under the interpreter).
+    Read when the op runs, so choose it before torch.compile traces a step."""
+    global _PATH
+    if name is not None and name not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {name!r}")
+    _PATH = name
+
+
+def default_path(gpu: bool) -> str:
+    """The path the launchers take without an explicit config: set_path's / L2SM_TRITON_PATH's choice, else
+    the GEMM path on a GPU (its GEMMs are cuBLAS's, measured at the 3-GEMM floor; the fused kernels are
+    unmeasured: until a GPU times both, docs/triton_notes.md) and the fused kernels under the interpreter
+    (CI's option matrix covers them through the public API; tests/test_triton_gemm_path.py the GEMM path)."""
+    if _PATH is not None:
+        return _PATH
+    return "gemm" if gpu else "fused"
+
+
+# the GEMM path's chunk: classes whose (B, n K) cosines take about this many bytes (the chunk buffer; a kept
+# chunk's logits take as much). 64 MiB: 32768 classes at B = 1024 in bf16, 4 chunks at C = 131072 and 32 at
+# C = 1048576. A chunk costs about 9 launches per step, ~0.13 ms of host time in Python (estimate), under the
+# GPU time of its GEMMs at these sizes; smaller chunks save memory (the workspace is a chunk buffer and
+# W_hat_c, ~100 MiB here, see gemm_path.py) but can leave the GPU waiting on the host (not inside a CUDA
+# graph). Unmeasured
+GEMM_CHUNK_BYTES = 64 << 20
+
+
+def _gemm_interpreter_config() -> Config:
+    # tiny chunks, so that the tests' C = 37 .. 300 take several chunks, a ragged last one and two column splits
+    return Config(16, 16, 16, 16, gemm=True, chunk_classes=16)
+
+
+def gemm_chunk_classes(cfg: Config, B: int, C: int, K: int, esize: int) -> int:
+    """Classes per chunk of the GEMM path (a multiple of 16 unless it is all of C)."""
+    n = cfg.chunk_classes or max(16, (GEMM_CHUNK_BYTES // max(1, B * K * esize)) // 16 * 16)
+    return max(1, min(n, C))
+
+
+def gemm_splits(B: int, cfg: Config, sms: int | None) -> int:
+    """Column splits of pass 1's statistics kernel (its grid: row blocks x splits, each split's running
+    partials merged over the chunks): about 4 programs per multiprocessor, 2 under the interpreter."""
+    if sms is None:
+        return 2
+    return max(1, min(64, (4 * sms) // max(1, triton.cdiv(B, cfg.block_rows))))
 
 
 def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None = None, C: int = 0,
                    subcenters: int = 1) -> Config:
     """Tiles of _fwd_split_kernel (variant: a GPU_CONFIGS key, to time the alternatives)."""
     if not gpu:
-        return _interpreter_config(D, C)
+        return _gemm_interpreter_config() if default_path(gpu) == "gemm" else _interpreter_config(D, C)
     d_pad = _pow2(D)
     if variant is not None:
         return GPU_CONFIGS[variant](d_pad)
+    if default_path(gpu) == "gemm":
+        return GPU_CONFIGS["gemm"](d_pad)
     s_dt, _, p_dt, p_tf32 = dot_plan(xdt, wdt)
     if s_dt != 0 and not acc_o:
         if subcenters > 1:
@@ -120,10 +205,12 @@ def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None
 def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None, C: int = 0) -> Config:
     """Tiles of _bwd_dw_kernel (block_rows: rows per step of its walk, block_cols: its classes)."""
     if not gpu:
-        return _interpreter_config(D, C)
+        return _gemm_interpreter_config() if default_path(gpu) == "gemm" else _interpreter_config(D, C)
     d_pad = _pow2(D)
     if variant is not None:
         return GPU_CONFIGS[variant](d_pad)
+    if default_path(gpu) == "gemm":
+        return GPU_CONFIGS["gemm"](d_pad)
     s_dt, _, p_dt, p_tf32 = dot_plan(xdt, wdt)
     if s_dt == 2:
         return GPU_CONFIGS["fused" if d_pad <= 512 else "split_d"](d_pad)

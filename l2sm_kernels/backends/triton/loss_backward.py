@@ -330,6 +330,31 @@ def _bwd_dw_kernel(
                     tl.store(db_ptr + cols, _out(db, db_ptr, EMU), mask=cmask & (kk == 0))
 
 
+def row_values(grad_loss, grad_lse, x, weight, target, alpha, margins, label_smoothing, aux, normalize_weight,
+               margin_kind, margin_detached, K, ignore_index, eps, need_x, need_alpha, dx, wsum, o_off,
+               launch=_identity):
+    """_bwd_rows_kernel: -> (rowv (B, NROWV), da (B,) or empty); dx from O' when need_x (the fused path; the
+    GEMM path passes need_x=False and forms dX from its GEMMs). Shared by both backward paths."""
+    B, D = x.shape
+    C = weight.shape[0] // K
+    dev = x.device
+    smooth = label_smoothing is not None
+    rowv = torch.empty((B, NROWV), device=dev, dtype=torch.float32)
+    da = torch.empty((B,) if need_alpha else (0,), device=dev, dtype=torch.float32)
+    BR, BD = row_tiles(D)
+    launch(_bwd_rows_kernel)[(triton.cdiv(B, BR),)](
+        gl_ptr=grad_loss, gs_ptr=grad_lse, x_ptr=x, w_ptr=weight, alpha_ptr=alpha, tgt_ptr=target, aux_ptr=aux,
+        wsum_ptr=wsum, smooth_ptr=label_smoothing if smooth else rowv, rowv_ptr=rowv,
+        dx_ptr=dx if need_x else rowv, da_ptr=da if need_alpha else rowv,
+        B=B, C=C, D=D, ignore_index=ignore_index, inv_C=1.0 / C, eps=eps,
+        stride_gl=grad_loss.stride(0), stride_gs=grad_lse.stride(0), stride_xb=x.stride(0), stride_xd=x.stride(1),
+        stride_wc=weight.stride(0), stride_wd=weight.stride(1), stride_t=target.stride(0), aux_o_off=o_off,
+        NORM_W=normalize_weight, SMOOTH=smooth, SUBC=K, NEED_X=need_x, NEED_ALPHA=need_alpha,
+        EMU=INTERPRETED, D64=wide_d(D, x, weight), BLOCK_R=BR, BLOCK_D=BD,
+        **margin_args(margins, margin_kind, margin_detached, B, rowv))
+    return rowv, da
+
+
 # W's normalization backward takes w_hat . dw_hat from the finished row (PROJ_TILE, exact cancellation as eager)
 # where one program holds all of D in a tile of at most this width: at D = 512 the correctly rounded w_hat tile
 # next to the accumulator doubled the epilogue's spills (sm_90, all options: 784 bytes against 352). Wider rows
@@ -341,15 +366,22 @@ PROJ_TILE_MAX_D = 128
 
 
 def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
-             need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
+             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
              fwd_config: Config | None = None):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed
-    (contract.py's argument order)."""
+    (contract.py's argument order). A config with gemm=True (the default on a GPU) runs the GEMM path's
+    backward (gemm_path.py), which reads what its forward kept from aux."""
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
     dev = x.device
+    cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C)
+    if cfg.gemm:
+        from .gemm_path import backward as gemm_backward
+        return gemm_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
+                             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps,
+                             max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=launch, config=cfg)
     smooth = label_smoothing is not None
     need_bias = need_bias and bias is not None
     bdt = bias.dtype if bias is not None else x.dtype
@@ -374,30 +406,19 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         # contract allows it). Before the gradients are allocated: its split partials and scratch are freed
         # when it returns, so they never coexist with dW
         _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, K, ignore_index, eps, need_x, False, False, need_alpha, launch=launch,
-                            config=fwd_config)
+                            margin_detached, K, ignore_index, eps, max_logits_bytes, need_x, False, False, need_alpha,
+                            launch=launch, config=fwd_config)
         has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
     dx, dw, db = outputs()
     _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
     wsum = aux[ws_off:] if (need_x and smooth) else aux  # (a placeholder pointer when SMOOTH is off)
 
-    rowv = torch.empty((B, NROWV), device=dev, dtype=torch.float32)
-    da = torch.empty((B,) if need_alpha else (0,), device=dev, dtype=torch.float32)
+    rowv, da = row_values(grad_loss, grad_lse, x, weight, target, alpha, margins, label_smoothing, aux,
+                          normalize_weight, margin_kind, margin_detached, K, ignore_index, eps, need_x, need_alpha,
+                          dx, wsum, o_off, launch)
     d64 = wide_d(D, x, weight)
-    BR, BD = row_tiles(D)
-    launch(_bwd_rows_kernel)[(triton.cdiv(B, BR),)](
-        gl_ptr=grad_loss, gs_ptr=grad_lse, x_ptr=x, w_ptr=weight, alpha_ptr=alpha, tgt_ptr=target, aux_ptr=aux,
-        wsum_ptr=wsum, smooth_ptr=label_smoothing if smooth else rowv, rowv_ptr=rowv,
-        dx_ptr=dx if need_x else rowv, da_ptr=da if need_alpha else rowv,
-        B=B, C=C, D=D, ignore_index=ignore_index, inv_C=1.0 / C, eps=eps,
-        stride_gl=grad_loss.stride(0), stride_gs=grad_lse.stride(0), stride_xb=x.stride(0), stride_xd=x.stride(1),
-        stride_wc=weight.stride(0), stride_wd=weight.stride(1), stride_t=target.stride(0), aux_o_off=o_off,
-        NORM_W=normalize_weight, SMOOTH=smooth, SUBC=K, NEED_X=need_x, NEED_ALPHA=need_alpha,
-        EMU=INTERPRETED, D64=d64, BLOCK_R=BR, BLOCK_D=BD,
-        **margin_args(margins, margin_kind, margin_detached, B, rowv))
 
     if need_weight or need_bias:
-        cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C)
         meta = tile_meta(cfg, D, x.dtype, weight.dtype, streamed=x, chain_break=cfg.chain_break and need_weight)
         n_d = triton.cdiv(D, meta["BLOCK_DO"]) if need_weight else 1
         n_sub = K if need_weight else 1  # sub-centers: one block per (class block, sub-center) for dW

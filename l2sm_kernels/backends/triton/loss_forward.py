@@ -361,17 +361,25 @@ def _fwd_combine_kernel(
 
 
 def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha, *,
-            launch=_identity, config: Config | None = None, splits: int | None = None):
+            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+            need_alpha, *, launch=_identity, config: Config | None = None, splits: int | None = None):
     """-> (loss (B,), lse (B,), aux) fp32, the op's forward (contract.py's argument order). launch wraps
     each kernel (torch.library.wrap_triton inside the op); config / splits override the tile sizes and
-    the class splits (tests)."""
+    the class splits (tests). A config with gemm=True (the default on a GPU, config.default_path) runs
+    the GEMM path instead (gemm_path.py), which keeps up to max_logits_bytes of logits in aux; the fused
+    kernels keep no logits between the passes, so every budget bounds them (docs/memory_dial.md)."""
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
     dev = x.device
     smooth = label_smoothing is not None
     has_o, has_pc, has_ws = forward_plan(smooth, need_x, need_alpha)
+    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C, subcenters=K)
+    if cfg.gemm:
+        from .gemm_path import forward as gemm_forward
+        return gemm_forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+                            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
+                            need_bias, need_alpha, launch=launch, config=cfg)
     numel, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
     loss = torch.empty((B,), device=dev, dtype=torch.float32)
     lse = torch.empty((B,), device=dev, dtype=torch.float32)
@@ -379,7 +387,6 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
     if B == 0:
         return loss, lse, aux
 
-    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C, subcenters=K)
     inv_nx = inv_norms(x, eps, launch)
     inv_nw = inv_norms(weight, eps, launch) if normalize_weight else inv_nx  # (unused when not normalizing)
     d64 = wide_d(D, x, weight)
@@ -420,18 +427,33 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
         del ones_ws
     ws, n_split = split_pass(has_o, has_pc, smooth, False)
 
-    bsum = bias.float().sum() if (bias is not None and smooth) else inv_nx
+    combine(ws, n_split, x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+            margin_detached, K, ignore_index, eps, loss, lse, aux, has_o, has_pc, o_off, inv_nx, launch)
+    if has_ws and K == 1:
+        aux[ws_off:ws_off + D] = column_sum(weight, inv_nw if normalize_weight else None, launch)
+    return loss, lse, aux
+
+
+def combine(ws, n_split, x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+            margin_detached, K, ignore_index, eps, loss, lse, aux, has_o, has_pc, o_off, placeholder,
+            launch=_identity):
+    """_fwd_combine_kernel over the (n_split, B, NPART [+ D]) partials: loss, lse and aux's statistics (and O'
+    when has_o). Shared by the fused forward and the GEMM path's (gemm_path.py, whose partials are its row
+    kernel's). placeholder: any fp32 tensor on the device (a pointer never read)."""
+    B, D = x.shape
+    C = weight.shape[0] // K
+    smooth = label_smoothing is not None
+    b_arg = bias if bias is not None else placeholder
+    stride_b = bias.stride(0) if bias is not None else 0
+    bsum = bias.float().sum() if (bias is not None and smooth) else placeholder
     BR, BD = row_tiles(D)
     launch(_fwd_combine_kernel)[(triton.cdiv(B, BR), triton.cdiv(D, BD) if has_o else 1)](
         ws_ptr=ws, x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, tgt_ptr=target, bsum_ptr=bsum,
-        smooth_ptr=label_smoothing if smooth else inv_nx,
+        smooth_ptr=label_smoothing if smooth else placeholder,
         loss_ptr=loss, lse_ptr=lse, aux_ptr=aux,
         B=B, C=C, D=D, n_splits=n_split, ignore_index=ignore_index, inv_C=1.0 / C, eps=eps,
         stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
         stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
         aux_o_off=o_off, HAS_BIAS=bias is not None, NORM_W=normalize_weight, SMOOTH=smooth, SUBC=K,
-        ACC_O=has_o, ACC_PC=has_pc, D64=d64, BLOCK_R=BR, BLOCK_D=BD,
-        **margin_args(margins, margin_kind, margin_detached, B, inv_nx))
-    if has_ws and K == 1:
-        aux[ws_off:ws_off + D] = column_sum(weight, inv_nw if normalize_weight else None, launch)
-    return loss, lse, aux
+        ACC_O=has_o, ACC_PC=has_pc, D64=wide_d(D, x, weight), BLOCK_R=BR, BLOCK_D=BD,
+        **margin_args(margins, margin_kind, margin_detached, B, placeholder))

@@ -56,35 +56,52 @@ def load():
     triton_op, wrap_triton = triton_library()
 
     from .common import INTERPRETED
-    from .aux_layout import aux_meta
+    from .aux_layout import aux_meta as fused_aux_meta
+    from .config import forward_config, on_gpu
+    from .gemm_path import aux_numel as gemm_aux_numel
     from .loss_backward import backward
     from .loss_forward import forward
     from .margin import check_margin_inputs
+
+    def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+                 margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+                 need_alpha):
+        """The fake kernel's aux: the fused forward's layout, or the GEMM path's (the path the forward takes)."""
+        D = x.shape[1]
+        cfg = forward_config(D, x.dtype, weight.dtype, need_x, on_gpu(x.device), C=weight.shape[0] // subcenters,
+                             subcenters=subcenters)
+        if cfg.gemm:
+            numel = gemm_aux_numel(x, weight, subcenters, need_x, need_weight, need_bias, cfg, max_logits_bytes)
+            return x.new_empty((numel,), dtype=torch.float32)
+        return fused_aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+                              margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
+                              need_bias, need_alpha)
 
     def triton_forward(
         x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor,
         bias: Optional[torch.Tensor], margins: Optional[torch.Tensor], label_smoothing: Optional[torch.Tensor],
         normalize_weight: bool, margin_kind: str, margin_detached: bool, subcenters: int, ignore_index: int,
-        eps: float, need_x: bool, need_weight: bool, need_bias: bool, need_alpha: bool,
+        eps: float, max_logits_bytes: Optional[int], need_x: bool, need_weight: bool, need_bias: bool,
+        need_alpha: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check(x, weight, bias, INTERPRETED)
         check_margin_inputs(x, margins, label_smoothing, margin_kind)
         return forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                       margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha,
-                       launch=wrap_triton)
+                       margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
+                       need_bias, need_alpha, launch=wrap_triton)
 
     def triton_backward(
         grad_loss: torch.Tensor, grad_lse: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         target: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor], margins: Optional[torch.Tensor],
         label_smoothing: Optional[torch.Tensor], lse: torch.Tensor, aux: torch.Tensor, normalize_weight: bool,
-        margin_kind: str, margin_detached: bool, subcenters: int, ignore_index: int, eps: float, need_x: bool,
-        need_weight: bool, need_bias: bool, need_alpha: bool,
+        margin_kind: str, margin_detached: bool, subcenters: int, ignore_index: int, eps: float,
+        max_logits_bytes: Optional[int], need_x: bool, need_weight: bool, need_bias: bool, need_alpha: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check(x, weight, bias, INTERPRETED)
         check_margin_inputs(x, margins, label_smoothing, margin_kind)
         return backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-                        normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x,
-                        need_weight, need_bias, need_alpha, launch=wrap_triton)
+                        normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps,
+                        max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=wrap_triton)
 
     # triton_op infers the schema from the annotations (torch 2.11 - 2.13 accept schema= and ignore
     # it); check that the inference gives the shared one, so the two cannot drift apart silently.
@@ -93,7 +110,7 @@ def load():
     bwd = triton_op(contract.backward_name("triton"), triton_backward, mutates_args=(), schema=contract.BACKWARD_SCHEMA)
     for op, name, schema in ((fwd, contract.forward_name("triton"), contract.FORWARD_SCHEMA),
                              (bwd, contract.backward_name("triton"), contract.BACKWARD_SCHEMA)):
-        got = str(op._opoverload._schema).replace("SymInt ", "int ")
+        got = str(op._opoverload._schema).replace("SymInt ", "int ").replace("SymInt? ", "int? ")
         want = str(torch._C.parse_schema(name + schema))
         if got != want:
             raise RuntimeError(f"triton op schema drifted from contract.py: {got} != {want}")
