@@ -56,7 +56,12 @@ def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, normali
     fp16 / bf16 are computed in fp32), in the requested order; equal scores by the lower gallery index; NaN
     counts as larger than every number (as in torch.topk): a NaN score (a NaN in the query or in that
     gallery row) comes first with largest=True and last with largest=False, so it is never passed off as a
-    plausible neighbour. The result is the same on every backend for the same scores. No gradient (the
+    plausible neighbour. The result is the same on every backend for the same scores.
+
+    Ties are among equal COMPUTED scores: identical gallery rows (duplicates, an expanded stride-0 row) are
+    not promised identical scores, since a BLAS may compute some columns of one product with another
+    kernel (seen on AMD EPYC with 2 threads: the last columns one float step apart), and then the order
+    follows the computed values. Exactly representable inputs score exactly, hence identically. No gradient (the
     inputs are detached). No Q x N buffer: each backend's workspace is bounded (docs/design.md, "Scoring").
 
     backend: "auto" (triton for CUDA tensors, cpu for CPU tensors, eager where neither can serve, announced

@@ -167,6 +167,9 @@ def test_max_cosine_and_anomaly_scores():
     x, W = torch.randn(50, 16), torch.randn(9, 16) * 5
     v, i = L.max_cosine(x, W)
     c = _cos(x, W)
+    for m in (c, F.normalize(x.double(), dim=1) @ W.double().T):  # no near-tie: argmax is the same on any BLAS
+        top2 = m.topk(2, dim=1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-5
     assert torch.equal(i, c.argmax(1)) and torch.allclose(v.double(), c.max(1).values, atol=1e-6)
     torch.testing.assert_close(L.weight_anomaly_score(x, W), 1 - v)
     # normalize_weight=False: the raw product with the normalized features
