@@ -222,6 +222,20 @@ def test_inf_and_huge_rows(backend, device):
     assert (i[:, 0].cpu() == 6).all() and v[:, 0].isnan().all()
 
 
+@pytest.mark.parametrize("scale", [(1e20, 1.0), (1.0, 1e20), (1e30, 1.0), (1e-30, 1e20)], ids=str)
+def test_rows_of_huge_norm(backend, device, scale):
+    """Rows whose fp32 sum of squares overflows (|v| > 1.8e19; reliability case 46): the reference's
+    neighbours and cosines on every backend, for k below and above triton's register limit (k > 256 runs
+    its fallback, the eager algorithm). eager took fp32 norms: inf, every cosine 0 or NaN, wrong indices.
+    (Triton's products take the inputs as stored: |q| |g| must stay below 3.4e38, docs/design.md.)"""
+    qs, gs = scale
+    q, g = _inputs(4, 300, 16, torch.float32, "cpu", seed=15)
+    q, g = q * qs, g * gs
+    for k in (3, 260):
+        v, i = L.cosine_topk(q.to(device), g.to(device), k, backend=backend)
+        check_topk(v, i, q, g, k)
+
+
 # ---------------------------------------------------------------------------------------------
 # errors (reliability case 34) and the API
 # ---------------------------------------------------------------------------------------------
