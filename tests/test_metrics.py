@@ -134,7 +134,8 @@ def test_input_errors():
             with pytest.raises(ValueError, match=rf"scores contain {what}"):
                 f(torch.tensor(s, dtype=torch.float32), torch.tensor(y))
     # the levels are found by comparison: equal large scores are one level whatever their order
-    assert M.roc_auc([1e308, 1e308, 0.1, 0.2], [1, 0, 1, 0]) == M.roc_auc([0.1, 1e308, 0.2, 1e308], [1, 0, 0, 1]) == 0.375
+    a = M.roc_auc([1e308, 1e308, 0.1, 0.2], [1, 0, 1, 0])
+    assert a == M.roc_auc([0.1, 1e308, 0.2, 1e308], [1, 0, 0, 1]) == 0.375
     # the streaming histogram counts +-inf exactly into its end bins (monotone), and refuses NaN
     h = M.ScoreHistogram(bins=8).update(torch.tensor([np.inf, 0.5, -np.inf, -0.5]), torch.tensor([1, 1, 0, 0]))
     assert h.roc_auc() == 1.0 and int(h.pos[-1]) == 1 and int(h.neg[0]) == 1
