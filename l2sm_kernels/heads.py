@@ -234,6 +234,9 @@ class ElasticFaceLoss(L2SoftmaxLoss):
         self.m = _check_margin_value("ElasticFaceLoss.set_margin: m", m, upper=self.variant == "arc")
 
     def draw_margins(self, batch: int, device) -> torch.Tensor:
+        if self.generator is not None and torch.compiler.is_compiling():
+            raise ValueError("ElasticFaceLoss: torch.compile cannot trace a torch.Generator (head.generator); under "
+                             "torch.compile set head.generator = None (torch's default generator)")
         with torch.no_grad():
             return torch.normal(self.m, self.std, (batch,), generator=self.generator, device=device)
 

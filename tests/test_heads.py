@@ -221,6 +221,10 @@ def test_set_margin_takes_each_heads_own_margin(backend, device):
     assert abs(float(elastic.draw_margins(20000, "cpu").mean()) - 0.4) < 0.002
     with pytest.raises(ValueError, match="ElasticFaceLoss.set_margin: m must be"):
         elastic.set_margin(-1.0)
+    # its own generator cannot be traced by torch.compile: a clear error, not dynamo's proxy failure
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot trace a torch.Generator"):
+        torch.compile(lambda x, y: elastic(x, y), backend="eager", fullgraph=True)(x.cpu(), y.cpu())
 
 
 @pytest.mark.parametrize("K", [1, 2])
