@@ -23,6 +23,7 @@ import torch
 
 from .loss import reduce_rows
 from .loss_module import L2SoftmaxLoss
+from .options import _check_margin_value
 
 
 class CombinedMarginLoss(L2SoftmaxLoss):
@@ -42,6 +43,13 @@ class CombinedMarginLoss(L2SoftmaxLoss):
     def head_config(self) -> dict:
         return {"s": self.s}
 
+    def set_margin(self, margin) -> None:
+        """A new combined margin (m1, m2, m3) (m1 = 1.0; m2, m3 numbers or 0-d tensors: a warm-up schedule)."""
+        if not isinstance(margin, (tuple, list)):
+            raise TypeError(f"{type(self).__name__}.set_margin takes the combined margin (m1, m2, m3), "
+                            f"got {margin!r}")
+        super().set_margin(tuple(margin))
+
 
 class ArcFaceLoss(CombinedMarginLoss):
     """ArcFace (Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR
@@ -51,6 +59,11 @@ class ArcFaceLoss(CombinedMarginLoss):
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5, **kwargs):
         super().__init__(in_features, num_classes, m1=1.0, m2=m, m3=0.0, s=s, **kwargs)
 
+    def set_margin(self, m) -> None:
+        """A new angular margin m (a number in [0, pi), or a 0-d tensor: a warm-up schedule under
+        torch.compile): the target logit becomes s cos(theta + m)."""
+        super().set_margin((1.0, _head_margin(self, m, upper=True), 0.0))
+
 
 class CosFaceLoss(CombinedMarginLoss):
     """CosFace / AM-softmax (Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face
@@ -58,6 +71,29 @@ class CosFaceLoss(CombinedMarginLoss):
 
     def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.35, **kwargs):
         super().__init__(in_features, num_classes, m1=1.0, m2=0.0, m3=m, s=s, **kwargs)
+
+    def set_margin(self, m) -> None:
+        """A new cosine margin m (a number >= 0, or a 0-d tensor: a warm-up schedule under torch.compile):
+        the target logit becomes s (cos theta - m)."""
+        super().set_margin((1.0, 0.0, _head_margin(self, m)))
+
+
+def _head_margin(head, m, upper: bool = False):
+    """A fixed-margin head's m for set_margin: a number (checked) or a 0-d floating tensor, with an error
+    naming the head's own argument (not the combined form it is stored as)."""
+    name = f"{type(head).__name__}.set_margin: m"
+    if isinstance(m, (tuple, list)):
+        raise TypeError(f"{name} is the head's one margin (a number or a 0-d tensor), got {m!r}; "
+                        "a combined (m1, m2, m3) margin is CombinedMarginLoss's")
+    if isinstance(m, torch.Tensor) and m.dim() != 0:
+        raise ValueError(f"{name} as a tensor must be 0-d (per-row margins are the per-sample heads'), "
+                         f"got shape {tuple(m.shape)}")
+    return _check_margin_value(name, m, upper=upper)
+
+
+def _no_set_margin(head, what: str):
+    raise TypeError(f"{type(head).__name__} computes its margins per sample ({what}); set_margin does not apply: "
+                    "change the head's hyperparameters instead")
 
 
 class AdaFaceLoss(L2SoftmaxLoss):
@@ -98,6 +134,9 @@ class AdaFaceLoss(L2SoftmaxLoss):
             self.batch_std.mul_(1 - t).add_(t * norms.std())
         return ((norms - self.batch_mean) / (self.batch_std + self.norm_eps) * self.h).clamp(-1.0, 1.0)
 
+    def set_margin(self, margin) -> None:
+        _no_set_margin(self, "from the feature norms, with m, h")
+
     def batch_margin(self, features, target):
         g = self.margin_scaler(features)
         return (1.0, -self.m * g, self.m + self.m * g)
@@ -129,8 +168,12 @@ class MagFaceLoss(L2SoftmaxLoss):
         super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
                          margin=(1.0, 0.0, 0.0), **kwargs)
 
+    def set_margin(self, margin) -> None:
+        _no_set_margin(self, "from the feature magnitudes, with l_m, u_m")
+
     def magnitude(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(features.float(), dim=1).clamp(self.l_a, self.u_a)
+        """a = clip(|x|, l_a, u_a) in float32, float64 for float64 features (so gradcheck runs on the head)."""
+        return torch.linalg.vector_norm(features.to(_wide(features)), dim=1).clamp(self.l_a, self.u_a)
 
     def margin_of(self, a: torch.Tensor) -> torch.Tensor:
         return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
@@ -148,12 +191,13 @@ class MagFaceLoss(L2SoftmaxLoss):
         y = torch.where(valid, target, torch.zeros_like(target))
         K = self.options.subcenters
         rows = (y[:, None] * K + torch.arange(K, device=y.device)).reshape(-1)
-        w = torch.nn.functional.normalize(self.weight.detach().float().index_select(0, rows), dim=1)
-        x = torch.nn.functional.normalize(features.detach().float(), dim=1, eps=self.options.eps)
+        dt = torch.promote_types(_wide(features), _wide(self.weight))  # float64 inputs: gradcheck runs
+        w = torch.nn.functional.normalize(self.weight.detach().to(dt).index_select(0, rows), dim=1)
+        x = torch.nn.functional.normalize(features.detach().to(dt), dim=1, eps=self.options.eps)
         c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1).clamp(-1.0, 1.0)
         theta = torch.acos(c)
         df = torch.where(theta + m < math.pi, -torch.sin(theta + m), -(torch.sin(m) + m * torch.cos(m)))
-        p = torch.exp(-ce.detach().float())
+        p = torch.exp(-ce.detach().to(dt))
         return torch.where(valid, self.s * (p - 1) * df, torch.zeros_like(df))
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -186,7 +230,16 @@ class ElasticFaceLoss(L2SoftmaxLoss):
         super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="combined",
                          margin=(1.0, 0.0, 0.0), **kwargs)
 
+    def set_margin(self, m) -> None:
+        """A new mean margin m (a number >= 0; the draws are N(m, std^2)): a warm-up schedule."""
+        if isinstance(m, torch.Tensor) or isinstance(m, (tuple, list)):
+            raise TypeError(f"ElasticFaceLoss.set_margin: m is the mean of the drawn margins, a number, got {m!r}")
+        self.m = _check_margin_value("ElasticFaceLoss.set_margin: m", m, upper=self.variant == "arc")
+
     def draw_margins(self, batch: int, device) -> torch.Tensor:
+        if self.generator is not None and torch.compiler.is_compiling():
+            raise ValueError("ElasticFaceLoss: torch.compile cannot trace a torch.Generator (head.generator); under "
+                             "torch.compile set head.generator = None (torch's default generator)")
         with torch.no_grad():
             return torch.normal(self.m, self.std, (batch,), generator=self.generator, device=device)
 
@@ -196,6 +249,11 @@ class ElasticFaceLoss(L2SoftmaxLoss):
 
     def head_config(self) -> dict:
         return {"s": self.s, "m": self.m, "std": self.std, "variant": self.variant}
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, else float32 (16-bit inputs are widened)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 HEADS = {"softmax-l2": L2SoftmaxLoss, "arcface": ArcFaceLoss, "cosface": CosFaceLoss,

@@ -9,7 +9,8 @@ import warnings
 import torch
 
 from .backends import ops_for, resolve
-from .options import FLOAT_DTYPES, L2SMOptions, check_alpha, check_reduction, check_sample_rate, compute_dtype
+from .options import (FLOAT_DTYPES, L2SMOptions, check_alpha, check_alpha_fits, check_reduction, check_sample_rate,
+                      compute_dtype)
 
 
 def alpha_lower_bound(num_classes: int, p: float = 0.9) -> float:
@@ -156,7 +157,9 @@ def _alpha_tensor(alpha, device, dtype) -> torch.Tensor:
                 raise ValueError(f"alpha is on {alpha.device} but features are on {device}")
             alpha = alpha.to(device)  # a 0-d CPU scalar moves along (differentiably)
         return alpha
-    return torch.full((), check_alpha(alpha), dtype=dtype, device=device)
+    alpha = check_alpha(alpha)
+    check_alpha_fits(alpha, dtype)
+    return torch.full((), alpha, dtype=dtype, device=device)
 
 
 def reduce_rows(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -204,9 +207,14 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
             identity; the value still has the margin).
         sample_rate: Partial FC in one process (An et al. 2022): every class that is a target in the
             batch plus random others, max(int(q C), positives) classes in all; the loss is the loss over
-            exactly those classes and the others get exactly zero gradient. q = 1: all classes. Drawing
-            the sample reads the number of positives on the host (a synchronization).
+            exactly those classes and the others get exactly zero gradient. q = 1: all classes. When
+            int(q C) >= B the size is int(q C), known from the shapes (no host read; compiles without a
+            graph break); otherwise drawing the sample reads the number of positives on the host (a
+            synchronization). The sample holds at least one class: with int(q C) = 0 and every target
+            ignored it is one random class, and the result is the all-ignored one (0 per row, NaN for
+            "mean", zero gradients) on every backend, never an op over zero classes.
         generator: the torch.Generator of Partial FC's draw (on the features' device; None: the default).
+            torch.compile cannot trace a generator: under it pass None (a clear error otherwise).
         backend: "auto", "eager", "cpu" or "triton" (see l2sm_kernels.available_backends()).
         max_logits_bytes: the memory dial (docs/memory_dial.md): the most bytes of logits the forward
             may keep for the backward, an int >= 0, or None for the backend's default. 0: keep none
@@ -259,7 +267,7 @@ def partial_fc_select(weight, bias, target, num_classes: int, sample_rate: float
 
     K = opts.subcenters
     sampled = partial_fc_sample(target, 0, num_classes, sample_rate, ignore_index=opts.ignore_index,
-                                generator=generator)
+                                generator=generator, min_size=1)
     rows = (sampled[:, None] * K + torch.arange(K, device=sampled.device)).reshape(-1) if K > 1 else sampled
     w = weight.index_select(0, rows)
     b = bias.index_select(0, sampled) if bias is not None else None

@@ -9,7 +9,8 @@ from torch import nn
 
 from .backends.registry import check_backend
 from .loss import alpha_lower_bound, l2_softmax_loss
-from .options import L2SMOptions, check_alpha, check_int, check_reduction, check_sample_rate
+from .options import (L2SMOptions, check_alpha, check_alpha_fits, check_int, check_reduction,
+                      check_sample_rate)
 
 _STATE_VERSION = 1
 
@@ -36,7 +37,9 @@ def initial_alpha(alpha) -> float:
         if alpha.dim() != 0 or not alpha.is_floating_point():
             raise ValueError(f"alpha must be a number > 0 or a 0-d floating tensor, got {alpha!r}")
         alpha = float(alpha.detach())
-    return check_alpha(alpha)
+    alpha = check_alpha(alpha)
+    check_alpha_fits(alpha, torch.float32)  # the module keeps alpha in a float32 buffer / parameter
+    return alpha
 
 
 class L2SoftmaxLoss(nn.Module):
@@ -72,6 +75,12 @@ class L2SoftmaxLoss(nn.Module):
 
     forward(features (B, in_features), target (B,)) -> loss, see l2_softmax_loss. With sample_rate < 1,
     `last_sampled` holds the classes of the last call's Partial FC sample.
+
+    Random draws (Partial FC's sample, ElasticFace's margins) come from `module.generator`, torch's default
+    generator when it is None (the default: an exact resume then restores torch.get_rng_state() as for the
+    rest of training). Give the module its own, ``module.generator = torch.Generator(device).manual_seed(s)``,
+    and its state travels with the state_dict ("generator_state", a uint8 tensor): loading it restores the
+    draws exactly where they were (a module without a generator gets one on its weight's device).
     """
 
     def __init__(self, in_features: int, num_classes: int, alpha: float = 16.0, learn_alpha: bool = False,
@@ -96,7 +105,7 @@ class L2SoftmaxLoss(nn.Module):
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend = reduction, backend
         self.sample_rate = check_sample_rate(sample_rate)
-        self.generator = None  # Partial FC's torch.Generator (None: torch's default)
+        self.generator = None  # Partial FC's (and ElasticFace's) torch.Generator (None: torch's default)
         self.last_sampled = None
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_classes * self.options.subcenters, in_features, **factory))
@@ -221,6 +230,7 @@ class L2SoftmaxLoss(nn.Module):
 
     def _register_state_hooks(self) -> None:
         register_alpha_state_hooks(self, with_options=True)
+        register_generator_state_hooks(self)
 
 
 def getattr_with_alpha(module: nn.Module, name: str):
@@ -249,6 +259,44 @@ def register_alpha_state_hooks(module: nn.Module, with_options: bool = False) ->
         pre(hook)
     else:  # older torch: the private form with the module as the first argument
         module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def register_generator_state_hooks(module: nn.Module) -> None:
+    """state_dict hooks that save `module.generator`'s state as "generator_state" (when the module has a
+    generator) and restore it on load, so a run with the module's own generator resumes exactly."""
+    post = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+    post(_save_generator_state)
+    pre = getattr(module, "register_load_state_dict_pre_hook", None)
+    if pre is not None:
+        pre(_load_generator_state)
+    else:  # older torch: the private form with the module as the first argument
+        module._register_load_state_dict_pre_hook(_load_generator_state, with_module=True)
+
+
+def _save_generator_state(module, state_dict, prefix, local_metadata):
+    g = module.__dict__.get("generator")
+    if g is not None:
+        state_dict[prefix + "generator_state"] = g.get_state()
+
+
+def _load_generator_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs):
+    """load_state_dict pre-hook: "generator_state" (popped, so it is no unexpected key) sets the module's
+    generator (created on the weight's device if the module has none)."""
+    key = prefix + "generator_state"
+    if key not in state_dict:
+        return
+    st = state_dict.pop(key)
+    g = module.__dict__.get("generator")
+    if g is None:
+        g = torch.Generator(device=module.weight.device)
+    try:
+        g.set_state(st.detach().to("cpu", torch.uint8))
+    except (RuntimeError, TypeError) as e:
+        raise RuntimeError(f"{type(module).__name__}: the checkpoint's generator_state does not fit the module's "
+                           f"generator on {g.device} ({e}); set module.generator to a generator of the device the "
+                           "checkpoint was saved on") from None
+    module.generator = g
 
 
 def _save_alpha_as_radius(module, state_dict, prefix, local_metadata):

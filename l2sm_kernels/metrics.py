@@ -3,7 +3,8 @@ scikit-learn in tests/test_metrics.py (docs/design.md, "Scoring", "Metrics").
 
 Every function takes scores (higher = "same") and is_same (True for a genuine / same-identity pair, False
 for an impostor pair) as 1-D torch tensors, numpy arrays or sequences of equal length, with at least one
-pair of each kind; NaN scores raise a ValueError (as scikit-learn does).
+pair of each kind; NaN and infinite scores raise a ValueError naming the first one (as scikit-learn does;
+ScoreHistogram instead counts +-inf into its end bins, exactly, and refuses NaN).
 
 - roc_curve(scores, is_same) -> (fpr, tpr, thresholds): scikit-learn's roc_curve with
   drop_intermediate=False: one point per distinct score, thresholds decreasing, a first point (0, 0) at
@@ -57,13 +58,25 @@ def _as_numpy(v, name: str, dtype) -> np.ndarray:
     return a.astype(dtype, copy=False)
 
 
+def _finite_scores(s: np.ndarray) -> np.ndarray:
+    """NaN and +-inf refused with the first position: a NaN has no place in the order; an infinite score
+    has one, but no threshold of "accept when score > t" accepts -inf and the midpoints between levels
+    are undefined at inf - inf, so the metrics would disagree about it (scikit-learn refuses both)."""
+    bad = ~np.isfinite(s)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        what = "NaN" if np.isnan(s[i]) else "an infinite score"
+        raise ValueError(f"scores contain {what} (scores[{i}] = {s[i]}); the metrics take finite scores, as "
+                         "scikit-learn does (cosine scores are finite: check the embeddings; to keep an infinite "
+                         "score as a certain decision, clip it, e.g. np.clip(scores, -1e300, 1e300))")
+    return s
+
+
 def _pairs(scores, is_same) -> tuple[np.ndarray, np.ndarray]:
-    s = _as_numpy(scores, "scores", np.float64)
+    s = _finite_scores(_as_numpy(scores, "scores", np.float64))
     y = _as_numpy(is_same, "is_same", bool)
     if s.shape != y.shape:
         raise ValueError(f"scores and is_same must have the same length, got {len(s)} and {len(y)}")
-    if np.isnan(s).any():
-        raise ValueError("scores contain NaN")
     if y.all() or not y.any():
         raise ValueError("the metrics need both genuine (is_same) and impostor pairs")
     return s, y
@@ -80,7 +93,8 @@ class _Levels(NamedTuple):
 def _levels(s: np.ndarray, y: np.ndarray) -> _Levels:
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # first position of each distinct score
+    starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]  # first position of each distinct score (not
+    # np.diff: inf - inf is NaN, which would split equal infinite scores into levels in input order)
     pos = np.add.reduceat(y.astype(np.int64), starts)
     neg = np.add.reduceat((~y).astype(np.int64), starts)
     return _Levels(s[starts], pos, neg)
@@ -166,7 +180,7 @@ def fold_slices(n: int, folds: int) -> list[slice]:
 def best_threshold(scores, is_same) -> float:
     """The threshold t with the best accuracy of "accept when score > t" on these pairs; candidates -inf,
     midpoints between consecutive distinct scores, +inf; the smallest of the best."""
-    s = _as_numpy(scores, "scores", np.float64)
+    s = _finite_scores(_as_numpy(scores, "scores", np.float64))
     y = _as_numpy(is_same, "is_same", bool)
     lv = _levels(s, y)
     th, pos, neg = lv.thresholds[::-1], lv.pos[::-1], lv.neg[::-1]  # increasing score
@@ -231,7 +245,8 @@ class ScoreHistogram:
             raise ValueError(f"scores and is_same must have the same length, got {s.numel()} and {y.numel()}")
         if torch.isnan(s).any():
             raise ValueError("scores contain NaN")
-        # bin of s: floor((s - lo) / width) in float64, clamped into [0, bins): monotone in s
+        # bin of s: floor((s - lo) / width) in float64, clamped into [0, bins): monotone in s (+-inf: the end
+        # bins, exactly)
         b = ((s.double() - self.lo) * (self.bins / (self.hi - self.lo))).floor_().clamp_(0, self.bins - 1).long()
         self.pos += torch.bincount(b[y], minlength=self.bins)
         self.neg += torch.bincount(b[~y], minlength=self.bins)

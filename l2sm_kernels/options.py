@@ -301,7 +301,19 @@ def check_alpha(alpha) -> float:
         raise TypeError(f"alpha must be a Python number or a 0-d tensor, got {type(alpha).__name__}")
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0 (the radius of the feature hypersphere), got {alpha!r}")
+    if alpha == math.inf:  # every logit infinite: the loss would be inf - inf = NaN, silently
+        raise ValueError(f"alpha must be finite (the radius of the feature hypersphere), got {alpha!r}")
     return _as_float(alpha)
+
+
+def check_alpha_fits(alpha, dtype: torch.dtype) -> None:
+    """alpha given as a Python number must be representable in the dtype it is computed in (float32 for
+    float32 / float16 / bfloat16 inputs): 1e39 would overflow to inf there (the loss NaN), so it is an
+    error naming alpha. (A NaN alpha passes: it propagates into the loss.)"""
+    big = torch.finfo(dtype).max
+    if alpha > big:
+        raise ValueError(f"alpha = {alpha!r} overflows {dtype} (largest {big:.4g}), the dtype the loss is computed "
+                         "in for these inputs; pass a smaller alpha (the paper's radii are 10-100) or float64 inputs")
 
 
 def check_reduction(reduction) -> str:

@@ -9,7 +9,7 @@ as the loss's logits; cosine_topk never builds it.
 - cosine_topk(queries, gallery, k): the k largest (or smallest) cosines per query and their gallery
   indices, exact, through one op per backend (backends/topk.py) like the loss.
 - max_cosine / weight_anomaly_score: k = 1 against the class weights (prediction and its cosine; anomaly
-  score 1 - cosine), no B x C matrix.
+  score 1 - cosine), no B x C matrix; sub-center heads (subcenters=K, or the head itself) give classes.
 - knn_cosine / knn_anomaly_score: the mean of the k largest cosines to a gallery; 1 - that.
 - verification_pair_chunks / verification_scores / verification_histogram: the all-pairs verification
   scores of a labelled set, a block of rows at a time (l2sm_kernels.metrics reads them).
@@ -56,7 +56,12 @@ def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, normali
     fp16 / bf16 are computed in fp32), in the requested order; equal scores by the lower gallery index; NaN
     counts as larger than every number (as in torch.topk): a NaN score (a NaN in the query or in that
     gallery row) comes first with largest=True and last with largest=False, so it is never passed off as a
-    plausible neighbour. The result is the same on every backend for the same scores. No gradient (the
+    plausible neighbour. The result is the same on every backend for the same scores.
+
+    Ties are among equal COMPUTED scores: identical gallery rows (duplicates, an expanded stride-0 row) are
+    not promised identical scores, since a BLAS may compute some columns of one product with another
+    kernel (seen on AMD EPYC with 2 threads: the last columns one float step apart), and then the order
+    follows the computed values. Exactly representable inputs score exactly, hence identically. No gradient (the
     inputs are detached). No Q x N buffer: each backend's workspace is bounded (docs/design.md, "Scoring").
 
     backend: "auto" (triton for CUDA tensors, cpu for CPU tensors, eager where neither can serve, announced
@@ -89,17 +94,44 @@ def cosine_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, normali
 # ---------------------------------------------------------------------------------------------
 # scores built on it
 # ---------------------------------------------------------------------------------------------
-def max_cosine(features: torch.Tensor, weight: torch.Tensor, *, normalize_weight: bool = True, eps: float = 1e-12,
-               backend: str = "auto"):
+def max_cosine(features: torch.Tensor, weight, *, subcenters: int | None = None, normalize_weight: bool = True,
+               eps: float = 1e-12, backend: str = "auto"):
     """(largest cosine to the class weights (B,), its class (B,) int64): the closed-set prediction of an
-    L2-softmax model by cosine, without the B x C matrix (cosine_topk with k = 1; ties to the lower class)."""
+    L2-softmax model by cosine, without the B x C matrix (cosine_topk with k = 1; ties to the lower class).
+
+    weight: the (C K, D) class weights with K = subcenters sub-centers per class (rows [j K, (j + 1) K) are
+    class j's, as the loss lays them out; default K = 1), or the head itself (an L2SoftmaxLoss or any
+    module with `.weight` and `.options.subcenters`), whose weight and sub-centers are used. A class's
+    cosine is the largest over its sub-centers (as the loss and L2SoftmaxLoss.cosine have it), so the
+    class returned is the best row's, row // K, never a row index."""
+    weight, K = _class_weights(weight, subcenters)
     v, i = cosine_topk(features, weight, 1, normalize_gallery=normalize_weight, eps=eps, backend=backend)
-    return v[:, 0], i[:, 0]
+    # the best row over all C K rows is the best class's best sub-center; on ties the lower row, whose
+    # class is the lower one (rows of class j precede those of class j + 1)
+    return v[:, 0], i[:, 0] // K if K > 1 else i[:, 0]
 
 
-def weight_anomaly_score(features: torch.Tensor, weight: torch.Tensor, **kw) -> torch.Tensor:
-    """1 - max_j cos(x, W_j): far from every known class direction = anomalous (keywords: max_cosine's)."""
+def weight_anomaly_score(features: torch.Tensor, weight, **kw) -> torch.Tensor:
+    """1 - max_j cos(x, W_j): far from every known class direction = anomalous (keywords: max_cosine's,
+    subcenters included; weight may be the head)."""
     return 1.0 - max_cosine(features, weight, **kw)[0]
+
+
+def _class_weights(weight, subcenters):
+    """(the weight tensor, K) from a tensor and subcenters (default 1) or from a head."""
+    if not isinstance(weight, torch.Tensor) and hasattr(weight, "weight") and hasattr(weight, "options"):
+        head_k = weight.options.subcenters
+        if subcenters is not None and subcenters != head_k:
+            raise ValueError(f"subcenters={subcenters!r} contradicts the head's subcenters={head_k}")
+        weight, subcenters = weight.weight.detach(), head_k
+    _check_matrix("weight", weight)
+    K = 1 if subcenters is None else subcenters
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
+        raise ValueError(f"subcenters must be an int >= 1, got {subcenters!r}")
+    if weight.shape[0] % K:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters={K} (rows [j K, (j + 1) K) "
+                         "are class j's sub-centers)")
+    return weight, int(K)
 
 
 def knn_cosine(queries: torch.Tensor, gallery: torch.Tensor, k: int = 5, *, eps: float = 1e-12,

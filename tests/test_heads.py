@@ -182,3 +182,68 @@ def test_heads_train_on_digits_cpu():
             acc = float((head.cosine(net(xs)).argmax(1) == ys).float().mean())
         assert acc > 0.8, (name, acc)
         assert torch.isfinite(F.normalize(head.weight, dim=1)).all()
+
+
+def test_set_margin_takes_each_heads_own_margin(backend, device):
+    """set_margin speaks the head's language: ArcFace's and CosFace's m (a number or a 0-d tensor: the
+    loss equals a head built with that m), CombinedMarginLoss's (m1, m2, m3); errors name the head's own
+    argument, never the margin_type 'combined' the user did not choose; the per-sample heads refuse."""
+    x, y = _inputs(device, seed=6)
+    for cls, m, form in ((L.ArcFaceLoss, 0.3, (1.0, 0.3, 0.0)), (L.CosFaceLoss, 0.2, (1.0, 0.0, 0.2))):
+        torch.manual_seed(6)
+        head = cls(D, C, backend=backend).to(device)
+        torch.manual_seed(6)
+        want = cls(D, C, m=m, backend=backend).to(device)
+        head.set_margin(m)
+        assert head.options.margin == form
+        assert max_err(head(x, y), want(x, y)) <= 1e-6 * float(want(x, y).detach().abs())
+        head.set_margin(torch.tensor(m, dtype=torch.float64, device=device))
+        assert max_err(head(x, y), want(x, y)) <= 1e-6 * float(want(x, y).detach().abs())
+        for bad, exc, msg in ((-0.1, ValueError, f"{cls.__name__}.set_margin: m must be"),
+                              ((1.0, 0.3, 0.0), TypeError, "CombinedMarginLoss"),
+                              (torch.zeros(B), ValueError, "must be 0-d")):
+            with pytest.raises(exc, match=msg) as info:
+                head.set_margin(bad)
+            assert "margin_type" not in str(info.value)
+    with pytest.raises(ValueError, match="ArcFaceLoss.set_margin: m must be in \\[0, pi\\)"):
+        L.ArcFaceLoss(D, C).set_margin(4.0)
+    comb = L.CombinedMarginLoss(D, C)
+    comb.set_margin((1.0, 0.2, 0.1))
+    assert comb.options.margin == (1.0, 0.2, 0.1)
+    with pytest.raises(TypeError, match=r"CombinedMarginLoss.set_margin takes the combined margin \(m1, m2, m3\)"):
+        comb.set_margin(0.3)
+    for cls in (L.AdaFaceLoss, L.MagFaceLoss):
+        with pytest.raises(TypeError, match=f"{cls.__name__} computes its margins per sample"):
+            cls(D, C).set_margin(0.3)
+    elastic = L.ElasticFaceLoss(D, C)
+    elastic.set_margin(0.4)
+    elastic.generator = torch.Generator().manual_seed(0)
+    assert abs(float(elastic.draw_margins(20000, "cpu").mean()) - 0.4) < 0.002
+    with pytest.raises(ValueError, match="ElasticFaceLoss.set_margin: m must be"):
+        elastic.set_margin(-1.0)
+    # its own generator cannot be traced by torch.compile: a clear error, not dynamo's proxy failure
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot trace a torch.Generator"):
+        torch.compile(lambda x, y: elastic(x, y), backend="eager", fullgraph=True)(x.cpu(), y.cpu())
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_magface_float64_gradcheck(backend, device, K):
+    """MagFace's magnitude, margin and margin slope are computed in float64 for float64 inputs, so the
+    head passes torch.autograd.gradcheck (in float32 they were rounded: gradcheck failed)."""
+    if backend == "triton":
+        pytest.skip("float64: eager and cpu")
+    torch.manual_seed(7)
+    head = L.MagFaceLoss(6, 5, subcenters=K, reduction="sum", backend=backend).to(device).double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x = (x / x.norm(dim=1, keepdim=True) * torch.tensor([[15.0], [30.0], [60.0], [90.0]], dtype=torch.float64))
+    x = x.to(device).requires_grad_(True)  # magnitudes inside [l_a, u_a]: the margin and regularizer move
+    y = torch.tensor([0, 1, 4, 2], device=device)
+    w = head.weight.detach().clone().requires_grad_(True)
+
+    def f(x, w):
+        return torch.func.functional_call(head, {"weight": w}, (x, y))
+
+    assert f(x, w).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (x, w))

@@ -421,6 +421,19 @@ def test_alpha_rules(backend, device):
     assert max_err(out, ref) < 1e-5
     # NaN alpha (float) propagates rather than being rejected
     assert torch.isnan(L.l2_softmax_loss(case.x, case.weight, case.target, math.nan, backend=backend))
+    # an infinite alpha (every logit infinite: NaN silently) and one beyond float32 (inf once converted) are
+    # errors naming alpha; float64 inputs take 1e39 (it is representable there)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        L.l2_softmax_loss(case.x, case.weight, case.target, math.inf, backend=backend)
+    with pytest.raises(ValueError, match=r"alpha = 1e\+39 overflows torch.float32"):
+        L.l2_softmax_loss(case.x, case.weight, case.target, 1e39, backend=backend)
+    with pytest.raises(ValueError, match=r"alpha = 1e\+39 overflows torch.float32"):
+        L.L2SoftmaxLoss(4, 5, alpha=1e39, backend=backend)
+    assert torch.isfinite(L.l2_softmax_loss(case.x, case.weight, case.target, 3e38, backend=backend))
+    if supports_fp64(backend):
+        out = L.l2_softmax_loss(case.x.double(), case.weight.double(), case.target, 1e39, backend=backend)
+        ref = L.l2_softmax_loss_ref(case.x.detach(), case.weight.detach(), case.target, 1e39)
+        assert torch.isfinite(out) and max_err(out, ref) <= 1e-10 * float(ref.abs())
 
 
 # ---------------------------------------------------------------------------------------------

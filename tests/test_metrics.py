@@ -121,6 +121,24 @@ def test_input_errors():
         M.roc_auc([0.1, 0.2], [True, True])
     with pytest.raises(ValueError, match="NaN"):
         M.roc_auc([0.1, float("nan")], [True, False])
+    # NaN and +-inf: the same clear error, naming the first position, from every exact metric (scikit-learn
+    # refuses both); inf once made roc_auc depend on the input order and kfold_accuracy return NaN thresholds
+    y = np.array([True, False, True, False, True, False, True, False, True, False, True, False])
+    for bad, what in ((np.inf, "an infinite score"), (-np.inf, "an infinite score"), (np.nan, "NaN")):
+        s = np.linspace(1.0, -1.0, 12)
+        s[3] = bad
+        for f in (M.roc_curve, M.roc_auc, M.eer, lambda s, y: M.tar_at_far(s, y, 0.1),
+                  lambda s, y: M.kfold_accuracy(s, y, folds=3), M.best_threshold):
+            with pytest.raises(ValueError, match=rf"scores contain {what} \(scores\[3\] = "):
+                f(s, y)
+            with pytest.raises(ValueError, match=rf"scores contain {what}"):
+                f(torch.tensor(s, dtype=torch.float32), torch.tensor(y))
+    # the levels are found by comparison: equal large scores are one level whatever their order
+    a = M.roc_auc([1e308, 1e308, 0.1, 0.2], [1, 0, 1, 0])
+    assert a == M.roc_auc([0.1, 1e308, 0.2, 1e308], [1, 0, 0, 1]) == 0.375
+    # the streaming histogram counts +-inf exactly into its end bins (monotone), and refuses NaN
+    h = M.ScoreHistogram(bins=8).update(torch.tensor([np.inf, 0.5, -np.inf, -0.5]), torch.tensor([1, 1, 0, 0]))
+    assert h.roc_auc() == 1.0 and int(h.pos[-1]) == 1 and int(h.neg[0]) == 1
     with pytest.raises(ValueError, match="same length"):
         M.eer([0.1, 0.2, 0.3], [True, False])
     with pytest.raises(ValueError, match="1-D"):
@@ -167,6 +185,9 @@ def test_max_cosine_and_anomaly_scores():
     x, W = torch.randn(50, 16), torch.randn(9, 16) * 5
     v, i = L.max_cosine(x, W)
     c = _cos(x, W)
+    for m in (c, F.normalize(x.double(), dim=1) @ W.double().T):  # no near-tie: argmax is the same on any BLAS
+        top2 = m.topk(2, dim=1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-5
     assert torch.equal(i, c.argmax(1)) and torch.allclose(v.double(), c.max(1).values, atol=1e-6)
     torch.testing.assert_close(L.weight_anomaly_score(x, W), 1 - v)
     # normalize_weight=False: the raw product with the normalized features
@@ -177,6 +198,43 @@ def test_max_cosine_and_anomaly_scores():
     kv = L.knn_cosine(x, g, k=5)
     assert torch.allclose(kv.double(), _cos(x, g).topk(5, dim=1).values.mean(1), atol=1e-6)
     torch.testing.assert_close(L.knn_anomaly_score(x, g, 5), 1 - kv)
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_max_cosine_of_a_subcenter_head_returns_classes(backend, K):
+    """Sub-center weights (C K rows, class j's rows [j K, (j + 1) K)): max_cosine and weight_anomaly_score
+    with subcenters=K, or given the head, return classes and the class's best sub-center cosine, as the
+    head's own (B, C) cosine has them; ties between classes to the lower class (exact inputs)."""
+    from conftest import backend_device
+
+    device = backend_device(backend)
+    C, D = 7, 16
+    torch.manual_seed(K)
+    head = L.ArcFaceLoss(D, C, subcenters=K, backend=backend)
+    x = torch.randn(40, D)
+    full = head.cosine(x).double()  # (B, C): max over each class's sub-centers
+    top2 = full.topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-5  # no near-tie: the same argmax on any BLAS
+    for kw in (dict(weight=head.weight.detach().to(device), subcenters=K), dict(weight=head)):
+        w = kw.pop("weight")
+        v, i = L.max_cosine(x.to(device), w if isinstance(w, torch.Tensor) else head.to(device), backend=backend,
+                            **kw)
+        assert torch.equal(i.cpu(), full.argmax(1)) and int(i.max()) < C
+        assert torch.allclose(v.cpu().double(), full.max(1).values, atol=1e-6)
+        a = L.weight_anomaly_score(x.to(device), w if isinstance(w, torch.Tensor) else head, backend=backend, **kw)
+        torch.testing.assert_close(a, 1 - v)
+    # exact ties: class 1's second sub-center equals class 0's first: the lower class wins
+    w = torch.zeros(C * K, D)
+    w[:, 0] = -1.0
+    w[0, 0], w[K + 1, 0] = 1.0, 1.0
+    v, i = L.max_cosine(torch.eye(D)[:1].to(device), w.to(device), subcenters=K, backend=backend)
+    assert i.tolist() == [0] and v.tolist() == [1.0]
+    with pytest.raises(ValueError, match="not a multiple of subcenters=2"):
+        L.max_cosine(x, torch.randn(7, D), subcenters=2)
+    with pytest.raises(ValueError, match="subcenters must be an int >= 1"):
+        L.max_cosine(x, torch.randn(7, D), subcenters=0)
+    with pytest.raises(ValueError, match="contradicts the head's subcenters"):
+        L.max_cosine(x, head, subcenters=K + 1)
 
 
 def test_verification_pairs_in_chunks():

@@ -2,7 +2,8 @@
 
 Over chunks of the gallery: the chunk's scores s_ij = (q_hat_i . g_j) / max(|g_j|, eps), with
 q_hat_i = q_i / max(|q_i|, eps), in the compute dtype (float32, float64 when an input is float64) -- the
-formula every backend uses -- are merged with the running k best of each query:
+formula every backend uses, the row norms accumulated in float64 (rows above 1.8e19 do not overflow) --
+are merged with the running k best of each query:
 
 - float32: each score and its index become one unique int64 key (backends/topk.py, encode_scores: the
   score's order in the high bits, the index in the low bits, NaN above every number, -0.0 = +0.0), and
@@ -40,7 +41,9 @@ def cosine_topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, no
     dev = queries.device
     chunk = chunk or chunk_rows(Q, k)
     q = queries.to(dt)
-    q_hat = q / q.norm(dim=1, keepdim=True).clamp_min(eps)  # F.normalize's formula, x / max(|x|, eps)
+    # F.normalize's formula, x / max(|x|, eps), with the norm accumulated in float64: an fp32 sum of squares
+    # overflows for rows above 1.8e19 (their cosines came out as 0 or NaN: wrong neighbours)
+    q_hat = q / _norms(q).clamp_min(eps).to(dt)[:, None]
     keys = dt == torch.float32
     best = torch.empty((Q, 0), device=dev, dtype=torch.int64 if keys else dt)  # keys, or values
     idx = torch.empty((Q, 0), device=dev, dtype=torch.int64)  # (float64 path) their indices
@@ -48,7 +51,7 @@ def cosine_topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, no
         gc = gallery[c0:c0 + chunk].to(dt)
         s = q_hat @ gc.T
         if normalize_gallery:
-            s.mul_(1.0 / gc.norm(dim=1).clamp_min(eps))  # times 1 / max(|g_j|, eps), as cpu and triton
+            s.mul_((1.0 / _norms(gc).clamp_min(eps)).to(dt))  # times 1 / max(|g_j|, eps), as cpu and triton
         m = best.shape[1]
         if keys:
             cand = torch.cat([best, encode_scores(s, c0, largest)], dim=1)
@@ -66,6 +69,11 @@ def cosine_topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, no
     if keys:
         return decode_scores(best, largest)
     return best, idx
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """Row norms accumulated in float64 (as the cpu backend's inverse norms and the loss's eager norms)."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
 
 
 def load():

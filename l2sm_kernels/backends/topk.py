@@ -12,7 +12,9 @@ Contract every implementation honours:
 - values (Q, k) in that dtype and indices (Q, k) int64: each query's k first gallery rows in the order
   "larger score first" (largest) or "smaller score first" (not largest), equal scores by the lower index,
   NaN larger than every number (first when largest, last when not), NaNs among themselves by index.
-  Exact: no approximate search; the result is a function of the scores alone.
+  Exact: no approximate search; the result is a function of the computed scores alone (identical gallery
+  rows may score one rounding step apart when the BLAS computes some columns with another kernel: the
+  tie rule applies to equal computed scores, not to equal rows).
 - no Q x N buffer (each backend documents its workspace bound), nothing written into the inputs, no
   gradient (the ops have no autograd formula: the public function detaches).
 """
