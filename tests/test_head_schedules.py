@@ -202,7 +202,7 @@ def test_magface_clips_and_fallback(backend, device, K):
     regularizer's gradients reach |x|), above u_a = 110 (m = 0.8); opposite rows past the switch
     (-cos(m) >= -0.9), where dCE/dm is the fallback's -(sin m + m cos m), with a inside the clip."""
     norms = [4.0, 4.0, 40.0, 70.0, 100.0, 300.0, 300.0, 55.0]
-    kinds = ["opposite", "aligned", "opposite", "aligned", "opposite", "opposite", "aligned", "random"]
+    kinds = ["opposite", "aligned", "opposite", "aligned", "aligned", "opposite", "aligned", "opposite"]
     x, W, y = make_problem(K, kinds, norms, seed=4)
     head = _head(L.MagFaceLoss, K, backend).to(device)
     with torch.no_grad():
@@ -220,10 +220,10 @@ def test_magface_clips_and_fallback(backend, device, K):
 
     m = margins(x.double())[0]
     _, past, win = regions(x, W, y, K, m)
-    assert past[[0, 2, 4, 5]].all() and not past[[1, 3, 6]].any()
+    assert past[[0, 2, 5, 7]].all() and not past[[1, 3, 4, 6]].any()
     assert float(m[0]) == pytest.approx(0.45) and float(m[5]) == pytest.approx(0.8) and 0.45 < float(m[2]) < 0.8
     if K > 1:
-        assert set(win[[1, 3, 6]].tolist()) != {0}
+        assert win[4] != 0  # an aligned row inside the clip whose winner is not sub-center 0
     check_head(head, x.to(device), y.to(device), margins, extra=reg)
 
 
