@@ -76,7 +76,8 @@ def make_problem(K, kinds, norms, seed=0):
     """Class weights (C K, D): each class's sub-centers near one direction (so that a feature opposite
     to the class is opposite to all of them); features of the given kinds and norms:
     "aligned" near sub-center (i mod K) of its class (that sub-center wins), "opposite" near minus the
-    class's direction (its class cosine near -1: past the switch for any m2 > 0.2), "random"."""
+    class's direction (its class cosine near -1: past the switch for any m2 > 0.2), "weak" (cosine about
+    0.33 to sub-center (i mod K), which wins), "random"."""
     g = torch.Generator().manual_seed(seed)
     B = len(kinds)
     d = F.normalize(torch.randn(C, D, generator=g, dtype=torch.float64), dim=1)
@@ -91,6 +92,10 @@ def make_problem(K, kinds, norms, seed=0):
             x[i] = wh[y[i] * K + i % K] + 0.01 * noise
         elif kind == "opposite":
             x[i] = -d[y[i]] + 0.02 * noise
+        elif kind == "weak":  # cosine about 0.33 to sub-center (i mod K), which wins: noise orthogonal to the class
+            basis = torch.linalg.qr(wh[y[i] * K:(y[i] + 1) * K].T).Q
+            perp = noise - basis @ (basis.T @ noise)
+            x[i] = 0.35 * wh[y[i] * K + i % K] + perp / perp.norm()
         else:
             x[i] = noise
     x = F.normalize(x, dim=1) * torch.tensor(norms, dtype=torch.float64)[:, None]
@@ -201,8 +206,8 @@ def test_magface_clips_and_fallback(backend, device, K):
     """Magnitudes below l_a = 10 (m = 0.45, no gradient through a), inside (the margin's and the
     regularizer's gradients reach |x|), above u_a = 110 (m = 0.8); opposite rows past the switch
     (-cos(m) >= -0.9), where dCE/dm is the fallback's -(sin m + m cos m), with a inside the clip."""
-    norms = [4.0, 4.0, 40.0, 70.0, 100.0, 300.0, 300.0, 55.0]
-    kinds = ["opposite", "aligned", "opposite", "aligned", "aligned", "opposite", "aligned", "opposite"]
+    norms = [4.0, 4.0, 40.0, 70.0, 100.0, 300.0, 300.0, 55.0, 60.0]
+    kinds = ["opposite", "aligned", "opposite", "aligned", "aligned", "opposite", "aligned", "opposite", "weak"]
     x, W, y = make_problem(K, kinds, norms, seed=4)
     head = _head(L.MagFaceLoss, K, backend).to(device)
     with torch.no_grad():
@@ -220,10 +225,12 @@ def test_magface_clips_and_fallback(backend, device, K):
 
     m = margins(x.double())[0]
     _, past, win = regions(x, W, y, K, m)
-    assert past[[0, 2, 5, 7]].all() and not past[[1, 3, 4, 6]].any()
+    assert past[[0, 2, 5, 7]].all() and not past[[1, 3, 4, 6, 8]].any()
     assert float(m[0]) == pytest.approx(0.45) and float(m[5]) == pytest.approx(0.8) and 0.45 < float(m[2]) < 0.8
     if K > 1:
-        assert win[4] != 0  # an aligned row inside the clip whose winner is not sub-center 0
+        # rows inside the clip whose winner is not sub-center 0: an aligned one (p near 1: a small margin
+        # gradient) and a weak one (p small: dCE/dm near -s df, df = -sin(theta + m) from the winner's cosine)
+        assert win[4] != 0 and win[8] != 0, win
     check_head(head, x.to(device), y.to(device), margins, extra=reg)
 
 
