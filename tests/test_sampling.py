@@ -151,6 +151,9 @@ def _work_pfc_subcenters(rank, world, backend, dtype, rate, ignore_index):
     dist.all_gather_object(every, (mine + c0).tolist())
     sampled = torch.tensor(sorted(sum(every, [])), dtype=torch.long)
     assert set(t[t != ignore_index].tolist()) <= set(sampled.tolist())
+    if rate < 0.3:  # exactly the positives: the ignored class is not among them
+        assert ignore_index not in sampled.tolist() and len(mine) == len(set(t[t != ignore_index].tolist()) &
+                                                                        set(range(c0, c1)))
     sub_w, sub_t, rows = _subproblem(w, t, sampled, K_SUB, ignore_index)
 
     def single(fn, dt):
@@ -176,11 +179,13 @@ def _work_pfc_subcenters(rank, world, backend, dtype, rate, ignore_index):
     assert bool((gw[~unsampled[c0 * K_SUB:c1 * K_SUB]] != 0).any()), name
 
 
-@pytest.mark.parametrize("rate,ignore_index", [(0.3, -100), (0.6, 4), (0.5, 15)])
+@pytest.mark.parametrize("rate,ignore_index", [(0.3, -100), (0.6, 4), (0.1, 4), (0.2, 15)])
 def test_class_parallel_partial_fc_subcenters(backend, rate, ignore_index):
     """2 ranks, shards of 9 and 14 classes, K = 2 sub-centers, a combined margin with label smoothing,
-    uneven batches; ignore_index a class of rank 0's shard, of rank 1's, or -100."""
+    uneven batches; ignore_index a class of rank 0's shard, of rank 1's, or -100. At rates 0.1 and 0.2
+    the shard holding the ignored class samples exactly its positives (int(q n) is below their
+    count), so the ignored class is in the sample only if it was wrongly forced in."""
     dtype = torch.float64 if supports_fp64(backend) else torch.float32
-    if is_slow(backend) and ignore_index != 4:
+    if is_slow(backend) and rate != 0.1:
         pytest.skip("interpreted backend: one case")
     _spawn(_work_pfc_subcenters, 2, backend, dtype, rate, ignore_index)
