@@ -46,6 +46,12 @@ def test_eer_inside_a_tie_segment():
     assert M.eer(s, y) == pytest.approx(2 / 7, abs=1e-15)
     h = M.ScoreHistogram(bins=10).update(torch.tensor(s), torch.tensor(y))
     assert h.eer() == pytest.approx(2 / 7, abs=1e-15)  # the same levels in distinct bins
+    # 7 of the 10 bins are empty and add no ROC point: the curve of the three lower edges 0.8, 0.4, 0.0
+    fpr, tpr, th = h.roc_curve()
+    ef, et, eth = M.roc_curve(np.array([0.4, 0.8, 0.0, 0.4, 0.4]), y)
+    np.testing.assert_array_equal(fpr, ef)
+    np.testing.assert_array_equal(tpr, et)
+    np.testing.assert_allclose(th, eth, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
