@@ -174,17 +174,26 @@ def _close(a, b, tol=1e-5):
     torch.testing.assert_close(a.double().cpu(), b, rtol=0, atol=tol)
 
 
+def _separated(s, k, largest=True):
+    """The data decide the first k + 1 places by more than rounding can (indices are then compared
+    exactly; ties are never broken on computed values)."""
+    top = torch.sort(s, dim=1, descending=largest).values[:, : k + 1]
+    assert float((top[:, 1:] - top[:, :-1]).abs().min()) > 1e-4
+
+
 def test_cosine_topk_non_default_arguments(backend, device):
     """largest=False, normalize_gallery=False and eps = 1.5 (rows of norm below it are divided by 1.5)."""
     q, gal = _data(device)
     s = _unit(q, 1.5) @ gal.double().cpu().T
     v, i = L.cosine_topk(q, gal, 4, normalize_gallery=False, largest=False, eps=1.5, backend=backend)
     rv, ri = torch.sort(s, dim=1, stable=True)
+    _separated(s, 4, largest=False)
     _close(v, rv[:, :4])
     assert torch.equal(i.cpu(), ri[:, :4])
     v, i = L.cosine_topk(q, gal, 3, eps=1.5, backend=backend)
     s = _unit(q, 1.5) @ _unit(gal, 1.5).T
     rv, ri = torch.sort(s, dim=1, descending=True, stable=True)
+    _separated(s, 3)
     _close(v, rv[:, :3])
     assert torch.equal(i.cpu(), ri[:, :3])
 
@@ -194,6 +203,7 @@ def test_max_cosine_and_weight_anomaly_non_default(backend, device):
     W = W[:9]
     for nw in (False, True):
         s = _unit(q, 2.0) @ (_unit(W, 2.0) if nw else W.double().cpu()).T
+        _separated(s, 1)
         v, i = L.max_cosine(q, W, normalize_weight=nw, eps=2.0, backend=backend)
         _close(v, s.max(1).values)
         assert torch.equal(i.cpu(), s.argmax(1))
