@@ -1124,7 +1124,7 @@ def test_errors():
     _spawn(_work_errors, 2)
 
 
-def test_cuda_check_runs_once_per_key():
+def test_device_schedule_table_runs_once_per_key():
     """The agreement check's schedule (no GPU needed: only the device type matters): CPU tensors every
     call; CUDA the first call per module / group until it passes, or every call with CHECK_EVERY_CALL;
     keys are held weakly."""
@@ -1155,7 +1155,7 @@ def test_cuda_check_runs_once_per_key():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_cuda_style_agreement_check(world):
+def test_agreement_check_on_the_device_schedule(world):
     """issue 23: the per-call check CUDA runs after the first call (no host read), run under gloo: a
     rank with another batch size, different batch_sizes lists, another per-row margin form, another
     grad mode, another option, an argument error on one rank: every rank raises, the group survives."""
