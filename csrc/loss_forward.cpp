@@ -256,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
   const double s = smoothing_value(label_smoothing);
   const bool dbl = compute_type(x, weight, bias) == at::kDouble;
   const bool any_need = need_x || need_weight || need_bias || need_alpha;
-  const int64_t R = any_need ? kept_rows(x.size(0), C, subcenters, dbl ? 8 : 4, max_logits_bytes) : 0;
+  const bool bf16_inputs = x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16;
+  const int64_t R = any_need ? kept_rows(x.size(0), C, subcenters, dbl ? 8 : 4, max_logits_bytes, bf16_inputs) : 0;
   if (dbl) {
     return forward_impl<double>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
                                 margin_detached, subcenters, C, ignore_index, eps, R);

@@ -84,10 +84,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_bf16_gemm", []() { return l2sm_cpu::g_bf16_gemm.load(); });
   m.def(
       "kept_rows",
-      [](int64_t B, int64_t C, int64_t K, int64_t element_size, c10::optional<int64_t> max_logits_bytes) {
-        return l2sm_cpu::kept_rows(B, C, K, element_size, max_logits_bytes);
-      },
+      [](int64_t B, int64_t C, int64_t K, int64_t element_size, c10::optional<int64_t> max_logits_bytes,
+         bool bf16_inputs) { return l2sm_cpu::kept_rows(B, C, K, element_size, max_logits_bytes, bf16_inputs); },
       py::arg("B"), py::arg("C"), py::arg("K"), py::arg("element_size"), py::arg("max_logits_bytes"),
+      py::arg("bf16_inputs") = false,
       "Rows of the batch whose products the forward keeps for the backward (the memory dial; for tests).");
   m.attr("MAX_WORKSPACE_BYTES") = l2sm_cpu::kMaxWorkspaceBytes;
   m.attr("MAX_CHUNK_CLASSES") = l2sm_cpu::kMaxChunkClasses;

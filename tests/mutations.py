@@ -109,8 +109,8 @@ MUTATIONS += [
        "      if (false) kept.narrow(1, c0 * K, cc * K).copy_(logits->narrow(0, 0, R));",
        "the forward never fills the kept block the backward reads", tests=["tests/test_memory_dial.py"], env=_CPU),
     _m("cpu-dial-fake-keeps-nothing", "l2sm_kernels/backends/cpu.py",
-       "        R = kept_rows(B, C, subcenters, torch.empty((), dtype=dt).element_size(), max_logits_bytes)",
-       "        R = 0", "the fake kernel's aux misses the kept block (torch.compile sees the wrong shape)",
+       "        R = kept_rows(B, C, subcenters, torch.empty((), dtype=dt).element_size(), max_logits_bytes,",
+       "        R = 0 * kept_rows(B, C, subcenters, torch.empty((), dtype=dt).element_size(), max_logits_bytes,", "the fake kernel's aux misses the kept block (torch.compile sees the wrong shape)",
        tests=["tests/test_memory_dial.py"], env=_CPU),
     # ------------------------------------------------------------------ the class-parallel loss (gloo)
     _m("dist-alpha-not-summed", "l2sm_kernels/distributed/collectives.py",

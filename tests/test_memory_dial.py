@@ -141,10 +141,13 @@ def test_kept_rows_python_mirrors_cpp():
     for B, C, K, es, budget in [(9, 37, 1, 4, 0), (9, 37, 1, 4, 147), (9, 37, 1, 4, 148), (9, 37, 2, 8, 10**6),
                                 (0, 5, 1, 4, None), (256, 65536, 1, 4, None), (256, 1 << 20, 1, 4, None),
                                 (5, 0, 1, 4, 100), (3, 4, 1, 4, MAX_LOGITS_BYTES)]:
-        want = cpu._ext().kept_rows(B, C, K, es, budget)
-        assert cpu.kept_rows(B, C, K, es, budget) == want, (B, C, K, es, budget)
+        for bf16 in (False, True):
+            want = cpu._ext().kept_rows(B, C, K, es, budget, bf16)
+            assert cpu.kept_rows(B, C, K, es, budget, bf16) == want, (B, C, K, es, budget, bf16)
     assert cpu.kept_rows(9, 37, 1, 4, 148) == 1 and cpu.kept_rows(256, 65536, 1, 4, None) == 256
     assert cpu.kept_rows(256, 1 << 20, 1, 4, None) == 64  # the default keeps 256 MiB: a quarter of these rows
+    assert cpu.kept_rows(256, 65536, 1, 4, None, bf16_inputs=True) == 0  # bf16 GEMMs: recomputing is cheaper
+    assert cpu.kept_rows(256, 65536, 1, 4, 1 << 30, bf16_inputs=True) == 256  # an explicit budget holds
 
 
 @needs_cpu
@@ -331,3 +334,18 @@ def test_bf16_products_with_budget(rows, chunk):
     assert not torch.equal(lp_out, f32_out) and not torch.equal(lp_grads["weight"], f32_grads["weight"])
     with pytest.raises(TypeError, match="set_bf16_gemm takes a bool"):
         cpu.set_bf16_gemm(1)
+
+
+@needs_cpu
+def test_default_budget():
+    """None keeps up to 256 MiB of fp32 products, nothing for bf16 features and weights (bf16 GEMMs
+    recompute faster than kept products are written and read back), an explicit budget either way."""
+    fwd = torch.ops.l2sm.cpu_forward.default
+    for dt, want in ((torch.float32, 6 + 6 * 23), (torch.bfloat16, 6), (torch.float64, 6 + 6 * 23)):
+        c = make_case(6, 10, 23, dtype=dt)
+        for budget, rows in ((None, None), (_budget(c, 6, 8), 6)):
+            args = (c.x.detach(), c.weight.detach(), c.target, torch.tensor(16.0), None) + L2SMOptions(
+                max_logits_bytes=budget).op_arguments(6, "cpu")
+            aux = fwd(*args, True, True, False, False)[2]
+            assert aux.numel() == (want if rows is None else 6 + rows * 23), (dt, budget)
+            torch.library.opcheck(fwd, args + (True, True, False, False))

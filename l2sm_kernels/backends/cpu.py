@@ -28,7 +28,8 @@ The memory dial (max_logits_bytes; docs/memory_dial.md): the forward keeps the p
 first R = min(B, max_logits_bytes // (C K x element size)) rows of the batch with every row of W,
 an (R, C K) block returned inside aux, and the backward copies those rows back instead of
 recomputing them: 3 + (B - R) / B GEMM-equivalents per step instead of 4. Default (None): up to
-DEFAULT_MAX_LOGITS_BYTES (256 MiB). Nothing is kept when no gradient is asked for.
+DEFAULT_MAX_LOGITS_BYTES (256 MiB), 0 when features and weights are both bf16 (their products are bf16
+GEMMs: set_bf16_gemm). Nothing is kept when no gradient is asked for.
 
 Results do not depend on the chunk size beyond rounding, and are bitwise reproducible for a given
 chunk size and number of threads (torch.get_num_threads()).
@@ -121,11 +122,16 @@ def load():
 DEFAULT_MAX_LOGITS_BYTES = 256 << 20
 
 
-def kept_rows(batch, num_classes, subcenters, element_size, max_logits_bytes):
+def kept_rows(batch, num_classes, subcenters, element_size, max_logits_bytes, bf16_inputs=False):
     """Rows of the batch whose products with every row of W the forward keeps for the backward
     (csrc/chunking.h, kept_rows): min(B, budget // (C K element_size)); 0 without a budget for one row.
+    The default budget (None) is DEFAULT_MAX_LOGITS_BYTES, or 0 when features and weights are both bf16
+    (bf16_inputs: bf16 GEMMs recompute faster than the kept products are written and read back).
     Traces under torch.compile with symbolic B and C (no host values)."""
-    budget = DEFAULT_MAX_LOGITS_BYTES if max_logits_bytes is None else max_logits_bytes
+    if max_logits_bytes is None:
+        budget = 0 if bf16_inputs else DEFAULT_MAX_LOGITS_BYTES
+    else:
+        budget = max_logits_bytes
     row = num_classes * subcenters * element_size
     if budget <= 0 or row == 0:
         return 0
@@ -143,7 +149,8 @@ def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize
     C = weight.shape[0] // subcenters
     R = 0
     if need_x or need_weight or need_bias or need_alpha:
-        R = kept_rows(B, C, subcenters, torch.empty((), dtype=dt).element_size(), max_logits_bytes)
+        R = kept_rows(B, C, subcenters, torch.empty((), dtype=dt).element_size(), max_logits_bytes,
+                      x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16)
     return x.new_empty((B + R * C * subcenters,), dtype=dt)
 
 
