@@ -374,8 +374,8 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         # contract allows it). Before the gradients are allocated: its split partials and scratch are freed
         # when it returns, so they never coexist with dW
         _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, K, ignore_index, eps, need_x, False, False, need_alpha, launch=launch,
-                            config=fwd_config)
+                            margin_detached, K, ignore_index, eps, max_logits_bytes, need_x, False, False, need_alpha,
+                            launch=launch, config=fwd_config)
         has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
     dx, dw, db = outputs()
     _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
