@@ -99,13 +99,14 @@ def plot(rows: list[dict], path: str) -> None:
         cs_all = sorted({r["C"] for r in grp})
         for k, c in enumerate(cs_all):
             ok = sorted((r for r in grp if r["C"] == c and r["status"] == "ok"), key=lambda r: r["peak_mem_bytes"])
+            if not ok:
+                continue
             mem = [max(r["peak_mem_bytes"], 1) / MiB for r in ok]
             ax_tm.plot(mem, [r["median_ms"] for r in ok], color="gray", alpha=0.4, linewidth=0.8)
             for r, m in zip(ok, mem):
                 ax_tm.scatter([m], [r["median_ms"]], color=colors[r["provider"]], marker=markers[k % len(markers)],
                               label=r["provider"] if k == 0 else None, zorder=3)
-            if ok:
-                ax_tm.annotate(f"C={c}", (mem[-1], ok[-1]["median_ms"]), fontsize=7, alpha=0.7)
+            ax_tm.annotate(f"C={c}", (mem[-1], ok[-1]["median_ms"]), fontsize=7, alpha=0.7)
         grads = sorted({(r["C"], r["grad_bytes"]) for r in grp if r["grad_bytes"]})
         if grads:
             ax_m.plot([c for c, _ in grads], [g / MiB for _, g in grads], color="black", linestyle=":",
