@@ -16,7 +16,8 @@ order afterwards). Below 32 classes one share runs, with threaded BLAS.
 Workspace, per thread: B x chunk x K values of the compute dtype (4 bytes, 8 for float64), plus
 chunk x K x D values when the weight is not a contiguous matrix of the compute dtype (bf16 / fp16 /
 transposed weights are converted a chunk at a time), plus a (B, D) dX accumulator per extra thread
-in the backward. No B x C buffer exists. The chunk size, in classes:
+in the backward. No B x C buffer exists beyond the memory dial's kept block (below). The chunk size,
+in classes:
 
 - default: chunk = budget / ((B + D + 1) x element size x K), rounded down to a multiple of 64 (at
   least 64), so that one chunk's cosines and weight rows fit in a 4 MiB budget
