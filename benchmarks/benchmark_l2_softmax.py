@@ -5,6 +5,9 @@ the 3-GEMM floor) side by side, one group per (op, device, dtype, shape).
     python -m pytest benchmarks/                       # CPU, and CUDA when present
     python -m pytest benchmarks/ -k issue3             # issue 3: cpu backend vs plain formula, fwd+bwd,
                                                        # B=256, D=512, C=65536, float32, CPU
+    python -m pytest benchmarks/ -k issue19            # issue 19: the cpu backend's memory dial (keep 0, 1/4,
+                                                       # all; default) beside plain, compile and the floor,
+                                                       # fwd+bwd, B=256, D=512, C=65536, float32 and bfloat16
     python -m pytest benchmarks/ -k "not compile"      # leave torch.compile out (it compiles per shape)
     python -m pytest benchmarks/ --benchmark-disable --bench-smoke   # CI: every benchmark once, tiny shapes,
                                                        # nothing timed (memory still measured and listed)
@@ -36,6 +39,11 @@ ISSUE3 = H.Case(256, 65536, 512, torch.float32, "cpu")
 ISSUE3_SMOKE = H.Case(8, 64, 16, torch.float32, "cpu")
 ISSUE3_PROVIDERS = ["plain", "cpu", H.FLOOR]
 
+# issue 19's CPU targets: the memory dial at 0, a quarter and all of the B x C products, and the default
+ISSUE19 = [H.Case(256, 65536, 512, torch.float32, "cpu"), H.Case(256, 65536, 512, torch.bfloat16, "cpu")]
+ISSUE19_SMOKE = [H.Case(8, 64, 16, c.dtype, "cpu") for c in ISSUE19]
+ISSUE19_PROVIDERS = ["plain", "compile", "cpu"] + [H.dialed("cpu", s) for s in H.KEEP_SPECS] + [H.FLOOR]
+
 
 def _smoke(config) -> bool:
     return bool(config.getoption("bench_smoke", False))
@@ -50,6 +58,11 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def issue3_case(request):
     return ISSUE3_SMOKE if _smoke(request.config) else ISSUE3
+
+
+@pytest.fixture(params=[0, 1], ids=["float32", "bfloat16"])
+def issue19_case(request):
+    return (ISSUE19_SMOKE if _smoke(request.config) else ISSUE19)[request.param]
 
 
 def _case_id(case: H.Case) -> str:
@@ -111,3 +124,9 @@ def test_l2_softmax(benchmark, record_result, case, op, provider):
 def test_issue3_cpu_forward_backward(benchmark, record_result, issue3_case, provider):
     _bench(benchmark, record_result, issue3_case, "forward_backward", provider,
            "issue3 " + _group("forward_backward", issue3_case))
+
+
+@pytest.mark.parametrize("provider", ISSUE19_PROVIDERS)
+def test_issue19_memory_dial(benchmark, record_result, issue19_case, provider):
+    _bench(benchmark, record_result, issue19_case, "forward_backward", provider,
+           "issue19 " + _group("forward_backward", issue19_case))

@@ -19,6 +19,10 @@ Providers (what is measured; baselines are imported from the package, never rewr
                 (TRITON_INTERPRET=1) is not benchmarked.
 - "gemm_floor": the three matrix products of the same shapes, logits x_hat W^T, dZ W and dZ^T x_hat
                 (forward: the logits product alone), nothing else: the time no exact method can beat.
+- a fused backend with the memory dial set, "<backend> keep=<spec>" (dialed(); docs/memory_dial.md):
+                max_logits_bytes = budget_bytes(case, spec), spec "0" (keep nothing), a fraction "a/b"
+                of the B x C K products, "all", or a number of bytes. The plain backend name runs with
+                the backend's default budget (None).
 
 Ops: "forward" (the loss with inputs that require grad, result discarded) and "forward_backward"
 (gradients reset to None, loss, backward). Model FLOPs: 2BCD forward, 6BCD forward + backward.
@@ -80,6 +84,37 @@ GiB = 2**30
 MiB = 2**20
 
 
+# The memory dial's settings the sweep times by default (sweep.py --keep): nothing, a quarter, all.
+KEEP_SPECS = ("0", "1/4", "all")
+_KEEP = " keep="
+
+
+def dialed(provider: str, spec: str) -> str:
+    """The provider name of a fused backend run with the memory dial at `spec` (see budget_bytes)."""
+    return f"{provider}{_KEEP}{spec}"
+
+
+def split_provider(provider: str) -> tuple[str, str | None]:
+    """(backend or baseline name, dial spec or None)."""
+    base, _, spec = provider.partition(_KEEP)
+    return base, (spec or None)
+
+
+def budget_bytes(case: "Case", spec: str) -> int:
+    """max_logits_bytes for a dial spec: "0", "all" (B x C K products of the compute dtype: 4 bytes, 8
+    for float64), a fraction "a/b" of that, or a plain number of bytes."""
+    full = case.B * case.C * case.options.subcenters * (8 if case.dtype == torch.float64 else 4)
+    if spec == "all":
+        return full
+    if "/" in spec:
+        a, b = spec.split("/")
+        return full * int(a) // int(b)
+    n = int(spec)
+    if n < 0:
+        raise ValueError(f"a dial spec must be 0, a fraction a/b, 'all' or bytes >= 0, got {spec!r}")
+    return n
+
+
 # ----------------------------------------------------------------------------------------------- cases
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -138,8 +173,11 @@ def describe_options(opts: L2SMOptions) -> str:
     return " ".join(parts)
 
 
-def _option_kwargs(opts: L2SMOptions) -> dict:
-    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+def _option_kwargs(opts: L2SMOptions, with_budget: bool = True) -> dict:
+    """The options as l2_softmax_loss keywords (with_budget=False: without max_logits_bytes, which the
+    reference and the baselines do not take)."""
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+            if with_budget or f.name != "max_logits_bytes"}
 
 
 @dataclasses.dataclass
@@ -233,6 +271,14 @@ def providers_for(device_type: str) -> list[str]:
 
 def unavailable_reason(provider: str, case: Case) -> str:
     """"" when provider can run case here, else why not (backend missing, device or dtype unsupported)."""
+    provider, spec = split_provider(provider)
+    if spec is not None:
+        if provider in BASELINES or provider in (FLOOR, TORCH_LCE):
+            return f"{provider} has no memory dial"
+        try:
+            budget_bytes(case, spec)
+        except ValueError as e:
+            return str(e)
     if provider in BASELINES or provider == FLOOR:
         return ""
     if provider == TORCH_LCE:
@@ -255,9 +301,9 @@ def unavailable_reason(provider: str, case: Case) -> str:
 def baseline_function(case: Case) -> Callable:
     """The plain-torch loss users write (imported from l2sm_kernels.reference), in the input dtype."""
     alpha, opts = case.alpha, case.options
-    if opts == L2SMOptions():
+    if dataclasses.replace(opts, max_logits_bytes=None) == L2SMOptions():
         return lambda x, W, y: plain_formula(x, W, y, alpha)
-    kw = _option_kwargs(opts)
+    kw = _option_kwargs(opts, with_budget=False)
     return lambda x, W, y: l2_softmax_loss_ref(x, W, y, alpha, upcast=False, **kw)
 
 
@@ -282,6 +328,9 @@ def loss_function(provider: str, case: Case) -> Callable:
     if provider == TORCH_LCE:
         return torch_lce_function(case.alpha, case.options)
     alpha, kw = case.alpha, _option_kwargs(case.options)
+    provider, spec = split_provider(provider)
+    if spec is not None:
+        kw["max_logits_bytes"] = budget_bytes(case, spec)
     return lambda x, W, y: l2_softmax_loss(x, W, y, alpha, backend=provider, **kw)
 
 
@@ -465,7 +514,9 @@ def estimated_need_bytes(provider: str, op: str, case: Case) -> int:
     if provider == TORCH_LCE:  # chunks' logits and their gradient, and the gradients computed in the forward
         chunk = min(case.B, TORCH_LCE_OPTIONS["batch_chunk_size"] or case.B)
         return 4 * chunk * case.C * max(case.itemsize, 4) + case.grad_bytes("forward_backward") + grads
-    return grads + FUSED_WORKSPACE_BYTES
+    _, spec = split_provider(provider)
+    kept = budget_bytes(case, spec) if spec is not None else 0
+    return grads + FUSED_WORKSPACE_BYTES + min(kept, case.B * case.C * 8)
 
 
 def fit_status(need: int, available: int) -> str:

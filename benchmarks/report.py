@@ -67,18 +67,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """PNG: per (op, B, D, dtype, options, device) a row of two log-log panels, median time and peak
-    memory beyond the inputs against C, one line per provider; the gradients' size dashed."""
+    """PNG: per (op, B, D, dtype, options, device) a row of three log-log panels: median time and peak
+    memory beyond the inputs against C, one line per provider (the gradients' size dotted), and time
+    against memory, one point per (provider, C), the points of one C joined in order of memory (the
+    memory dial's trade-off next to the baselines')."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = table_groups(rows)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 3, figsize=(18, 4.2 * len(groups)), squeeze=False)
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
-    for (key, grp), (ax_t, ax_m) in zip(groups.items(), axes):
+    for (key, grp), (ax_t, ax_m, ax_tm) in zip(groups.items(), axes):
         op, B, D, dtype, options, device = key
         for p in providers:
             ok = sorted((r for r in grp if r["provider"] == p and r["status"] == "ok"), key=lambda r: r["C"])
@@ -93,6 +95,18 @@ def plot(rows: list[dict], path: str) -> None:
             if rss:
                 ax_m.plot([c for c, _ in rss], [b / MiB for _, b in rss], color=colors[p], linestyle=":",
                           marker=".", alpha=0.6, label=f"{p} (RSS)")
+        markers = "os^Dv<>p*h"
+        cs_all = sorted({r["C"] for r in grp})
+        for k, c in enumerate(cs_all):
+            ok = sorted((r for r in grp if r["C"] == c and r["status"] == "ok"), key=lambda r: r["peak_mem_bytes"])
+            if not ok:
+                continue
+            mem = [max(r["peak_mem_bytes"], 1) / MiB for r in ok]
+            ax_tm.plot(mem, [r["median_ms"] for r in ok], color="gray", alpha=0.4, linewidth=0.8)
+            for r, m in zip(ok, mem):
+                ax_tm.scatter([m], [r["median_ms"]], color=colors[r["provider"]], marker=markers[k % len(markers)],
+                              label=r["provider"] if k == 0 else None, zorder=3)
+            ax_tm.annotate(f"C={c}", (mem[-1], ok[-1]["median_ms"]), fontsize=7, alpha=0.7)
         grads = sorted({(r["C"], r["grad_bytes"]) for r in grp if r["grad_bytes"]})
         if grads:
             ax_m.plot([c for c, _ in grads], [g / MiB for _, g in grads], color="black", linestyle=":",
@@ -104,7 +118,9 @@ def plot(rows: list[dict], path: str) -> None:
         ax_m.set_title(f"peak memory beyond the inputs\n{where}, {dev}", fontsize=10)
         ax_m.set(xlabel="classes C",
                  ylabel="MiB (allocator peak; dotted: RSS high-water)" if device == "cpu" else "MiB (allocator peak)")
-        for ax in (ax_t, ax_m):
+        ax_tm.set_title(f"time against memory (markers: C)\n{where}, {dev}", fontsize=10)
+        ax_tm.set(xlabel="peak MiB beyond the inputs (allocator)", ylabel="median ms")
+        for ax in (ax_t, ax_m, ax_tm):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)

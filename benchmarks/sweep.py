@@ -4,9 +4,12 @@ size, dtype, loss options), as tidy rows in CSV / JSON, a markdown table on stdo
     python -m benchmarks.sweep                      # CPU default: B=256, D=512, C=4096..65536, float32
     python -m benchmarks.sweep --device cuda        # CUDA default: B=1024, D=512, C=8192..1048576, bfloat16
     python -m benchmarks.sweep -C 65536 262144 -B 128 1024 --dtype float32 bfloat16 --skip compile
+    python -m benchmarks.sweep -C 16384 65536 262144 --threads 2 --keep 0 1/4 all   # the memory dial (issue 19)
 
 Providers (see harness.py): plain, eager, compile, every fused backend available_backends() lists for
-the device (cpu, triton, ...), gemm_floor. A shape whose provider would not fit in memory gets a row
+the device (cpu, triton, ...), gemm_floor; and each fused backend once more per --keep setting of the
+memory dial ("cpu keep=0", "cpu keep=1/4", "cpu keep=all": max_logits_bytes as that share of the
+B x C products; the plain name runs the backend's default). A shape whose provider would not fit in memory gets a row
 with status "skipped: would need X GiB" instead of running; a provider that fails gets "error: ...".
 Outputs go to --out (default results/, ignored by git) as <name>.csv, <name>.json and <name>.png.
 """
@@ -45,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--ops", nargs="+", choices=H.OPS, default=list(H.OPS))
     ap.add_argument("--providers", nargs="+", help="providers to run (default: every one available for the device)")
     ap.add_argument("--skip", nargs="+", default=[], help="providers to leave out, e.g. --skip compile")
+    ap.add_argument("--keep", nargs="*", default=list(H.KEEP_SPECS),
+                    help="memory dial settings timed for each fused backend besides its default: 0, a fraction "
+                         "a/b of the B x C products, all, or bytes (default: 0 1/4 all; --keep alone: none)")
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--normalize-weight", action="store_true")
     ap.add_argument("--margin-type", default="none", choices=["none", "cosface", "arcface"])
@@ -79,6 +85,11 @@ def run(args) -> tuple[list[dict], dict[str, str]]:
     opts = L2SMOptions(normalize_weight=args.normalize_weight, margin_type=args.margin_type, margin=args.margin,
                        label_smoothing=args.label_smoothing)
     providers = [p for p in (args.providers or H.providers_for(dev_type)) if p not in args.skip]
+    fused = [p for p in providers if p not in H.BASELINES and p not in (H.FLOOR, H.TORCH_LCE) and
+             H.split_provider(p)[1] is None]
+    for b in fused:  # the dial's rows right after the backend's own
+        i = providers.index(b)
+        providers[i + 1:i + 1] = [H.dialed(b, spec) for spec in args.keep if H.dialed(b, spec) not in providers]
     timing_kw = dict(warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps, min_time_s=args.min_time)
     limit = None if args.mem_limit_gib is None else int(args.mem_limit_gib * H.GiB)
 

@@ -26,7 +26,9 @@
 //             output rows), then the normalization backward of W on those rows.
 // That is 4 GEMM-equivalents (forward products; backward recompute + dX + dW) and no B x C buffer:
 // the workspace is per thread B x cc K values (+ cc K x D when W is converted to the compute dtype)
-// plus vectors, bounded by the budget (chunking.h).
+// plus vectors, bounded by the budget (chunking.h). The memory dial (max_logits_bytes; chunking.h,
+// kept_rows) trades the recomputation for memory: the forward keeps the products of the first R rows
+// (an (R, C K) block returned in aux), the backward recomputes only the other B - R rows.
 //
 // Files: common.h (exp, margin, sub-center max, normalization, input checks; the numerics),
 // chunking.h (chunk size, workspace, the split of the classes over threads), loss_forward.cpp,

@@ -1,8 +1,10 @@
 // The backward of backend "cpu" (loss.h has the overview; chunking.h the chunks and threads;
 // docs/design.md, "The backward", the formulas).
 //
-// The forward saves lse and aux = q (q_i = 1 - p_iy, accurate for confident rows; loss_forward.cpp).
-// Per chunk the products x_hat . W_r are recomputed (BLAS, B x cc K) and the epilogue
+// The forward saves lse and aux = q (q_i = 1 - p_iy, accurate for confident rows; loss_forward.cpp),
+// followed by the memory dial's kept products of the first R rows (chunking.h, kept_rows).
+// Per chunk the products x_hat . W_r are copied from the kept block (rows [0, R)) and recomputed
+// (BLAS, rows [R, B); all B x cc K of them when nothing is kept), and the epilogue
 // (backward_cols) turns them in place into dC': for row i and class j with winning sub-center r
 // (the max of its K; r = j when K = 1), dC'_ir = alpha dz_ij f'(c_ij) / max(|W_r|, eps) and 0 at the
 // class's other sub-centers, with
@@ -243,6 +245,7 @@ struct BackwardCall {
   const at::Tensor& weight;  // (C K x D), any floating dtype and strides
   const c10::optional<at::Tensor>& bias;
   const at::Tensor& x_hat;  // (B x D) in T
+  at::Tensor x_lp;          // x_hat in bf16 when the products are bf16 GEMMs (chunking.h), else undefined
   at::TensorOptions opt;    // of T
   int64_t C, K;             // classes, sub-centers per class
   bool normalize_weight;
@@ -256,6 +259,7 @@ struct BackwardCall {
   const T* lse;         // (B)
   const T* q;           // (B) the forward's aux: 1 - p_iy
   const RowWeights<T>* rows;
+  at::Tensor kept;    // (R, C K) the forward's kept products of rows [0, R), or undefined (R = 0)
   at::Tensor gw, gb;  // (C K x D) and (C) outputs in the inputs' dtypes, or empty when not asked for
   bool gw_direct;     // gw is in T (and contiguous): the chunks' dW rows are computed in place
 };
@@ -267,9 +271,14 @@ template <typename T>
 struct WorkerBuffers {
   ChunkBuffers<T> buf;
   at::Tensor gbuf, db, da, dxw;
+  at::Tensor dxlp, glp;  // bf16 products: a chunk's dC' W_c (B, D) and dC'^T X_hat (chunk K, D) in bf16
   WorkerBuffers(const BackwardCall<T>& k, int64_t chunk)
-      : buf(k.weight, k.x_hat.size(0), k.x_hat.size(1), chunk, k.K, k.opt) {
+      : buf(k.weight, k.x_hat.size(0), k.x_hat.size(1), chunk, k.K, k.opt, k.x_lp) {
     if (k.need_weight && !k.gw_direct) gbuf = at::empty({chunk * k.K, k.x_hat.size(1)}, k.opt);
+    if (k.x_lp.defined() && k.need_x) dxlp = at::empty({k.x_hat.size(0), k.x_hat.size(1)}, k.x_lp.options());
+    if (k.x_lp.defined() && k.need_weight && k.normalize_weight) {
+      glp = at::empty({chunk * k.K, k.x_hat.size(1)}, k.x_lp.options());
+    }
     const auto opt64 = k.opt.dtype(at::kDouble);
     db = at::empty({chunk}, opt64);
     da = at::empty({chunk}, opt64);
@@ -307,12 +316,25 @@ void weight_norm_backward(T* g, const T* w, const T* nrm, int64_t n, int64_t D, 
 
 // The chunk's rows of dW (cc K of them): G = dC'^T X_hat by BLAS, straight into gw's rows when gw is
 // in T (else through gbuf, then converted), and W's normalization backward on them.
+// With bf16 products Lv is dC' in bf16: G = dC'^T X_hat by the bf16 GEMM, straight into gw's (bf16)
+// rows without normalize_weight, else through glp into gbuf (T) for the normalization backward.
 template <typename T>
 void weight_rows_backward(const BackwardCall<T>& k, WorkerBuffers<T>& wb, const at::Tensor& Lv, const at::Tensor& wc,
                           int64_t c0, int64_t cc) {
   const int64_t r0 = c0 * k.K, n = cc * k.K;
+  if (k.x_lp.defined() && !k.normalize_weight) {
+    at::Tensor rows = k.gw.narrow(0, r0, n);  // gw: bf16, contiguous
+    at::mm_out(rows, Lv.t(), k.x_lp);
+    return;
+  }
   at::Tensor g = k.gw_direct ? k.gw.narrow(0, r0, n) : wb.gbuf.narrow(0, 0, n);
-  at::mm_out(g, Lv.t(), k.x_hat);
+  if (k.x_lp.defined()) {
+    at::Tensor g_lp = wb.glp.narrow(0, 0, n);
+    at::mm_out(g_lp, Lv.t(), k.x_lp);
+    g.copy_(g_lp);
+  } else {
+    at::mm_out(g, Lv.t(), k.x_hat);
+  }
   if (k.normalize_weight) {
     weight_norm_backward<T>(g.data_ptr<T>(), wc.data_ptr<T>(), wb.buf.wnorm.template data_ptr<T>(), n,
                             k.x_hat.size(1), k.eps);
@@ -320,13 +342,14 @@ void weight_rows_backward(const BackwardCall<T>& k, WorkerBuffers<T>& wb, const 
   if (!k.gw_direct) k.gw.narrow(0, r0, n).copy_(g);
 }
 
-// One chunk of classes [c0, c0 + cc): recompute its products, run the epilogue (dC' in their place;
+// One chunk of classes [c0, c0 + cc): its products (kept rows copied, the others recomputed), the epilogue (dC' in their place;
 // the per-class sums db and da), then the chunk's share of each gradient: its rows of grad_bias, its
 // terms of d alpha (added to *dalpha), dX_hat += dC' W_c into the worker's partial sum, its rows of dW.
 template <typename T>
 void backward_chunk(const BackwardCall<T>& k, WorkerBuffers<T>& wb, int64_t c0, int64_t cc, double* dalpha) {
   at::Tensor Lv;
-  at::Tensor wc = wb.buf.load(k.weight, k.bias, k.x_hat, k.normalize_weight, k.eps, c0, cc, &Lv);  // recompute
+  at::Tensor wc = wb.buf.load(k.weight, k.bias, k.x_hat, k.normalize_weight, k.eps, c0, cc, &Lv, k.kept,
+                              /*reuse=*/true);
   double* dbp = wb.db.template data_ptr<double>();
   double* dap = wb.da.template data_ptr<double>();
   std::fill(dbp, dbp + cc, 0.0);
@@ -342,6 +365,18 @@ void backward_chunk(const BackwardCall<T>& k, WorkerBuffers<T>& wb, int64_t c0, 
   if (k.need_bias) k.gb.narrow(0, c0, cc).copy_(wb.db.narrow(0, 0, cc));
   if (k.need_alpha) {
     for (int64_t j = 0; j < cc; ++j) *dalpha += dap[j];  // z = alpha g + b: dalpha = sum dz g
+  }
+  if (k.x_lp.defined() && (k.need_x || k.need_weight)) {
+    // bf16 products: dC' rounded to bf16 once (plain torch's dZ is bf16), both GEMMs in bf16; each
+    // chunk's dC' W_c is rounded to bf16 and added into the fp32 dX_hat
+    at::Tensor d_lp = wb.buf.plp.narrow(0, 0, Lv.numel()).view(Lv.sizes());
+    d_lp.copy_(Lv);
+    if (k.need_x) {
+      at::mm_out(wb.dxlp, d_lp, wb.buf.wlp);
+      wb.dxw.add_(wb.dxlp);
+    }
+    if (k.need_weight) weight_rows_backward<T>(k, wb, d_lp, wc, c0, cc);
+    return;
   }
   if (k.need_x) wb.dxw.addmm_(Lv, wc);  // dX_hat += dC' W_c  (= dC W_hat_c)
   if (k.need_weight) weight_rows_backward<T>(k, wb, Lv, wc, c0, cc);
@@ -411,12 +446,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<int64_t> win(B);
   target_cosines<T>(x, weight, tcol.data_ptr<int64_t>(), K, normalize_weight, eps, c_t.data(), win.data());
   at::Tensor lse = lse_in.to(ct).contiguous();
-  at::Tensor q = aux.to(ct).contiguous();
+  at::Tensor aux_t = aux.to(ct).contiguous();  // as the forward returned it: no copy
+  at::Tensor q = aux_t.narrow(0, 0, B);
+  const int64_t R = (aux_t.numel() - B) / std::max<int64_t>(C * K, 1);  // kept rows (cpu_backward checked it)
+  at::Tensor kept = R > 0 ? aux_t.narrow(0, B, R * C * K).view({R, C * K}) : at::Tensor();
   const bool gw_direct = weight.scalar_type() == ct;  // gw is contiguous: dW rows are written in place
-  const BackwardCall<T> k{weight, bias, x_hat, opt, C, K, normalize_weight, eps, need_x, need_weight, need_bias,
+  const at::Tensor x_lp = use_bf16_gemm(x, weight, ct) ? x_hat.to(at::kBFloat16) : at::Tensor();
+  const BackwardCall<T> k{weight, bias, x_hat, x_lp, opt, C, K, normalize_weight, eps, need_x, need_weight, need_bias,
                           need_alpha, T(alpha_value(alpha)), &margins, tcol.data_ptr<int64_t>(), c_t.data(), win.data(),
                           lse.data_ptr<T>(),
-                          q.data_ptr<T>(), &rows, gw, gb, gw_direct};
+                          q.data_ptr<T>(), &rows, kept, gw, gb, gw_direct};
 
   const Split split(B, C, D, sizeof(T), K);
   // per worker: dX_hat partial sums (worker 0 accumulates into dx_hat itself) and d alpha
@@ -447,9 +486,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
   const int64_t B = x.size(0);
   TORCH_CHECK(grad_loss.numel() == B && grad_lse.numel() == B && lse.numel() == B,
               "l2sm::cpu_backward: grad_loss, grad_lse and lse must have B = ", B, " elements");
-  TORCH_CHECK(aux.numel() == B && at::isFloatingType(aux.scalar_type()),
-              "l2sm::cpu_backward: aux must be the (B,) tensor cpu_forward returned (1 - p_y per row), got shape ",
-              aux.sizes(), " for B = ", B);
+  const int64_t CK = C * subcenters;
+  const int64_t extra = aux.numel() - B;  // the kept block: R rows of C K products
+  TORCH_CHECK(aux.dim() == 1 && at::isFloatingType(aux.scalar_type()) && extra >= 0 &&
+                  (CK == 0 ? extra == 0 : extra % CK == 0 && extra / CK <= B),
+              "l2sm::cpu_backward: aux must be the (B + R C K,) tensor cpu_forward returned (1 - p_y per row, then ",
+              "the kept products of R <= B rows), got shape ", aux.sizes(), " for B = ", B, ", C K = ", CK);
   TORCH_CHECK(!need_bias || bias.has_value(), "l2sm::cpu_backward: need_bias without a bias");
   const KernelGuard guard;
   const double s = smoothing_value(label_smoothing);

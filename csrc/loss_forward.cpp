@@ -20,9 +20,13 @@
 // difference of two rounded logsumexps (0 in fp32; a relative error of 1e-2 in fp64). Rows without a
 // target sum every column; non-finite logits take the plain lse - z_y (NaN / inf as F.cross_entropy).
 //
-// aux (B,) in the compute dtype: q_i = 1 - p_iy of each row with a target (0 elsewhere). The backward
-// forms the target column's dz from it (dz_y = grad_lse p_y - grad_loss q + ...) instead of p_y - 1,
-// which cancels: the backward's own p_y = exp(z_y - lse) sees lse rounded to T.
+// aux (B + R C K,) in the compute dtype: first q_i = 1 - p_iy of each row with a target (0 elsewhere).
+// The backward forms the target column's dz from it (dz_y = grad_lse p_y - grad_loss q + ...) instead
+// of p_y - 1, which cancels: the backward's own p_y = exp(z_y - lse) sees lse rounded to T. Then the
+// memory dial's kept products (chunking.h, kept_rows): the (R, C K) block of x_hat . W_r of the first R
+// rows, R = 0 when max_logits_bytes allows no row or no gradient is asked for (then aux is (B,)).
+// Returning the block as part of the op's output is what lets autograd save it for the backward; its
+// size is a function of the metadata and the budget, which the fake kernel (cpu.py: aux_meta) mirrors.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -160,18 +164,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
                                                            const c10::optional<at::Tensor>& margin_table,
                                                            double s, bool normalize_weight, c10::string_view kind,
                                                            bool detached, int64_t K, int64_t C,
-                                                           int64_t ignore_index, double eps) {
+                                                           int64_t ignore_index, double eps, int64_t R) {
   constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const int64_t B = x.size(0), D = x.size(1);
   const auto opt = x.options().dtype(ct);
   const Margins<T> margins(kind, detached, margin_table, B);
-  at::Tensor loss = at::empty({B}, opt), lse = at::empty({B}, opt), aux = at::empty({B}, opt);
+  at::Tensor loss = at::empty({B}, opt), lse = at::empty({B}, opt), aux = at::empty({B + R * C * K}, opt);
   if (B == 0) return {loss, lse, aux};
+  const at::Tensor kept = R > 0 ? aux.narrow(0, B, R * C * K).view({R, C * K}) : at::Tensor();
 
   at::Tensor valid, bad;
   at::Tensor tcol = target_columns(target, C, ignore_index, &valid, &bad);
   at::Tensor x_hat, x_norm;
   normalized_features<T>(x, eps, &x_hat, &x_norm);
+  // bf16 x and W: the products by bf16 GEMM on x_hat rounded to bf16 (chunking.h, use_bf16_gemm)
+  const at::Tensor x_lp = use_bf16_gemm(x, weight, ct) ? x_hat.to(at::kBFloat16) : at::Tensor();
   std::vector<T> c_t(B);
   std::vector<int64_t> win(B);
   target_cosines<T>(x, weight, tcol.data_ptr<int64_t>(), K, normalize_weight, eps, c_t.data(), win.data());
@@ -185,12 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
   std::vector<double> row_sum(nw * B, 0.0), row_zsum(nw * B, 0.0);
 
   split.run([&](int64_t w) {
-    ChunkBuffers<T> buf(weight, B, D, split.max_chunk(w, C), K, opt);
+    ChunkBuffers<T> buf(weight, B, D, split.max_chunk(w, C), K, opt, x_lp);
     const auto range = split.classes(w, C);
     for (int64_t c0 = range.first; c0 < range.second; c0 += split.chunk) {
       const int64_t cc = std::min(split.chunk, range.second - c0);
       at::Tensor Lv;
-      buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv);
+      buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv, kept, /*reuse=*/false);
       FwdArgs<T> a{Lv.data_ptr<T>(), cc, c0, K, buf.inv_wn.template data_ptr<T>(), buf.bbuf.template data_ptr<T>(),
                    al, tcol.data_ptr<int64_t>(), c_t.data(), &margins, s != 0.0, row_max.data() + w * B,
                    row_sum.data() + w * B, row_zsum.data() + w * B, row_zt.data()};
@@ -241,16 +248,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const c10::optional<at::Tensor>& label_smoothing, bool normalize_weight, c10::string_view margin_kind,
     bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps,
     c10::optional<int64_t> max_logits_bytes, bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
-  // need_* are hints for aux; this backend's aux (q per row) does not depend on them
+  // need_* are hints for aux: without any gradient to come, nothing is kept
   const int64_t C = check_inputs(x, weight, target, alpha, bias, subcenters);
+  TORCH_CHECK(!max_logits_bytes.has_value() || *max_logits_bytes >= 0,
+              "l2sm::cpu_forward: max_logits_bytes must be None or >= 0, got ", *max_logits_bytes);
   const KernelGuard guard;
   const double s = smoothing_value(label_smoothing);
-  if (compute_type(x, weight, bias) == at::kDouble) {
+  const bool dbl = compute_type(x, weight, bias) == at::kDouble;
+  const bool any_need = need_x || need_weight || need_bias || need_alpha;
+  const bool bf16_inputs = x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16;
+  const int64_t R = any_need ? kept_rows(x.size(0), C, subcenters, dbl ? 8 : 4, max_logits_bytes, bf16_inputs) : 0;
+  if (dbl) {
     return forward_impl<double>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
-                                margin_detached, subcenters, C, ignore_index, eps);
+                                margin_detached, subcenters, C, ignore_index, eps, R);
   }
   return forward_impl<float>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
-                             margin_detached, subcenters, C, ignore_index, eps);
+                             margin_detached, subcenters, C, ignore_index, eps, R);
 }
 
 }  // namespace l2sm_cpu

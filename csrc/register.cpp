@@ -77,6 +77,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The chunk size (classes) of a call with B rows, C classes of K sub-centers, D features and a compute "
       "dtype of element_size bytes.");
   m.attr("DEFAULT_WORKSPACE_BYTES") = l2sm_cpu::kDefaultWorkspaceBytes;
+  m.attr("DEFAULT_MAX_LOGITS_BYTES") = l2sm_cpu::kDefaultMaxLogitsBytes;
+  m.def(
+      "set_bf16_gemm", [](bool on) { l2sm_cpu::g_bf16_gemm.store(on); },
+      "bf16 x and W: the three products by bf16 GEMM (true, the default) or in fp32 (false).");
+  m.def("get_bf16_gemm", []() { return l2sm_cpu::g_bf16_gemm.load(); });
+  m.def(
+      "kept_rows",
+      [](int64_t B, int64_t C, int64_t K, int64_t element_size, c10::optional<int64_t> max_logits_bytes,
+         bool bf16_inputs) { return l2sm_cpu::kept_rows(B, C, K, element_size, max_logits_bytes, bf16_inputs); },
+      py::arg("B"), py::arg("C"), py::arg("K"), py::arg("element_size"), py::arg("max_logits_bytes"),
+      py::arg("bf16_inputs") = false,
+      "Rows of the batch whose products the forward keeps for the backward (the memory dial; for tests).");
   m.attr("MAX_WORKSPACE_BYTES") = l2sm_cpu::kMaxWorkspaceBytes;
   m.attr("MAX_CHUNK_CLASSES") = l2sm_cpu::kMaxChunkClasses;
   m.def(

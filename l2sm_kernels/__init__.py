@@ -1,5 +1,6 @@
 """l2sm_kernels: the L2-constrained softmax loss, fused (normalize, class product and softmax
-cross-entropy in one pass over the classes, hand-written backward, no B x C logits).
+cross-entropy in one pass over the classes, hand-written backward, no B x C logits beyond what the
+memory dial max_logits_bytes lets it keep; docs/memory_dial.md).
 
 What a user imports lives here: l2_softmax_loss (loss.py), L2SoftmaxLoss (loss_module.py), the
 face-recognition heads (heads.py: ArcFace, CosFace, combined, AdaFace, MagFace, ElasticFace), L2SMOptions

@@ -177,7 +177,8 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
                     label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", sample_rate=1.0,
                     generator=None, backend="auto", max_logits_bytes=None, _sampled=None):
     """L2-constrained softmax cross-entropy, fused: never builds the B x C logits (except backend
-    "eager", the verification fallback).
+    "eager", the verification fallback) beyond the max_logits_bytes of them it may keep between the
+    passes (the cpu backend's default keeps up to 256 MiB for fp32 products; 0 keeps none).
 
     z_ij = alpha * g_ij + b_j, g_ij = c_ij = x_hat_i . W_hat_j off the target column and f(c_iy) on it,
     with x_hat = x / max(|x|, eps), W_hat = W normalized when normalize_weight (else W), then

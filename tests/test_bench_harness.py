@@ -209,6 +209,9 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert sweep.main(args) == 0
     out = capsys.readouterr().out
     providers = [p for p in H.providers_for("cpu") if p != "compile"]
+    fused = [p for p in providers if p not in H.BASELINES and p not in (H.FLOOR, H.TORCH_LCE)]
+    providers += [H.dialed(b, s) for b in fused for s in H.KEEP_SPECS]  # the memory dial's rows (--keep)
+    assert "cpu keep=1/4" in providers or not fused
     with open(tmp_path / "tiny.csv") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == H.COLUMNS
@@ -224,6 +227,37 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert len(json.loads((tmp_path / "tiny.json").read_text())) == len(rows)
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| C | provider | median ms (p20-p80) |" in out and "wrote png:" in out
+
+
+def test_memory_dial_providers():
+    """"<backend> keep=<spec>" runs the backend with max_logits_bytes = that share of the B x C K
+    products (compute dtype); baselines have no dial; the budget counts in the fit estimate."""
+    from l2sm_kernels.options import L2SMOptions
+    case = H.Case(B=8, C=64, D=16)
+    assert H.split_provider(H.dialed("cpu", "1/4")) == ("cpu", "1/4") and H.split_provider("cpu") == ("cpu", None)
+    assert [H.budget_bytes(case, s) for s in ("0", "1/4", "all", "100")] == [0, 512, 2048, 100]
+    assert H.budget_bytes(H.Case(B=8, C=64, D=16, dtype=torch.float64, options=L2SMOptions(subcenters=2)),
+                          "all") == 8 * 128 * 8
+    assert H.budget_bytes(H.Case(B=8, C=64, D=16, dtype=torch.bfloat16), "all") == 2048  # fp32 products
+    assert "no memory dial" in H.unavailable_reason(H.dialed("plain", "0"), case)
+    assert "no memory dial" in H.unavailable_reason(H.dialed(H.FLOOR, "all"), case)
+    assert "no memory dial" in H.unavailable_reason(H.dialed("eager", "all"), case)  # a baseline: it ignores it
+    big = H.Case(B=256, C=65536, D=512)
+    assert (H.estimated_need_bytes(H.dialed("cpu", "all"), "forward_backward", big)
+            - H.estimated_need_bytes(H.dialed("cpu", "0"), "forward_backward", big)) == 256 * 65536 * 4
+    seen = []
+    real = H.l2_softmax_loss
+    try:
+        H.l2_softmax_loss = lambda *a, **k: seen.append(k["max_logits_bytes"])
+        H.loss_function(H.dialed("cpu", "1/4"), case)(None, None, None)
+        H.loss_function("cpu", case)(None, None, None)
+    finally:
+        H.l2_softmax_loss = real
+    assert seen == [512, None]
+    # the baselines never see the dial (the reference takes no max_logits_bytes)
+    dial = H.Case(B=8, C=64, D=16, options=L2SMOptions(max_logits_bytes=0, label_smoothing=0.1))
+    x = H.make_inputs(dial)
+    assert torch.isfinite(H.baseline_function(dial)(x.x, x.W, x.y))
 
 
 def test_sweep_reports_shapes_that_do_not_fit(tmp_path, capsys):

@@ -103,12 +103,14 @@ def test_op_rejects_bad_arguments_clearly():
         call(args=(False, "none", False, 2, -100, 1e-12, None))
     with pytest.raises(RuntimeError, match=r"bias must be \(5,\) \(one per class\)"):
         call(w=torch.randn(10, 4), b=torch.randn(10), args=(False, "none", False, 2, -100, 1e-12, None))
+    with pytest.raises(RuntimeError, match="max_logits_bytes must be None or >= 0"):
+        call(args=args[:-1] + (-1,))
     loss, lse, aux = call()
-    assert aux.shape == (3,) and aux.dtype == torch.float32  # q = 1 - p_y per row
+    assert aux.shape == (3,) and aux.dtype == torch.float32  # q = 1 - p_y per row (nothing kept: no gradient)
     with pytest.raises(RuntimeError, match=r"alpha must be a 0-d floating tensor, got shape \[1\]"):
         bwd(torch.ones(3), torch.zeros(3), x, w, t, a.reshape(1), None, *tensors, lse, aux, *args, True, True, False,
             True)
-    with pytest.raises(RuntimeError, match=r"aux must be the \(B,\) tensor cpu_forward returned"):
+    with pytest.raises(RuntimeError, match=r"aux must be the \(B \+ R C K,\) tensor cpu_forward returned"):
         bwd(torch.ones(3), torch.zeros(3), x, w, t, a, None, *tensors, lse, aux[:0], *args, True, True, False, True)
 
 
@@ -533,7 +535,8 @@ def test_peak_memory_is_the_workspace(chunk, K):
     """Forward + backward allocate the gradients plus the documented workspace: per thread a
     B x chunk x K buffer, chunk-length vectors and (backward) a (B, D) dX accumulator, plus x_hat and
     B-vectors (lse, aux, the per-row statistics). With B x C four times larger than that, any B x C
-    buffer would show. K = 3 sub-centers: a chunk of 256 classes is 768 rows of W."""
+    buffer would show. K = 3 sub-centers: a chunk of 256 classes is 768 rows of W. max_logits_bytes=0:
+    nothing kept between the passes (tests/test_memory_dial.py bounds what the dial adds)."""
     B, D, C = 64, 32, 20000 // K
     chunk(256)
     g = torch.Generator().manual_seed(36)
@@ -543,7 +546,7 @@ def test_peak_memory_is_the_workspace(chunk, K):
 
     def step():
         L.l2_softmax_loss(x, w, t, backend="cpu", normalize_weight=True, subcenters=K, margin_type="arcface",
-                          margin=0.5).backward()
+                          margin=0.5, max_logits_bytes=0).backward()
 
     step()
     x.grad = w.grad = None

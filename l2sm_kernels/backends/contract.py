@@ -107,6 +107,9 @@ def _make_autograd(backward_op):
         ctx.opts = tuple(inputs[N_INPUTS:N_INPUTS + N_OPTS])
         loss, lse, aux = output
         ctx.mark_non_differentiable(aux)
+        # no zero-filled gradient for aux (its size is the backend's: with the memory dial it holds kept
+        # logits, up to B x C values) nor for an unused loss / lse: backward gets None and handles it
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs[:N_INPUTS], lse, aux)
 
     def backward(ctx, grad_loss, grad_lse, grad_aux):

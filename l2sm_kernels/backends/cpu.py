@@ -16,13 +16,21 @@ order afterwards). Below 32 classes one share runs, with threaded BLAS.
 Workspace, per thread: B x chunk x K values of the compute dtype (4 bytes, 8 for float64), plus
 chunk x K x D values when the weight is not a contiguous matrix of the compute dtype (bf16 / fp16 /
 transposed weights are converted a chunk at a time), plus a (B, D) dX accumulator per extra thread
-in the backward. No B x C buffer exists. The chunk size, in classes:
+in the backward. No B x C buffer exists beyond the memory dial's kept block (below). The chunk size,
+in classes:
 
 - default: chunk = budget / ((B + D + 1) x element size x K), rounded down to a multiple of 64 (at
   least 64), so that one chunk's cosines and weight rows fit in a 4 MiB budget
   (``set_workspace_bytes``, env L2SM_CPU_WORKSPACE_MB). B = 256, D = 512, fp32: 1344 classes
   (448 with K = 3), a 1.3 MiB cosine buffer per thread;
 - fixed: ``set_chunk_classes(n)`` (env L2SM_CPU_CHUNK); 0 returns to the budget.
+
+The memory dial (max_logits_bytes; docs/memory_dial.md): the forward keeps the products of the
+first R = min(B, max_logits_bytes // (C K x element size)) rows of the batch with every row of W,
+an (R, C K) block returned inside aux, and the backward copies those rows back instead of
+recomputing them: 3 + (B - R) / B GEMM-equivalents per step instead of 4. Default (None): up to
+DEFAULT_MAX_LOGITS_BYTES (256 MiB), 0 when features and weights are both bf16 (their products are bf16
+GEMMs: set_bf16_gemm). Nothing is kept when no gradient is asked for.
 
 Results do not depend on the chunk size beyond rounding, and are bitwise reproducible for a given
 chunk size and number of threads (torch.get_num_threads()).
@@ -110,9 +118,41 @@ def load():
     return _OPS
 
 
-def aux_meta(x, weight, target, alpha, bias, *rest):
-    """The forward's aux: (B,) in the compute dtype (q_i = 1 - p_iy of each row; csrc/loss_forward.cpp)."""
-    return x.new_empty((x.shape[0],), dtype=compute_dtype(x, weight, bias))
+# The memory dial's default (max_logits_bytes None): keep up to this many bytes of products
+# (csrc/chunking.h: kDefaultMaxLogitsBytes; the extension's DEFAULT_MAX_LOGITS_BYTES, tested equal).
+DEFAULT_MAX_LOGITS_BYTES = 256 << 20
+
+
+def kept_rows(batch, num_classes, subcenters, element_size, max_logits_bytes, bf16_inputs=False):
+    """Rows of the batch whose products with every row of W the forward keeps for the backward
+    (csrc/chunking.h, kept_rows): min(B, budget // (C K element_size)); 0 without a budget for one row.
+    The default budget (None) is DEFAULT_MAX_LOGITS_BYTES, or 0 when features and weights are both bf16
+    (bf16_inputs: bf16 GEMMs recompute faster than the kept products are written and read back).
+    Traces under torch.compile with symbolic B and C (no host values)."""
+    if max_logits_bytes is None:
+        budget = 0 if bf16_inputs else DEFAULT_MAX_LOGITS_BYTES
+    else:
+        budget = max_logits_bytes
+    row = num_classes * subcenters * element_size
+    if budget <= 0 or row == 0:
+        return 0
+    return torch.sym_min(batch, budget // row)
+
+
+def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
+             margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
+             need_alpha):
+    """The forward's aux: (B + R C K,) in the compute dtype: q_i = 1 - p_iy of each row, then the kept
+    products of the first R rows (csrc/loss_forward.cpp), R = kept_rows(...) when a gradient is asked
+    for, else 0."""
+    dt = compute_dtype(x, weight, bias)
+    B = x.shape[0]
+    C = weight.shape[0] // subcenters
+    R = 0
+    if need_x or need_weight or need_bias or need_alpha:
+        R = kept_rows(B, C, subcenters, torch.empty((), dtype=dt).element_size(), max_logits_bytes,
+                      x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16)
+    return x.new_empty((B + R * C * subcenters,), dtype=dt)
 
 
 def _env_chunk(value: str):
@@ -205,6 +245,19 @@ def set_workspace_bytes(n: int) -> None:
 
 def get_workspace_bytes() -> int:
     return _ext().get_workspace_bytes()
+
+
+def set_bf16_gemm(on: bool) -> None:
+    """With bf16 features and weights: run the three products through ATen's bf16 GEMM (True, the
+    default; rounded to bf16 where plain torch's bf16 matmuls round, docs/memory_dial.md) or in fp32
+    (False: the arithmetic of fp32 inputs)."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_bf16_gemm takes a bool, got {on!r}")
+    _ext().set_bf16_gemm(on)
+
+
+def get_bf16_gemm() -> bool:
+    return _ext().get_bf16_gemm()
 
 
 def chunk_for(batch: int, num_classes: int, dim: int, dtype: torch.dtype = torch.float32, subcenters: int = 1) -> int:

@@ -81,9 +81,12 @@ def loss_and_grads(fn, case: Case, grad_output=None) -> tuple[torch.Tensor, dict
     return out.detach(), {k: g for k, g in zip(leaves, grads)}
 
 
-def run(case: Case, backend: str, grad_output=None):
+def run(case: Case, backend: str, grad_output=None, op_kwargs=None):
+    """The backend's loss and gradients; op_kwargs: extra keywords for l2_softmax_loss alone (settings the
+    reference does not take, such as max_logits_bytes)."""
     c = _detached(case, upcast=False)
-    return loss_and_grads(lambda *a, **k: l2_softmax_loss(*a, backend=backend, **k), c, grad_output)
+    extra = op_kwargs or {}
+    return loss_and_grads(lambda *a, **k: l2_softmax_loss(*a, backend=backend, **k, **extra), c, grad_output)
 
 
 def run_reference(case: Case, upcast: bool, grad_output=None):
@@ -121,9 +124,10 @@ def assert_accurate(name: str, out: torch.Tensor, ref: torch.Tensor, plain: torc
     )
 
 
-def check_case(case: Case, backend: str, grad_output=None, dtype=None) -> None:
-    """Loss and every gradient of `backend` against the float64 reference, by the accuracy relation."""
-    out, grads = run(case, backend, grad_output)
+def check_case(case: Case, backend: str, grad_output=None, dtype=None, op_kwargs=None) -> None:
+    """Loss and every gradient of `backend` against the float64 reference, by the accuracy relation
+    (op_kwargs: see run)."""
+    out, grads = run(case, backend, grad_output, op_kwargs)
     ref, rgrads = run_reference(case, True, grad_output)
     plain, pgrads = run_reference(case, False, grad_output)
     assert out.dtype == (torch.float64 if ref.dtype == torch.float64 and _any64(case) else torch.float32)
