@@ -218,3 +218,22 @@ MUTATIONS += [
        "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += 0",
        "the backward reads every kept chunk's logits from the first chunk's place", tests=_GEMM, env=_TRITON),
 ]
+
+# the non-target transform (issue 20): each backend's mask and slope, the class-parallel thresholds
+_NEG = ["tests/test_negatives.py"]
+MUTATIONS += [
+    _m("eager-negatives-inclusive", "l2sm_kernels/backends/eager.py", "hard = (c > thr) & ~is_t",
+       "hard = (c >= thr) & ~is_t", "a negative exactly at the row's margined target counts as hard", tests=_NEG),
+    _m("eager-negatives-curricular-slope", "l2sm_kernels/backends/eager.py",
+       "value, slope = c * (t + c), t + 2 * c", "value, slope = c * (t + c), t + c",
+       "CurricularFace's hard-negative gradient misses a term", tests=_NEG),
+    _m("cpu-negatives-inclusive", "csrc/common.h", "const bool hard = c > thr;", "const bool hard = c >= thr;",
+       "a negative exactly at the row's margined target counts as hard", tests=_NEG, env=_CPU),
+    _m("triton-negatives-o-unweighted", "l2sm_kernels/backends/triton/loss_forward.py",
+       "                p = p * slope\n", "                p = p * 1.0\n",
+       "dX ignores the transform's slope on hard negatives", tests=_NEG, env=_TRITON),
+    _m("class-parallel-thresholds-local", "l2sm_kernels/distributed/class_parallel.py",
+       "        dist.all_reduce(f, group=group)\n", "        pass\n",
+       "shards that do not own a row's target use threshold 0 instead of its margined target cosine",
+       tests=["tests/test_class_parallel.py::test_negatives_match_single_process"], env=_CPU),
+]

@@ -191,11 +191,23 @@ def _chunk_weights(w_c, buf, cdt, normalize_weight, eps, launch):
     return normalize_rows(w_c, out, eps, normalize_weight, launch)
 
 
-def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-            need_alpha, *, launch=_identity, config: Config):
+def check_no_negatives(negatives: str) -> None:
+    """The GEMM path's row kernels do not apply the non-target transform (options.L2SMOptions.negatives): a
+    clear error rather than a loss without it. A call with one takes the fused kernels unless the GEMM path
+    was chosen explicitly (config.call_path)."""
+    if negatives != "none":
+        raise NotImplementedError(
+            f"the triton backend's GEMM path does not support negatives={negatives!r} (the non-target transform); "
+            "use the fused path (set_path('fused') or L2SM_TRITON_PATH=fused, the default for such calls) or "
+            "another backend")
+
+
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x, need_weight,
+            need_bias, need_alpha, *, launch=_identity, config: Config):
     """-> (loss (B,), lse (B,), aux) fp32 (contract.py's argument order), aux = [statistics | kept chunks]
-    (max_logits_bytes: checked by options.check_max_logits_bytes before the op)."""
+    (max_logits_bytes: checked by options.check_max_logits_bytes before the op; negatives: "none" only)."""
+    check_no_negatives(negatives)
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
@@ -231,11 +243,12 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
     return loss, lse, aux
 
 
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
-             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config):
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, lse, aux,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes,
+             need_x, need_weight, need_bias, need_alpha, *, launch=_identity, config: Config):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed. What the
     forward kept is read from aux's size (max_logits_bytes is not needed here)."""
+    check_no_negatives(negatives)
     B, D = x.shape
     K = subcenters
     C = weight.shape[0] // K
