@@ -103,9 +103,7 @@ def check_option_tensors(opts: L2SMOptions, batch: int, device) -> L2SMOptions:
     else:
         m = fix("margin", m)
     s = fix("label_smoothing", opts.label_smoothing)
-    return L2SMOptions(normalize_weight=opts.normalize_weight, margin_type=opts.margin_type, margin=m,
-                       ignore_index=opts.ignore_index, label_smoothing=s, eps=opts.eps,
-                       subcenters=opts.subcenters, margin_grad=opts.margin_grad)
+    return dataclasses.replace(opts, margin=m, label_smoothing=s)
 
 
 _WARNED_UNNORMALIZED = set()
@@ -174,7 +172,7 @@ def reduce_rows(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, red
 def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                     margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
                     label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", sample_rate=1.0,
-                    generator=None, backend="auto", _sampled=None):
+                    generator=None, backend="auto", margin_fallback=True, _sampled=None):
     """L2-constrained softmax cross-entropy, fused: never builds the B x C logits (except backend
     "eager", the verification fallback).
 
@@ -204,6 +202,8 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
         margin_grad: "exact" (the derivative of f) or "detached" (InsightFace's CombinedMarginLoss
             applies the margin under no_grad: the gradient w.r.t. the target cosine as if f were the
             identity; the value still has the margin).
+        margin_fallback: False drops the angular margin's monotonic fallback past pi (f = cos(arccos c~
+            + m2) - m3 on every target cosine), as InsightFace's CombinedMarginLoss.
         sample_rate: Partial FC in one process (An et al. 2022): every class that is a target in the
             batch plus random others, max(int(q C), positives) classes in all; the loss is the loss over
             exactly those classes and the others get exactly zero gradient. q = 1: all classes. Drawing
@@ -217,7 +217,7 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     """
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
-                       subcenters=subcenters, margin_grad=margin_grad)
+                       subcenters=subcenters, margin_grad=margin_grad, margin_fallback=margin_fallback)
     check_reduction(reduction)
     q = check_sample_rate(sample_rate)
     C = check_inputs(features, weight, target, bias, subcenters=opts.subcenters)

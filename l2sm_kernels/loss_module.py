@@ -184,8 +184,9 @@ class L2SoftmaxLoss(nn.Module):
         for key in ("class", "in_features", "num_classes", "sample_rate", "head"):
             if state.get(key) != mine[key]:
                 diffs.append(f"{key}: checkpoint {state.get(key)!r}, module {mine[key]!r}")
-        for key, v in mine["options"].items():
-            w = state["options"].get(key)
+        absent = {"margin_fallback": True}  # recorded only when not the default (options.to_dict)
+        for key in list(mine["options"]) + [k for k in state["options"] if k not in mine["options"]]:
+            v, w = mine["options"].get(key, absent.get(key)), state["options"].get(key, absent.get(key))
             if w != v:
                 diffs.append(f"{key}: checkpoint {w!r}, module {v!r}")
         if diffs:

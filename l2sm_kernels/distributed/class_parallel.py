@@ -165,7 +165,7 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                                    group=None, normalize_weight=False, margin=0.0, margin_type="none",
                                    reduction="mean", ignore_index=-100, label_smoothing=0.0, eps=1e-12,
                                    subcenters=1, margin_grad="exact", backend="auto", batch_sizes=None,
-                                   sample_rate=1.0, generator=None):
+                                   sample_rate=1.0, generator=None, margin_fallback=True):
     """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
 
     Args:
@@ -195,17 +195,18 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                            normalize_weight=normalize_weight, margin=margin, margin_type=margin_type,
                            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                            eps=eps, subcenters=subcenters, margin_grad=margin_grad, backend=backend,
-                           batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator)[0]
+                           batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator,
+                           margin_fallback=margin_fallback)[0]
 
 
 def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
              margin_type, reduction, ignore_index, label_smoothing, eps, subcenters, margin_grad, backend, batch_sizes,
-             sample_rate) -> _Args:
+             sample_rate, margin_fallback=True) -> _Args:
     """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
     the argument), and what the step derives from them."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
-                       margin_grad=margin_grad)
+                       margin_grad=margin_grad, margin_fallback=margin_fallback)
     check_reduction(reduction)
     sample_rate = check_sample_rate(sample_rate)
     n = check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
@@ -246,7 +247,7 @@ def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs):
 
 def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
                     margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
-                    sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None):
+                    sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None, margin_fallback=True):
     """-> (loss, sampled local indices or None). check_key: what the CUDA agreement check is done once
     for (the module; None: the group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -260,7 +261,8 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
         a = _prepare(features, weight_shard, target, class_start, alpha, bias_shard,
                      normalize_weight=normalize_weight, margin=margin, margin_type=margin_type, reduction=reduction,
                      ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
-                     margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate)
+                     margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
+                     margin_fallback=margin_fallback)
         err = None
     except Exception as e:  # every rank learns of it in _check_ranks, which re-raises it here
         if not check:
