@@ -257,3 +257,59 @@ def test_margin_loss_forward_on_logits():
     assert torch.allclose(z, expect, rtol=0, atol=1e-12)
     z.sum().backward()
     assert torch.equal(cos.grad, torch.full_like(cos, 64.0))  # detached margin
+
+
+# ---------------------------------------------------------------------------------------------
+# class-parallel: 2 and 3 gloo processes (the harness of test_class_parallel.py)
+# ---------------------------------------------------------------------------------------------
+def _work_class_parallel(rank, world, backend, margins, rate, uneven):
+    """Every rank builds the same global problem, holds its shard (their layout) and its rows; the
+    loss, the rows' embedding gradient (world_size times the global mean's, as their AllGather) and
+    the shard's weight gradient match the reference on the whole batch and matrix."""
+    C, D = 19, 12
+    sizes = {2: [2, 4], 3: [1, 3, 2]}[world] if uneven else [6 // world] * world
+    x, y, w = _problem(B=sum(sizes), D=D, C=C, seed=4)
+    head = PartialFC_V2(CombinedMarginLoss(64, *margins), D, C, rate, backend=backend)
+    q, rem = divmod(C, world)
+    assert (head.num_local, head.class_start) == (q + (rank < rem), q * rank + min(rank, rem))
+    shard = slice(head.class_start, head.class_start + head.num_local)
+    with torch.no_grad():
+        head.weight.copy_(w[shard])
+    first = sum(sizes[:rank])
+    rows = slice(first, first + sizes[rank])
+    labels = y[rows].clone().view(-1, 1)
+    got = _compat_loss(head, x[rows], labels, batch_sizes=sizes if uneven else None)
+    assert torch.equal(labels.view(-1), y[rows])
+    sample = torch.unique(y) if rate == 0 else None  # positives only: every rank's positives, together
+    ref = _ref_loss(x, w, y, margins, torch.float64, sample=sample)
+    plain = _ref_loss(x, w, y, margins, torch.float32, sample=sample)
+    assert_accurate("loss", got[0], ref[0], plain[0], torch.float32)
+    assert_accurate("grad x", got[1], world * ref[1][rows], world * plain[1][rows], torch.float32)
+    assert_accurate("grad weight", got[2], ref[2][shard], plain[2][shard], torch.float32)
+
+
+_GROUPS = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_groups():
+    yield
+    codes = {world: g.close() for world, g in _GROUPS.items() if not g.forced}
+    _GROUPS.clear()
+    assert all(c == 0 for v in codes.values() for c in v), f"workers did not exit cleanly: exit codes {codes}"
+
+
+def spawn(fn, world, *args):
+    from test_class_parallel import _Group
+
+    g = _GROUPS.get(world)
+    if g is None or not g.alive():
+        g = _GROUPS[world] = _Group(world)
+    g.run(fn, *args)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_class_parallel_matches_theirs(backend, world):
+    cases = [(ARC, 1.0, False), (COS, 0.0, True), (ARC, 0.0, False)]
+    for margins, rate, uneven in cases[:2] if is_slow(backend) else cases:
+        spawn(_work_class_parallel, world, backend, margins, rate, uneven)
