@@ -10,8 +10,6 @@ indices sorted, else the positives alone.
 The reference runs in float64 and in float32 (the accuracy relation of docs/conventions.md), one
 process, and on every rank of 2 and 3 gloo processes (on the gathered batch and the full matrix)."""
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from l2sm_kernels.compat.arcface_torch import CombinedMarginLoss, PartialFC_V2
 from l2sm_kernels.testing import assert_accurate
 
 from conftest import is_slow
+from spawned import Pool
 
 ARC, COS, COS_IGNORING = (1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (0.9, 0.3, 0.35)
 
@@ -288,28 +287,17 @@ def _work_class_parallel(rank, world, backend, margins, rate, uneven):
     assert_accurate("grad weight", got[2], ref[2][shard], plain[2][shard], torch.float32)
 
 
-_GROUPS = {}
+_POOL = Pool()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_groups():
     yield
-    codes = {world: g.close() for world, g in _GROUPS.items() if not g.forced}
-    _GROUPS.clear()
-    assert all(c == 0 for v in codes.values() for c in v), f"workers did not exit cleanly: exit codes {codes}"
-
-
-def spawn(fn, world, *args):
-    from test_class_parallel import _Group
-
-    g = _GROUPS.get(world)
-    if g is None or not g.alive():
-        g = _GROUPS[world] = _Group(world)
-    g.run(fn, *args)
+    _POOL.close()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_class_parallel_matches_theirs(backend, world):
     cases = [(ARC, 1.0, False), (COS, 0.0, True), (ARC, 0.0, False)]
     for margins, rate, uneven in cases[:2] if is_slow(backend) else cases:
-        spawn(_work_class_parallel, world, backend, margins, rate, uneven)
+        _POOL.spawn(_work_class_parallel, world, backend, margins, rate, uneven)
