@@ -6,3 +6,11 @@ from .class_parallel import class_parallel_l2_softmax_loss, partial_fc_sample, s
 from .class_parallel_module import ClassParallelL2SoftmaxLoss
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelL2SoftmaxLoss"]
+
+# the face-recognition heads class-parallel (class_parallel_heads.py)
+from .class_parallel_heads import (ClassParallelAdaFaceLoss, ClassParallelArcFaceLoss,  # noqa: E402
+                                   ClassParallelCombinedMarginLoss, ClassParallelCosFaceLoss,
+                                   ClassParallelElasticFaceLoss, ClassParallelMagFaceLoss)
+
+__all__ += ["ClassParallelAdaFaceLoss", "ClassParallelArcFaceLoss", "ClassParallelCombinedMarginLoss",
+            "ClassParallelCosFaceLoss", "ClassParallelElasticFaceLoss", "ClassParallelMagFaceLoss"]
