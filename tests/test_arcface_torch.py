@@ -17,12 +17,15 @@ import torch.nn.functional as F
 
 from l2sm_kernels.compat import arcface_torch as AT
 from l2sm_kernels.compat.arcface_torch import CombinedMarginLoss, PartialFC_V2
+from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.testing import assert_accurate
 
 from conftest import is_slow
 from spawned import Pool
 
 ARC, COS, COS_IGNORING = (1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (0.9, 0.3, 0.35)
+HAS_FILTER = "negatives" in L2SMOptions.__dataclass_fields__
+needs_filter = pytest.mark.skipif(not HAS_FILTER, reason="the op's negatives='filter' option (issue 20) is absent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,14 +146,41 @@ def test_sampling_matches_theirs(head_factory):
         assert torch.all(got[2][unsampled] == 0)
 
 
-def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto"):
+@needs_filter
+@pytest.mark.parametrize("margins", [ARC, COS], ids=["arcface", "cosface"])
+def test_interclass_filtering_matches_theirs(head_factory, margins):
+    """t = 0.1: many non-target cosines above it (set to 0, no gradient), and targets above it too
+    (rows 2-4 near their class: the target column is never filtered)."""
+    x, y, w = _problem(deep_rows=1)
+    x[2:5] = F.normalize(w[y[2:5]]) * 2 + 0.02 * torch.randn(3, 12, generator=torch.Generator().manual_seed(3))
+    cos = F.normalize(x) @ F.normalize(w).T
+    target = F.one_hot(y, 19).bool()
+    assert int(((cos > 0.1) & ~target).sum()) > 10 and bool((cos[target][2:5] > 0.1).all())
+    head = head_factory(margins, 19, 12, threshold=0.1)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    got = _compat_loss(head, x, y)
+    _check_against_reference(got, x, w, y, margins, threshold=0.1)
+    unfiltered = _ref_loss(x, w, y, margins, torch.float64)[0]
+    assert abs(float(unfiltered - got[0])) > 0.1  # the filter changed the loss
+
+
+def test_filtering_needs_the_op_option():
+    if HAS_FILTER:
+        assert AT.loss_options(AT.margin_spec(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.3)))["negatives_t"] == 0.3
+    else:
+        with pytest.raises(NotImplementedError, match="negatives='filter'"):
+            PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.3), 8, 10)
+
+
+def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto", threshold=0.0):
     """A few SGD steps of a linear 'backbone' (6 -> 12) and the head: their classes (the reference) or
     the compat ones, from the same initialization and the same RNG stream. Returns the losses."""
     torch.manual_seed(seed)
     backbone = torch.nn.Linear(6, 12)
     C = 40
     if head_or_ref == "compat":
-        head = PartialFC_V2(CombinedMarginLoss(64, *margins), 12, C, sample_rate, backend=backend)
+        head = PartialFC_V2(CombinedMarginLoss(64, *margins, threshold), 12, C, sample_rate, backend=backend)
         weight = head.weight
     else:
         weight = torch.nn.Parameter(torch.normal(0, 0.01, (C, 12)))  # their init, the same draw
@@ -167,7 +197,7 @@ def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto"):
         else:
             labels = y.view(-1)
             sample = their_sample(labels, C, int(sample_rate * C)) if sample_rate < 1 else None
-            loss = their_loss(emb, labels, weight, margins, dtype=torch.float32, sample=sample)
+            loss = their_loss(emb, labels, weight, margins, threshold, dtype=torch.float32, sample=sample)
         assert torch.equal(y, y_before)  # labels untouched
         opt.zero_grad()
         loss.backward()
@@ -176,12 +206,13 @@ def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto"):
     return losses
 
 
-@pytest.mark.parametrize("sample_rate", [1.0, 0.3])
+@pytest.mark.parametrize("sample_rate,threshold", [(1.0, 0.0), (0.3, 0.0),
+                                                    pytest.param(0.3, 0.05, marks=needs_filter)])
 @pytest.mark.parametrize("margins", [ARC, COS], ids=["arcface", "cosface"])
-def test_training_matches_theirs(backend, margins, sample_rate):
+def test_training_matches_theirs(backend, margins, sample_rate, threshold):
     steps = 3 if is_slow(backend) else 6
-    ref = _train("reference", steps, 3, margins, sample_rate)
-    got = _train("compat", steps, 3, margins, sample_rate, backend)
+    ref = _train("reference", steps, 3, margins, sample_rate, threshold=threshold)
+    got = _train("compat", steps, 3, margins, sample_rate, backend, threshold)
     assert got == pytest.approx(ref, rel=2e-5, abs=1e-5)
     assert len(set(ref)) == len(ref)  # every step a different loss: the steps moved the parameters
 
@@ -261,14 +292,14 @@ def test_margin_loss_forward_on_logits():
 # ---------------------------------------------------------------------------------------------
 # class-parallel: 2 and 3 gloo processes (the harness of test_class_parallel.py)
 # ---------------------------------------------------------------------------------------------
-def _work_class_parallel(rank, world, backend, margins, rate, uneven):
+def _work_class_parallel(rank, world, backend, margins, rate, uneven, threshold=0.0):
     """Every rank builds the same global problem, holds its shard (their layout) and its rows; the
     loss, the rows' embedding gradient (world_size times the global mean's, as their AllGather) and
     the shard's weight gradient match the reference on the whole batch and matrix."""
     C, D = 19, 12
     sizes = {2: [2, 4], 3: [1, 3, 2]}[world] if uneven else [6 // world] * world
     x, y, w = _problem(B=sum(sizes), D=D, C=C, seed=4)
-    head = PartialFC_V2(CombinedMarginLoss(64, *margins), D, C, rate, backend=backend)
+    head = PartialFC_V2(CombinedMarginLoss(64, *margins, threshold), D, C, rate, backend=backend)
     q, rem = divmod(C, world)
     assert (head.num_local, head.class_start) == (q + (rank < rem), q * rank + min(rank, rem))
     shard = slice(head.class_start, head.class_start + head.num_local)
@@ -280,8 +311,8 @@ def _work_class_parallel(rank, world, backend, margins, rate, uneven):
     got = _compat_loss(head, x[rows], labels, batch_sizes=sizes if uneven else None)
     assert torch.equal(labels.view(-1), y[rows])
     sample = torch.unique(y) if rate == 0 else None  # positives only: every rank's positives, together
-    ref = _ref_loss(x, w, y, margins, torch.float64, sample=sample)
-    plain = _ref_loss(x, w, y, margins, torch.float32, sample=sample)
+    ref = _ref_loss(x, w, y, margins, torch.float64, threshold, sample=sample)
+    plain = _ref_loss(x, w, y, margins, torch.float32, threshold, sample=sample)
     assert_accurate("loss", got[0], ref[0], plain[0], torch.float32)
     assert_accurate("grad x", got[1], world * ref[1][rows], world * plain[1][rows], torch.float32)
     assert_accurate("grad weight", got[2], ref[2][shard], plain[2][shard], torch.float32)
@@ -298,6 +329,8 @@ def _close_groups():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_class_parallel_matches_theirs(backend, world):
-    cases = [(ARC, 1.0, False), (COS, 0.0, True), (ARC, 0.0, False)]
-    for margins, rate, uneven in cases[:2] if is_slow(backend) else cases:
-        _POOL.spawn(_work_class_parallel, world, backend, margins, rate, uneven)
+    cases = [(ARC, 1.0, False, 0.0), (COS, 0.0, True, 0.0), (ARC, 0.0, False, 0.0)]
+    if HAS_FILTER:
+        cases.insert(1, (ARC, 1.0, True, 0.1))
+    for margins, rate, uneven, t in cases[:2] if is_slow(backend) else cases:
+        _POOL.spawn(_work_class_parallel, world, backend, margins, rate, uneven, t)
