@@ -239,6 +239,26 @@ def test_half_precision_embeddings_any_batch():
             assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
 
 
+def test_memory_is_the_kernels_not_b_x_c():
+    """B = 64, C = 80,000 on the cpu backend: forward + backward allocate the gradients plus the
+    kernel's workspace (measured 3.7 MB), well under one B x C fp32 matrix (20.5 MB; theirs holds
+    several: logits, their exponentials, the gradient)."""
+    from l2sm_kernels.testing import cpu_peak_bytes
+
+    B, D, C = 64, 16, 80000
+    head = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), D, C, backend="cpu")
+    x = torch.randn(B, D).requires_grad_(True)
+    y = torch.randint(0, C, (B,))
+
+    def step():
+        head(x, y).backward()
+
+    step()
+    x.grad = head.weight.grad = None
+    peak = cpu_peak_bytes(step) - (x.numel() + head.weight.numel()) * 4
+    assert peak < B * C * 4 / 4, peak
+
+
 def test_refusals():
     for bad in [(0.9, 0.5, 0.0), (1.0, 0.5, -0.1), (1.2, 0.0, 0.0), (1.0, 4.0, 0.0)]:
         with pytest.raises(ValueError, match="CombinedMarginLoss"):
