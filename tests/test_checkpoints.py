@@ -98,6 +98,20 @@ def test_raw_momentum_files_reshard(tmp_path):
     assert torch.equal(CK.read_rows(ck, 0, C, ck.momentum_files, "raw"), mom)
 
 
+def test_save_rank(tmp_path):
+    w = _full(7)
+    module = L.ArcFaceLoss(D, C)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    for form in CK.FORMS:
+        CK.save_rank(module, str(tmp_path / form), form)
+        head = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), D, C)
+        CK.load_into(head, str(tmp_path / form))
+        assert torch.equal(head.weight, w)
+    with pytest.raises(ValueError, match="only into the 'checkpoint' form"):
+        CK.save_rank(module, str(tmp_path / "x"), "raw", epoch=1)
+
+
 def _bad(tmp_path, name):
     d = tmp_path / name
     d.mkdir()
@@ -232,6 +246,8 @@ def _work_resume(rank, world, directory):
         cp.reduction = "none"
         torch.testing.assert_close(_their_mean(cp(x[_rows(rank, world)], y[_rows(rank, world)])), want,
                                    rtol=2e-6, atol=2e-6)
+    # each rank writes its own file of the class-parallel module: 3 files of their layout
+    CK.save_rank(cp, os.path.join(directory, "world3"), "checkpoint", epoch=0, global_step=2)
 
 
 def _their_mean(rows):
@@ -263,3 +279,6 @@ def test_resume_at_another_world_size(tmp_path):
         rows = module(x, y)
         torch.testing.assert_close(_their_mean(rows), want, rtol=2e-6, atol=2e-6)
     assert float(rows.max()) > AT.LOSS_CAP  # the cap matters in this example
+    ck3 = CK.find_checkpoint(str(tmp_path / "world3"))
+    assert (ck3.form, ck3.sizes) == ("checkpoint", [8, 8, 7])
+    assert torch.equal(CK.read_rows(ck3, 0, C), head.weight)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["FORMS", "HeadCheckpoint", "find_checkpoint", "load_into", "read_rows", "reshard", "save_shards",
-           "shard_layout"]
+__all__ = ["FORMS", "HeadCheckpoint", "find_checkpoint", "load_into", "read_rows", "reshard", "save_rank",
+           "save_shards", "shard_layout"]
 
 FORMS = {"raw": "rank:{rank}_softmax_weight.pt", "state_dict": "softmax_fc_gpu_{rank}.pt",
          "checkpoint": "checkpoint_gpu_{rank}.pt"}
@@ -252,6 +252,35 @@ def save_shards(weight: torch.Tensor, directory: str, world_size: int, form: str
             torch.save(entry, path)
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def save_rank(module, directory: str, form: str = "state_dict", **training_state) -> str:
+    """Write this rank's file of `form` from a module holding their layout's shard for its world size
+    (the compat PartialFC_V2, a ClassParallelL2SoftmaxLoss with the default split, or a single-process
+    module as rank 0 of 1): each rank calls it for its own file, nothing is gathered. The checkpoint
+    form takes the other entries of their file as keywords (epoch=, global_step=,
+    state_dict_backbone=, state_optimizer=, state_lr_scheduler=). Returns the path."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+    if training_state and form != "checkpoint":
+        raise ValueError(f"training state ({sorted(training_state)}) goes only into the 'checkpoint' form")
+    C, start, n, _ = _target_rows(module)
+    world, rank = getattr(module, "world_size", 1), getattr(module, "rank", 0)
+    if (start, n) != shard_layout(C, world)[rank]:
+        raise ValueError(f"{type(module).__name__} on rank {rank} holds classes [{start}, {start + n}), their layout "
+                         f"for {world} ranks gives {shard_layout(C, world)[rank]}: save the full matrix with "
+                         "save_shards instead")
+    os.makedirs(directory, exist_ok=True)
+    shard = module.weight.detach().clone()
+    path = os.path.join(directory, FORMS[form].format(rank=rank))
+    if form == "raw":
+        torch.save(shard, path)
+    elif form == "state_dict":
+        torch.save({"weight": shard}, path)
+    else:
+        torch.save({**training_state, "state_dict_softmax_fc": {"weight": shard}}, path)
+    return path
 
 
 def _head_param_index(optimizer_state: dict):
