@@ -56,7 +56,7 @@ class L2SoftmaxLoss(nn.Module):
                  bias: bool = False, normalize_weight: bool = False, margin=0.0, margin_type: str = "none",
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing=0.0, subcenters: int = 1,
                  margin_grad: str = "exact", sample_rate: float = 1.0, eps: float = 1e-12, backend: str = "auto",
-                 alpha_min: float | None = None, device=None, dtype=None):
+                 alpha_min: float | None = None, device=None, dtype=None, negatives: str = "none", negatives_t=None):
         super().__init__()
         in_features = check_int("in_features", in_features, 1)
         num_classes = check_int("num_classes", num_classes, 1)
@@ -70,7 +70,8 @@ class L2SoftmaxLoss(nn.Module):
         check_backend(backend)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
-                                   subcenters=subcenters, margin_grad=margin_grad)
+                                   subcenters=subcenters, margin_grad=margin_grad, negatives=negatives,
+                                   negatives_t=negatives_t)
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend = reduction, backend
         self.sample_rate = check_sample_rate(sample_rate)
@@ -128,6 +129,10 @@ class L2SoftmaxLoss(nn.Module):
         """The margin of this batch (heads that compute per-row margins override it)."""
         return self.options.margin
 
+    def batch_negatives_t(self):
+        """The non-target transform's t of this step (CurricularFace passes its running average)."""
+        return self.options.negatives_t
+
     def head_config(self) -> dict:
         """Hyperparameters of a head beyond the loss options (stored with the checkpoint)."""
         return {}
@@ -143,6 +148,7 @@ class L2SoftmaxLoss(nn.Module):
                                normalize_weight=o.normalize_weight, margin=margin, margin_type=o.margin_type,
                                reduction=reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
                                eps=o.eps, subcenters=o.subcenters, margin_grad=o.margin_grad,
+                               negatives=o.negatives, negatives_t=self.batch_negatives_t(),
                                sample_rate=self.sample_rate, generator=self.generator, backend=self.backend,
                                _sampled=sampled)
         if sampled is not None:
@@ -184,9 +190,11 @@ class L2SoftmaxLoss(nn.Module):
         for key in ("class", "in_features", "num_classes", "sample_rate", "head"):
             if state.get(key) != mine[key]:
                 diffs.append(f"{key}: checkpoint {state.get(key)!r}, module {mine[key]!r}")
-        absent = {"margin_fallback": True}  # recorded only when not the default (options.to_dict)
         for key in list(mine["options"]) + [k for k in state["options"] if k not in mine["options"]]:
-            v, w = mine["options"].get(key, absent.get(key)), state["options"].get(key, absent.get(key))
+            # records from before a key existed hold its default (the non-target transform's "none", None;
+            # margin_fallback is recorded only when False)
+            v = mine["options"].get(key, _OPTION_DEFAULTS.get(key))
+            w = state["options"].get(key, _OPTION_DEFAULTS.get(key))
             if w != v:
                 diffs.append(f"{key}: checkpoint {w!r}, module {v!r}")
         if diffs:
@@ -198,6 +206,9 @@ class L2SoftmaxLoss(nn.Module):
 
     def _register_state_hooks(self) -> None:
         register_alpha_state_hooks(self, with_options=True)
+
+
+_OPTION_DEFAULTS = {"negatives": "none", "negatives_t": None, "margin_fallback": True}
 
 
 def getattr_with_alpha(module: nn.Module, name: str):

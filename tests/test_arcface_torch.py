@@ -26,6 +26,16 @@ from spawned import Pool
 ARC, COS, COS_IGNORING = (1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (0.9, 0.3, 0.35)
 HAS_FILTER = "negatives" in L2SMOptions.__dataclass_fields__
 needs_filter = pytest.mark.skipif(not HAS_FILTER, reason="the op's negatives='filter' option (issue 20) is absent")
+HAS_CLASS_PARALLEL_FILTER = HAS_FILTER and AT._class_parallel_takes("negatives")
+
+
+def _skip_unless_filter(backend):
+    """The backends that do not implement negatives='filter' yet (issue 20 adds them in steps) say so."""
+    try:
+        AT.l2_softmax_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), backend=backend,
+                           negatives="filter", negatives_t=0.5)
+    except NotImplementedError as e:
+        pytest.skip(str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +113,8 @@ def _check_against_reference(got, x, w, y, margins, threshold=0.0, sample=None):
 @pytest.fixture
 def head_factory(backend):
     def make(margins, C, D, sample_rate=1.0, threshold=0):
+        if threshold > 0:
+            _skip_unless_filter(backend)
         return PartialFC_V2(CombinedMarginLoss(64, *margins, interclass_filtering_threshold=threshold), D, C,
                             sample_rate, backend=backend)
     return make
@@ -211,6 +223,8 @@ def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto", thres
 @pytest.mark.parametrize("margins", [ARC, COS], ids=["arcface", "cosface"])
 def test_training_matches_theirs(backend, margins, sample_rate, threshold):
     steps = 3 if is_slow(backend) else 6
+    if threshold > 0:
+        _skip_unless_filter(backend)
     ref = _train("reference", steps, 3, margins, sample_rate, threshold=threshold)
     got = _train("compat", steps, 3, margins, sample_rate, backend, threshold)
     assert got == pytest.approx(ref, rel=2e-5, abs=1e-5)
@@ -350,7 +364,7 @@ def _close_groups():
 @pytest.mark.parametrize("world", [2, 3])
 def test_class_parallel_matches_theirs(backend, world):
     cases = [(ARC, 1.0, False, 0.0), (COS, 0.0, True, 0.0), (ARC, 0.0, False, 0.0)]
-    if HAS_FILTER:
+    if HAS_CLASS_PARALLEL_FILTER:
         cases.insert(1, (ARC, 1.0, True, 0.1))
     for margins, rate, uneven, t in cases[:2] if is_slow(backend) else cases:
         _POOL.spawn(_work_class_parallel, world, backend, margins, rate, uneven, t)

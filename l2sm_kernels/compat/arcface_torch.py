@@ -111,6 +111,13 @@ def loss_options(spec: dict) -> dict:
     return kw
 
 
+def _class_parallel_takes(name: str) -> bool:
+    import inspect
+
+    from ..distributed.class_parallel import _class_parallel
+    return name in inspect.signature(_class_parallel).parameters
+
+
 class CombinedMarginLoss(nn.Module):
     """arcface_torch's CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold=0): the margin
     specification PartialFC_V2 fuses into its op (module docstring for the rules; refused combinations
@@ -204,6 +211,10 @@ class PartialFC_V2(nn.Module):  # noqa: N801 - their name
             raise TypeError(f"fp16 must be a bool, got {fp16!r}")
         self.sample_rate, self.fp16, self.backend = float(sample_rate), fp16, backend
         self.distributed = dist.is_available() and dist.is_initialized()
+        if self.distributed and "negatives" in self.options and not _class_parallel_takes("negatives"):
+            raise NotImplementedError("interclass_filtering_threshold > 0 with torch.distributed needs the "
+                                      "class-parallel loss's negatives option, which this version of l2sm_kernels "
+                                      "does not have (one process, without torch.distributed, has it)")
         self.group = group
         if self.distributed:
             self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)

@@ -63,8 +63,8 @@ def forward_plan(smoothing: bool, need_x: bool, need_alpha: bool):
     return need_x, need_alpha, need_x and smoothing
 
 
-def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-             margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha):
+def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+             margin_detached, subcenters, ignore_index, eps, negatives, need_x, need_weight, need_bias, need_alpha):
     """An empty tensor shaped like the aux forward() returns (the fake kernel's aux)."""
     B, D = x.shape
     numel = aux_layout(B, D, *forward_plan(label_smoothing is not None, need_x, need_alpha), subcenters)[0]

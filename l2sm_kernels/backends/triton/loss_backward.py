@@ -340,9 +340,9 @@ def _bwd_dw_kernel(
 PROJ_TILE_MAX_D = 128
 
 
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, need_x, need_weight,
-             need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, lse, aux,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, need_x,
+             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
              fwd_config: Config | None = None):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed
     (contract.py's argument order)."""
@@ -373,9 +373,9 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         # the forward ran without these hints: rerun it to get O' (and the smoothing term) / PC (the op
         # contract allows it). Before the gradients are allocated: its split partials and scratch are freed
         # when it returns, so they never coexist with dW
-        _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, K, ignore_index, eps, need_x, False, False, need_alpha, launch=launch,
-                            config=fwd_config)
+        _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,
+                            normalize_weight, margin_kind, margin_detached, K, ignore_index, eps, negatives, need_x,
+                            False, False, need_alpha, launch=launch, config=fwd_config)
         has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
     dx, dw, db = outputs()
     _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)

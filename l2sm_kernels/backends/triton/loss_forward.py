@@ -360,8 +360,8 @@ def _fwd_combine_kernel(
         tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
 
-def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, need_x, need_weight, need_bias, need_alpha, *,
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, negatives, need_x, need_weight, need_bias, need_alpha, *,
             launch=_identity, config: Config | None = None, splits: int | None = None):
     """-> (loss (B,), lse (B,), aux) fp32, the op's forward (contract.py's argument order). launch wraps
     each kernel (torch.library.wrap_triton inside the op); config / splits override the tile sizes and

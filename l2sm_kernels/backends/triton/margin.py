@@ -106,3 +106,25 @@ def check_margin_inputs(x, margins, label_smoothing, margin_kind: str) -> None:
         raise ValueError(f"label_smoothing must be a 0-d floating tensor on {x.device}, got "
                          f"{label_smoothing.dtype} of shape {tuple(label_smoothing.shape)} on {label_smoothing.device}")
 
+
+
+NEGATIVES_CODES = {"none": 0, "mv": 1, "curricular": 2, "filter": 3}
+
+
+def check_negatives_inputs(x, negatives_table, negatives: str) -> None:
+    """The non-target transform's table (margins.negatives_table) as the op takes it, else an error
+    naming the argument. Only metadata is read (no host synchronization)."""
+    B = x.shape[0]
+    if negatives not in NEGATIVES_CODES:
+        raise ValueError(f"negatives must be one of {tuple(NEGATIVES_CODES)}, got {negatives!r}")
+    if negatives == "none":
+        return
+    raise NotImplementedError(f"the triton backend does not implement negatives={negatives!r} yet; "
+                              "use backend='cpu' or 'eager'")
+    if negatives_table is None:
+        raise ValueError(f"negatives={negatives!r} needs the negatives table, got None")
+    if (negatives_table.dim() != 2 or negatives_table.shape[1] != 2 or negatives_table.shape[0] not in (1, B)
+            or not negatives_table.is_floating_point() or negatives_table.device != x.device):
+        raise ValueError(f"negatives_table must be the floating (1, 2) or ({B}, 2) table of margins.negatives_table "
+                         f"on {x.device}, got {negatives_table.dtype} of shape {tuple(negatives_table.shape)} on "
+                         f"{negatives_table.device}")
