@@ -20,7 +20,7 @@ from l2sm_kernels.compat.arcface_torch import CombinedMarginLoss, PartialFC_V2
 from l2sm_kernels.options import L2SMOptions
 from l2sm_kernels.testing import assert_accurate
 
-from conftest import is_slow
+from conftest import backend_device, is_slow
 from spawned import Pool
 
 ARC, COS, COS_IGNORING = (1.0, 0.5, 0.0), (1.0, 0.0, 0.4), (0.9, 0.3, 0.35)
@@ -29,11 +29,11 @@ needs_filter = pytest.mark.skipif(not HAS_FILTER, reason="the op's negatives='fi
 HAS_CLASS_PARALLEL_FILTER = HAS_FILTER and AT._class_parallel_takes("negatives")
 
 
-def _skip_unless_filter(backend):
+def _skip_unless_filter(backend, device):
     """The backends that do not implement negatives='filter' yet (issue 20 adds them in steps) say so."""
     try:
-        AT.l2_softmax_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), backend=backend,
-                           negatives="filter", negatives_t=0.5)
+        AT.l2_softmax_loss(torch.randn(2, 4, device=device), torch.randn(3, 4, device=device),
+                           torch.tensor([0, 1], device=device), backend=backend, negatives="filter", negatives_t=0.5)
     except NotImplementedError as e:
         pytest.skip(str(e))
 
@@ -45,7 +45,7 @@ def their_sample(labels, num_local, num_sample):
     """Their Partial FC sample (local indices, sorted) for local labels (-1: not in the shard)."""
     positive = torch.unique(labels[labels >= 0], sorted=True)
     if num_sample - positive.numel() >= 0:
-        perm = torch.rand(num_local)
+        perm = torch.rand(num_local, device=labels.device)  # theirs draws on the CPU: the same numbers there
         perm[positive] = 2.0
         return torch.topk(perm, k=num_sample)[1].sort()[0]
     return positive
@@ -77,7 +77,7 @@ def their_loss(emb, labels, weight, margins, threshold=0.0, dtype=torch.float64,
     return (loss + (loss.clamp_max(cap) - loss).detach()).mean()
 
 
-def _problem(B=7, D=12, C=19, seed=0, deep_rows=2, dtype=torch.float32):
+def _problem(B=7, D=12, C=19, seed=0, deep_rows=2, dtype=torch.float32, device="cpu"):
     """Embeddings, labels and a weight (their init scale), the first `deep_rows` rows with a target
     cosine below -0.95 (deep in the region where the library's default arcface uses its fallback)."""
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +85,7 @@ def _problem(B=7, D=12, C=19, seed=0, deep_rows=2, dtype=torch.float32):
     y = torch.randint(0, C, (B,), generator=g)
     x = torch.randn(B, D, generator=g)
     x[:deep_rows] = -F.normalize(w[y[:deep_rows]]) * 3 + 0.05 * torch.randn(deep_rows, D, generator=g)
-    return x.to(dtype), y, w
+    return x.to(device=device, dtype=dtype), y.to(device), w.to(device)
 
 
 def _compat_loss(head, x, y, **kw):
@@ -111,12 +111,12 @@ def _check_against_reference(got, x, w, y, margins, threshold=0.0, sample=None):
 
 
 @pytest.fixture
-def head_factory(backend):
+def head_factory(backend, device):
     def make(margins, C, D, sample_rate=1.0, threshold=0):
         if threshold > 0:
-            _skip_unless_filter(backend)
+            _skip_unless_filter(backend, device)
         return PartialFC_V2(CombinedMarginLoss(64, *margins, interclass_filtering_threshold=threshold), D, C,
-                            sample_rate, backend=backend)
+                            sample_rate, backend=backend, device=device)
     return make
 
 
@@ -124,15 +124,15 @@ def head_factory(backend):
 # one process (world size 1, no torch.distributed)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("margins", [ARC, COS, COS_IGNORING], ids=["arcface", "cosface", "cosface-m1m2-ignored"])
-def test_forward_matches_theirs(head_factory, margins):
-    x, y, w = _problem()
+def test_forward_matches_theirs(head_factory, device, margins):
+    x, y, w = _problem(device=device)
     head = head_factory(margins, 19, 12)
     with torch.no_grad():
         head.weight.copy_(w)
     got = _compat_loss(head, x, y)
     _check_against_reference(got, x, w, y, margins)
     if margins == ARC:  # the rows past pi: no fallback (the library's default would differ by > 1 here)
-        fallback = PartialFC_V2(CombinedMarginLoss(64, *margins), 12, 19)
+        fallback = PartialFC_V2(CombinedMarginLoss(64, *margins), 12, 19, device=device)
         with torch.no_grad():
             fallback.weight.copy_(w)
         lib = AT.l2_softmax_loss(x, w, y, 64.0, reduction="none", **dict(fallback.options, margin_fallback=True))
@@ -140,9 +140,9 @@ def test_forward_matches_theirs(head_factory, margins):
         assert float((lib - ours)[:2].abs().min()) > 1.0
 
 
-def test_sampling_matches_theirs(head_factory):
+def test_sampling_matches_theirs(head_factory, device):
     """sample_rate 0.5 (num_sample 9 of 19, more than the positives) and 0 (positives only)."""
-    x, y, w = _problem(deep_rows=0)
+    x, y, w = _problem(deep_rows=0, device=device)
     for rate in (0.5, 0.0):
         head = head_factory(ARC, 19, 12, sample_rate=rate)
         with torch.no_grad():
@@ -153,18 +153,18 @@ def test_sampling_matches_theirs(head_factory):
         sample = their_sample(y, 19, int(rate * 19))
         assert torch.equal(head.weight_index, sample)
         _check_against_reference(got, x, w, y, ARC, sample=sample)
-        unsampled = torch.ones(19, dtype=torch.bool)
+        unsampled = torch.ones(19, dtype=torch.bool, device=device)
         unsampled[sample] = False
         assert torch.all(got[2][unsampled] == 0)
 
 
 @needs_filter
 @pytest.mark.parametrize("margins", [ARC, COS], ids=["arcface", "cosface"])
-def test_interclass_filtering_matches_theirs(head_factory, margins):
+def test_interclass_filtering_matches_theirs(head_factory, device, margins):
     """t = 0.1: many non-target cosines above it (set to 0, no gradient), and targets above it too
     (rows 2-4 near their class: the target column is never filtered)."""
-    x, y, w = _problem(deep_rows=1)
-    x[2:5] = F.normalize(w[y[2:5]]) * 2 + 0.02 * torch.randn(3, 12, generator=torch.Generator().manual_seed(3))
+    x, y, w = _problem(deep_rows=1, device=device)
+    x[2:5] = F.normalize(w[y[2:5]]) * 2 + 0.02 * torch.randn(3, 12, generator=torch.Generator().manual_seed(3)).to(device)
     cos = F.normalize(x) @ F.normalize(w).T
     target = F.one_hot(y, 19).bool()
     assert int(((cos > 0.1) & ~target).sum()) > 10 and bool((cos[target][2:5] > 0.1).all())
@@ -185,23 +185,23 @@ def test_filtering_needs_the_op_option():
             PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0.3), 8, 10)
 
 
-def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto", threshold=0.0):
+def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto", threshold=0.0, device="cpu"):
     """A few SGD steps of a linear 'backbone' (6 -> 12) and the head: their classes (the reference) or
     the compat ones, from the same initialization and the same RNG stream. Returns the losses."""
     torch.manual_seed(seed)
-    backbone = torch.nn.Linear(6, 12)
+    backbone = torch.nn.Linear(6, 12).to(device)
     C = 40
     if head_or_ref == "compat":
         head = PartialFC_V2(CombinedMarginLoss(64, *margins, threshold), 12, C, sample_rate, backend=backend)
-        weight = head.weight
+        weight = head.to(device).weight
     else:
-        weight = torch.nn.Parameter(torch.normal(0, 0.01, (C, 12)))  # their init, the same draw
+        weight = torch.nn.Parameter(torch.normal(0, 0.01, (C, 12)).to(device))  # their init, the same draw
     opt = torch.optim.SGD([*backbone.parameters(), weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed + 1)
     losses = []
     for step in range(steps):
         B = 6 if step % 2 == 0 else 4  # a batch size that changes (theirs asserts it does not)
-        img, y = torch.randn(B, 6, generator=g), torch.randint(0, C, (B, 1), generator=g)
+        img, y = torch.randn(B, 6, generator=g).to(device), torch.randint(0, C, (B, 1), generator=g).to(device)
         y_before = y.clone()
         emb = backbone(img)
         if head_or_ref == "compat":
@@ -221,12 +221,12 @@ def _train(head_or_ref, steps, seed, margins, sample_rate, backend="auto", thres
 @pytest.mark.parametrize("sample_rate,threshold", [(1.0, 0.0), (0.3, 0.0),
                                                     pytest.param(0.3, 0.05, marks=needs_filter)])
 @pytest.mark.parametrize("margins", [ARC, COS], ids=["arcface", "cosface"])
-def test_training_matches_theirs(backend, margins, sample_rate, threshold):
+def test_training_matches_theirs(backend, device, margins, sample_rate, threshold):
     steps = 3 if is_slow(backend) else 6
     if threshold > 0:
-        _skip_unless_filter(backend)
-    ref = _train("reference", steps, 3, margins, sample_rate, threshold=threshold)
-    got = _train("compat", steps, 3, margins, sample_rate, backend, threshold)
+        _skip_unless_filter(backend, device)
+    ref = _train("reference", steps, 3, margins, sample_rate, threshold=threshold, device=device)
+    got = _train("compat", steps, 3, margins, sample_rate, backend, threshold, device)
     assert got == pytest.approx(ref, rel=2e-5, abs=1e-5)
     assert len(set(ref)) == len(ref)  # every step a different loss: the steps moved the parameters
 
@@ -363,6 +363,8 @@ def _close_groups():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_class_parallel_matches_theirs(backend, world):
+    if backend_device(backend) != "cpu":
+        pytest.skip("the gloo processes run CPU tensors")
     cases = [(ARC, 1.0, False, 0.0), (COS, 0.0, True, 0.0), (ARC, 0.0, False, 0.0)]
     if HAS_CLASS_PARALLEL_FILTER:
         cases.insert(1, (ARC, 1.0, True, 0.1))
