@@ -295,10 +295,10 @@ class L2SMOptions:
         return (self.normalize_weight, self.margin_kind, self.margin_grad == "detached", self.subcenters,
                 self.ignore_index, self.eps, self.negatives)
 
-    def op_arguments(self, batch: int, device) -> tuple:
+    def op_arguments(self, batch: int, device, thresholds=None) -> tuple:
         """Everything an op call takes after (x, weight, target, alpha, bias) and before the need flags:
         op_tensors() then op_args()."""
-        return self.op_tensors(batch, device) + self.op_args()
+        return self.op_tensors(batch, device, thresholds) + self.op_args()
 
     def op_tensors(self, batch: int, device, thresholds=None) -> tuple:
         """The per-call op inputs: (margin table (R, 5) float64 or None, label smoothing 0-d float64 or

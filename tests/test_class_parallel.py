@@ -212,8 +212,11 @@ def _problem(combo, shards, batch, dtype, seed, targets_from=None, wdtype=None, 
 
 def _kwargs(combo):
     mt, m = combo["margin"]
-    return dict(normalize_weight=combo["normalize_weight"], margin_type=mt, margin=m,
-                label_smoothing=combo["label_smoothing"], reduction=combo["reduction"])
+    kw = dict(normalize_weight=combo["normalize_weight"], margin_type=mt, margin=m,
+              label_smoothing=combo["label_smoothing"], reduction=combo["reduction"])
+    if "negatives" in combo:
+        kw["negatives"], kw["negatives_t"] = combo["negatives"]
+    return kw
 
 
 def _grads(out, go, leaves):
@@ -507,6 +510,24 @@ def _work_arcface_fallback(rank, world, backend, dtype, combos):
         batch = lay["uneven_batch"] if i % 2 else lay["batch"]
         _check(rank, combo, lay["shards"], batch, dtype, backend, seed=300 + i, batch_sizes=batch if i % 2 else None,
                tag="arcface fallback", fallback=True)
+
+
+NEGATIVE_COMBOS = [dict(c, negatives=n) for c, n in zip(
+    FEW_COMBOS * 2, [("mv", 1.2), ("curricular", 0.4), ("filter", 0.1), ("filter", 0.1), ("mv", 1.3),
+                     ("curricular", 0.2)])]
+
+
+def _work_negatives(rank, world, backend, dtype, combos):
+    """The non-target transforms: each shard needs the row's margined target cosine from the shard
+    that owns it ("mv", "curricular"); uneven batches, a shard owning none of the targets, Partial FC."""
+    lay = LAYOUTS[world]
+    for i, combo in enumerate(combos):
+        uneven = i % 2 == 1
+        batch = lay["uneven_batch"] if uneven else lay["batch"]
+        shards = lay["shards"]
+        targets_from = list(range(shards[0])) + list(range(sum(shards[:2]), sum(shards))) if i % 3 == 2 else None
+        _check(rank, combo, shards, batch, dtype, backend, seed=40 + i, batch_sizes=batch if uneven else None,
+               targets_from=targets_from, sample_rate=0.5 if i == 4 else 1.0, tag=f"negatives case {i}")
 
 
 def _work_margin_family(rank, world, backend, dtype):
@@ -815,6 +836,14 @@ def test_arcface_fallback_region(backend, world):
     loss and gradients against the float64 reference and the single-process op."""
     dtype = torch.float64 if supports_fp64(backend) else torch.float32
     _spawn(_work_arcface_fallback, world, backend, dtype, FALLBACK_COMBOS[:2] if is_slow(backend) else FALLBACK_COMBOS)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_negatives_match_single_process(backend, world):
+    """negatives = mv / curricular / filter over the covering options, against the single-process op
+    and the float64 reference (loss and every gradient slice)."""
+    dtype, _ = _dtype_and_combos(backend)
+    _spawn(_work_negatives, world, backend, dtype, NEGATIVE_COMBOS[:3] if is_slow(backend) else NEGATIVE_COMBOS)
 
 
 @pytest.mark.parametrize("world", [2, 3])

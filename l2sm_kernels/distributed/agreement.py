@@ -11,7 +11,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from ..options import FLOAT_DTYPES, MARGIN_GRADS, MARGIN_TYPES, REDUCTIONS, L2SMOptions
+from ..options import FLOAT_DTYPES, MARGIN_GRADS, MARGIN_TYPES, NEGATIVES, REDUCTIONS, L2SMOptions
 from .collectives import _all_gather_single
 
 class _Args:
@@ -56,11 +56,14 @@ _AGREE = (
     ("margin m2 (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.margin_parts()[0], a)),
     ("margin m3 (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.margin_parts()[1], a)),
     ("label_smoothing (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.label_smoothing, a)),
+    ("negatives", "name", lambda a: a.opts.negatives),
+    ("negatives_t", "float", lambda a: _number(a.opts.negatives_t)),
+    ("negatives_t (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.negatives_t, a)),
 )
 _HEAD = ("a local argument error", "the batch size", "class_start", "the shard size")
 _FORMS = ("none", "number", "0-d tensor", "per-row tensor")  # how a margin part is given (_form)
 _NAMES = {zlib.crc32(str(v).encode()): str(v) for v in
-          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, *MARGIN_GRADS, None,
+          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, *MARGIN_GRADS, *NEGATIVES, None,
            *(f"({u}, {v})" for u in _FORMS for v in _FORMS))}
 
 

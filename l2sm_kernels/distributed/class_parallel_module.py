@@ -106,7 +106,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                  ignore_index: int = -100, label_smoothing: float = 0.0, sample_rate: float = 1.0,
                  shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
                  seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
-                 alpha_min: float | None = None):
+                 alpha_min: float | None = None, negatives: str = "none", negatives_t=None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
@@ -122,7 +122,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         check_sample_rate(sample_rate)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
-                                   margin_grad=margin_grad)
+                                   margin_grad=margin_grad, negatives=negatives, negatives_t=negatives_t)
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
@@ -218,7 +218,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             normalize_weight=o.normalize_weight, margin=o.margin, margin_type=o.margin_type,
             reduction=self.reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps,
             backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
-            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self)
+            subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self, negatives=o.negatives,
+            negatives_t=o.negatives_t)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 
