@@ -22,6 +22,8 @@ HEADS = {
     "magface": (L.MagFaceLoss, LD.ClassParallelMagFaceLoss, {}, 20.0),
     "elasticface-arc": (L.ElasticFaceLoss, LD.ClassParallelElasticFaceLoss, {}, 1.0),
     "elasticface-cos": (L.ElasticFaceLoss, LD.ClassParallelElasticFaceLoss, {"variant": "cos"}, 1.0),
+    "mv-am-softmax": (L.heads.MVSoftmaxLoss, LD.ClassParallelMVSoftmaxLoss, {}, 1.0),
+    "mv-arc-softmax": (L.heads.MVSoftmaxLoss, LD.ClassParallelMVSoftmaxLoss, {"margin_type": "arc"}, 1.0),
 }
 
 

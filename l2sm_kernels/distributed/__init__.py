@@ -10,7 +10,9 @@ __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes",
 # the face-recognition heads class-parallel (class_parallel_heads.py)
 from .class_parallel_heads import (ClassParallelAdaFaceLoss, ClassParallelArcFaceLoss,  # noqa: E402
                                    ClassParallelCombinedMarginLoss, ClassParallelCosFaceLoss,
-                                   ClassParallelElasticFaceLoss, ClassParallelMagFaceLoss)
+                                   ClassParallelElasticFaceLoss, ClassParallelMagFaceLoss,
+                                   ClassParallelMVSoftmaxLoss)
 
 __all__ += ["ClassParallelAdaFaceLoss", "ClassParallelArcFaceLoss", "ClassParallelCombinedMarginLoss",
-            "ClassParallelCosFaceLoss", "ClassParallelElasticFaceLoss", "ClassParallelMagFaceLoss"]
+            "ClassParallelCosFaceLoss", "ClassParallelElasticFaceLoss", "ClassParallelMagFaceLoss",
+            "ClassParallelMVSoftmaxLoss"]

@@ -16,6 +16,9 @@ the same row. What a head needs beyond its own rows comes from the global batch:
   the margin term of each rank's rows are summed over the ranks (an all-reduce whose backward is the
   identity, as the loss's statistics), so each rank's rows get their own gradient.
 - ArcFace, CosFace, combined, sub-center (subcenters=K): fixed margins, nothing per row.
+- MV-Softmax: a fixed t; the hard negatives' per-row threshold (the margined target cosine) is the
+  class-parallel loss's own (negatives="mv"). CurricularFace's running t lives in
+  ClassParallelCurricularFaceLoss (class_parallel_module.py) where the issue that added it put it.
 The single-process heads' hyperparameters, defaults and docstrings apply (heads.py).
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ from .class_parallel_module import ClassParallelL2SoftmaxLoss
 from .collectives import _gather_rows, _SumOverRanks
 
 __all__ = ["ClassParallelAdaFaceLoss", "ClassParallelArcFaceLoss", "ClassParallelCombinedMarginLoss",
-           "ClassParallelCosFaceLoss", "ClassParallelElasticFaceLoss", "ClassParallelMagFaceLoss"]
+           "ClassParallelCosFaceLoss", "ClassParallelElasticFaceLoss", "ClassParallelMVSoftmaxLoss",
+           "ClassParallelMagFaceLoss"]
 
 
 class _Head(ClassParallelL2SoftmaxLoss):
@@ -66,7 +70,7 @@ class _Head(ClassParallelL2SoftmaxLoss):
             normalize_weight=o.normalize_weight, margin=margin, margin_type=o.margin_type, reduction=reduction,
             ignore_index=o.ignore_index, label_smoothing=o.label_smoothing, eps=o.eps, backend=self.backend,
             batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator, subcenters=o.subcenters,
-            margin_grad=o.margin_grad, check_key=self)
+            margin_grad=o.margin_grad, check_key=self, negatives=o.negatives, negatives_t=o.negatives_t)
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 
@@ -93,6 +97,19 @@ class ClassParallelCosFaceLoss(ClassParallelCombinedMarginLoss):
 
     def __init__(self, in_features, num_classes, s=64.0, m=0.35, **kwargs):
         super().__init__(in_features, num_classes, 1.0, 0.0, m, s, **kwargs)
+
+
+class ClassParallelMVSoftmaxLoss(_Head):
+    """heads.MVSoftmaxLoss class-parallel: margin_type "am" (cos theta_y - m) or "arc" (cos(theta_y + m)),
+    hard negatives t c + t - 1; s = 32, t = 1.2."""
+
+    def __init__(self, in_features, num_classes, s=32.0, margin_type="am", m=None, t=1.2, **kwargs):
+        if margin_type not in ("am", "arc"):
+            raise ValueError(f"margin_type must be 'am' or 'arc', got {margin_type!r}")
+        self.variant, self.t = margin_type, t
+        self.m = (0.35 if margin_type == "am" else 0.5) if m is None else m
+        margin = (1.0, 0.0, self.m) if margin_type == "am" else (1.0, self.m, 0.0)
+        super().__init__(in_features, num_classes, s=s, margin=margin, negatives="mv", negatives_t=t, **kwargs)
 
 
 class ClassParallelAdaFaceLoss(_Head):
