@@ -342,9 +342,20 @@ def _work_class_parallel(rank, world, backend, margins, rate, uneven, threshold=
     first = sum(sizes[:rank])
     rows = slice(first, first + sizes[rank])
     labels = y[rows].clone().view(-1, 1)
+    torch.manual_seed(20 + rank)  # each rank draws its own negatives
     got = _compat_loss(head, x[rows], labels, batch_sizes=sizes if uneven else None)
     assert torch.equal(labels.view(-1), y[rows])
-    sample = torch.unique(y) if rate == 0 else None  # positives only: every rank's positives, together
+    sample = None
+    if rate < 1:  # the global sample: every rank's sampled classes, in rank order
+        box = [None] * world
+        torch.distributed.all_gather_object(box, (head.weight_index + head.class_start).tolist())
+        sample = torch.tensor([c for part in box for c in part])
+        local = y - head.class_start
+        positives = torch.unique(local[(local >= 0) & (local < head.num_local)])
+        want = max(int(rate * head.num_local), positives.numel())
+        assert head.weight_index.numel() == want and bool(torch.isin(positives, head.weight_index).all())
+        if rate == 0:
+            assert torch.equal(sample, torch.unique(y))  # positives only
     ref = _ref_loss(x, w, y, margins, torch.float64, threshold, sample=sample)
     plain = _ref_loss(x, w, y, margins, torch.float32, threshold, sample=sample)
     assert_accurate("loss", got[0], ref[0], plain[0], torch.float32)
@@ -365,7 +376,7 @@ def _close_groups():
 def test_class_parallel_matches_theirs(backend, world):
     if backend_device(backend) != "cpu":
         pytest.skip("the gloo processes run CPU tensors")
-    cases = [(ARC, 1.0, False, 0.0), (COS, 0.0, True, 0.0), (ARC, 0.0, False, 0.0)]
+    cases = [(ARC, 1.0, False, 0.0), (COS, 0.0, True, 0.0), (ARC, 0.5, False, 0.0)]
     if HAS_CLASS_PARALLEL_FILTER:
         cases.insert(1, (ARC, 1.0, True, 0.1))
     for margins, rate, uneven, t in cases[:2] if is_slow(backend) else cases:
