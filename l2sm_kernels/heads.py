@@ -257,9 +257,9 @@ class CurricularFaceLoss(L2SoftmaxLoss):
         """t <- momentum mean(cos theta_y) + (1 - momentum) t over the rows with a target."""
         valid = target != self.options.ignore_index
         c = target_cosines(features, self.weight, target, self.options.subcenters, self.options.eps, valid)
-        n = valid.sum()
-        mean = torch.where(n > 0, c.sum() / n.clamp_min(1), self.t)  # an all-ignored batch leaves t
-        self.t.mul_(1 - self.momentum).add_(self.momentum * mean)
+        n = valid.sum().double()
+        mean = torch.where(n > 0, c.double().sum() / n.clamp_min(1), self.t.double())  # all ignored: t stays
+        self.t.copy_(((1 - self.momentum) * self.t.double() + self.momentum * mean).to(self.t.dtype))
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.training:

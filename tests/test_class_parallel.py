@@ -465,6 +465,39 @@ def _work_module(rank, world, backend, tmpdir):
     assert set(nz.tolist()) <= set(s.tolist())
 
 
+def _work_curricularface(rank, world, backend, dtype):
+    """ClassParallelCurricularFaceLoss: t the same on every rank and equal to the single-process head's
+    (the global batch's mean target cosine), loss and feature gradients too, over two training steps."""
+    C = 23
+    head = LD.ClassParallelCurricularFaceLoss(D, C, backend=backend, dtype=dtype, seed=7)
+    single = L.CurricularFaceLoss(D, C, backend=backend, dtype=dtype)
+    with torch.no_grad():
+        single.weight.copy_(head.full_state_dict()["weight"])
+    g = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x = torch.randn(4 * world, D, generator=g, dtype=dtype) * 3
+        t = torch.randint(0, C, (4 * world,), generator=g)
+        t[1] = -100
+        xs = x.clone().requires_grad_(True)
+        ls = single(xs, t)
+        ls.backward()
+        xd = x[4 * rank: 4 * rank + 4].clone().requires_grad_(True)
+        ld = head(xd, t[4 * rank: 4 * rank + 4])
+        ld.backward()
+        every = [None] * world
+        dist.all_gather_object(every, float(head.t))
+        assert len(set(every)) == 1, every  # bit-identical on every rank
+        assert float(head.t) == pytest.approx(float(single.t), rel=1e-6, abs=1e-9), (step, float(head.t))
+        assert float(head.t) != 0.0
+        tol = 1e-8 if dtype == torch.float64 else 1e-4  # t is a float32 buffer: its sums may round apart
+        assert abs(float(ld.detach()) - float(ls.detach())) <= tol * abs(float(ls.detach()))
+        torch.testing.assert_close(xd.grad, xs.grad[4 * rank: 4 * rank + 4], rtol=tol, atol=tol)
+    head.eval()
+    before = float(head.t)
+    head(x[4 * rank: 4 * rank + 4], t[4 * rank: 4 * rank + 4])
+    assert float(head.t) == before
+
+
 def _work_errors(rank, world):
     lay = LAYOUTS[world]
     B, shards = lay["batch"][rank], lay["shards"]
@@ -844,6 +877,11 @@ def test_negatives_match_single_process(backend, world):
     and the float64 reference (loss and every gradient slice)."""
     dtype, _ = _dtype_and_combos(backend)
     _spawn(_work_negatives, world, backend, dtype, NEGATIVE_COMBOS[:3] if is_slow(backend) else NEGATIVE_COMBOS)
+
+
+def test_curricularface_class_parallel(backend):
+    dtype, _ = _dtype_and_combos(backend)
+    _spawn(_work_curricularface, 2, backend, dtype)
 
 
 @pytest.mark.parametrize("world", [2, 3])
