@@ -164,7 +164,8 @@ def test_interclass_filtering_matches_theirs(head_factory, device, margins):
     """t = 0.1: many non-target cosines above it (set to 0, no gradient), and targets above it too
     (rows 2-4 near their class: the target column is never filtered)."""
     x, y, w = _problem(deep_rows=1, device=device)
-    x[2:5] = F.normalize(w[y[2:5]]) * 2 + 0.02 * torch.randn(3, 12, generator=torch.Generator().manual_seed(3)).to(device)
+    noise = torch.randn(3, 12, generator=torch.Generator().manual_seed(3)).to(device)
+    x[2:5] = F.normalize(w[y[2:5]]) * 2 + 0.02 * noise
     cos = F.normalize(x) @ F.normalize(w).T
     target = F.one_hot(y, 19).bool()
     assert int(((cos > 0.1) & ~target).sum()) > 10 and bool((cos[target][2:5] > 0.1).all())

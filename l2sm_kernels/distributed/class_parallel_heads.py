@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..heads import AdaFaceLoss, ElasticFaceLoss, MagFaceLoss, magface_margin_slope
+from ..heads import AdaFaceLoss, MagFaceLoss, magface_margin_slope
 from .class_parallel import _class_parallel
 from .class_parallel_module import ClassParallelL2SoftmaxLoss
 from .collectives import _gather_rows, _SumOverRanks
