@@ -127,7 +127,15 @@ class AdaFaceLoss(L2SoftmaxLoss):
     @torch.no_grad()
     def margin_scaler(self, features: torch.Tensor) -> torch.Tensor:
         """g_i of the docstring (updating the moving averages first in training mode)."""
-        norms = torch.linalg.vector_norm(features.detach().float(), dim=1).clamp(0.001, 100.0)
+        return self.scaler_from_norms(self.clipped_norms(features))
+
+    @staticmethod
+    def clipped_norms(features: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(features.detach().float(), dim=1).clamp(0.001, 100.0)
+
+    @torch.no_grad()
+    def scaler_from_norms(self, norms: torch.Tensor) -> torch.Tensor:
+        """g_i from the batch's clipped norms (the class-parallel head passes the global batch's)."""
         if self.training and norms.numel() > 1:
             t = self.t_alpha
             self.batch_mean.mul_(1 - t).add_(t * norms.mean())
@@ -194,11 +202,8 @@ class MagFaceLoss(L2SoftmaxLoss):
         dt = torch.promote_types(_wide(features), _wide(self.weight))  # float64 inputs: gradcheck runs
         w = torch.nn.functional.normalize(self.weight.detach().to(dt).index_select(0, rows), dim=1)
         x = torch.nn.functional.normalize(features.detach().to(dt), dim=1, eps=self.options.eps)
-        c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1).clamp(-1.0, 1.0)
-        theta = torch.acos(c)
-        df = torch.where(theta + m < math.pi, -torch.sin(theta + m), -(torch.sin(m) + m * torch.cos(m)))
-        p = torch.exp(-ce.detach().to(dt))
-        return torch.where(valid, self.s * (p - 1) * df, torch.zeros_like(df))
+        c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1)
+        return magface_margin_slope(c, m, ce, self.s, valid)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = self.magnitude(features)
@@ -213,6 +218,19 @@ class MagFaceLoss(L2SoftmaxLoss):
     def head_config(self) -> dict:
         return {"s": self.s, "l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
                 "lambda_g": self.lambda_g}
+
+
+@torch.no_grad()
+def magface_margin_slope(c: torch.Tensor, m: torch.Tensor, ce: torch.Tensor, s: float, valid: torch.Tensor):
+    """MagFace's dCE_i / dm_i (0 on ignored rows) from the target cosines c, the margins m and the
+    per-row CE (p_y = exp(-CE_i)): s (p_i - 1) df/dm, df/dm = -sin(theta + m) on the angular branch,
+    -(sin m + m cos m) on the fallback. In float64 when c is float64 (float64 inputs: gradcheck runs), else
+    in float32."""
+    dt = _wide(c)
+    theta = torch.acos(c.to(dt).clamp(-1.0, 1.0))
+    df = torch.where(theta + m < math.pi, -torch.sin(theta + m), -(torch.sin(m) + m * torch.cos(m)))
+    p = torch.exp(-ce.detach().to(dt))
+    return torch.where(valid, s * (p - 1) * df, torch.zeros_like(df))
 
 
 class ElasticFaceLoss(L2SoftmaxLoss):

@@ -177,7 +177,7 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
                     margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
                     label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", negatives="none",
                     negatives_t=None, sample_rate=1.0, generator=None, backend="auto", max_logits_bytes=None,
-                    _sampled=None):
+                    margin_fallback=True, _sampled=None):
     """L2-constrained softmax cross-entropy, fused: never builds the B x C logits (except backend
     "eager", the verification fallback).
 
@@ -207,6 +207,8 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
         margin_grad: "exact" (the derivative of f) or "detached" (InsightFace's CombinedMarginLoss
             applies the margin under no_grad: the gradient w.r.t. the target cosine as if f were the
             identity; the value still has the margin).
+        margin_fallback: False drops the angular margin's monotonic fallback past pi (f = cos(arccos c~
+            + m2) - m3 on every target cosine), as InsightFace's CombinedMarginLoss.
         negatives: the non-target transform (docs/design.md, "The non-target transforms"): "none";
             "mv" (MV-Softmax: t c + t - 1 on the hard negatives, c_ij > f(c_iy)); "curricular"
             (CurricularFace: c (t + c) on the hard negatives); "filter" (InsightFace's inter-class
@@ -237,7 +239,7 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
                        subcenters=subcenters, margin_grad=margin_grad, negatives=negatives, negatives_t=negatives_t,
-                       max_logits_bytes=max_logits_bytes)
+                       max_logits_bytes=max_logits_bytes, margin_fallback=margin_fallback)
     check_reduction(reduction)
     q = check_sample_rate(sample_rate)
     C = check_inputs(features, weight, target, bias, subcenters=opts.subcenters)

@@ -35,8 +35,10 @@ def _column(v, device) -> torch.Tensor:
     return torch.full((), v, dtype=torch.float64, device=device)
 
 
-def margin_table(m2, m3, batch: int, device) -> torch.Tensor:
-    """(R, 5) float64 table of the margin (m2, m3: numbers, 0-d or (batch,) tensors, or None)."""
+def margin_table(m2, m3, batch: int, device, fallback: bool = True) -> torch.Tensor:
+    """(R, 5) float64 table of the margin (m2, m3: numbers, 0-d or (batch,) tensors, or None).
+    fallback=False: th = -inf wherever m2 != 0, so the angular branch cos(arccos(c~) + m2) - m3 applies
+    to every target cosine (InsightFace's CombinedMarginLoss, which has no fallback past pi)."""
     with torch.no_grad():
         a, b = _column(m2, device), _column(m3, device)
         rows = batch if (a.dim() == 1 or b.dim() == 1) else 1
@@ -44,6 +46,8 @@ def margin_table(m2, m3, batch: int, device) -> torch.Tensor:
         cos, sin = torch.cos(a), torch.sin(a)
         inf = torch.full((), math.inf, dtype=torch.float64, device=device)
         th = torch.where((a > 0) & (a < math.pi), -cos, torch.where(a < 0, -inf, inf))
+        if not fallback:
+            th = torch.where(a != 0, -inf, th)
         return torch.stack([cos, sin, th, a * sin + b, b], dim=1)
 
 

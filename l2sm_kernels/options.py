@@ -96,6 +96,10 @@ class L2SMOptions:
     subcenters: K >= 1 sub-centers per class (the weight has num_classes * K rows).
     margin_grad: "exact" (the margin function's derivative) or "detached" (as InsightFace: the
         gradient w.r.t. the target cosine as if the margin were the identity).
+    margin_fallback: True (the default): past arccos(c) + m2 >= pi the angular margin switches to
+        the monotonic fallback c - m2 sin(m2) - m3; False: cos(arccos(c~) + m2) - m3 on every target
+        cosine, as InsightFace's CombinedMarginLoss (l2sm_kernels.compat.arcface_torch). Only the
+        margin table's threshold differs (margins.margin_table), so every backend serves both.
     negatives: the non-target transform, "none" | "mv" | "curricular" | "filter" (module docstring).
     negatives_t: its t, a finite number (>= 1 for "mv") or a 0-d floating tensor (not checked: no
         host sync); None: the kind's default (mv 1.2, curricular 0.0; "filter" needs one).
@@ -114,6 +118,7 @@ class L2SMOptions:
     eps: float = 1e-12
     subcenters: int = 1
     margin_grad: str = "exact"
+    margin_fallback: bool = True
     negatives: str = "none"
     negatives_t: object = None
     max_logits_bytes: int | None = None
@@ -147,6 +152,8 @@ class L2SMOptions:
         set_(self, "subcenters", check_int("subcenters", self.subcenters, 1))
         if self.margin_grad not in MARGIN_GRADS:
             raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {self.margin_grad!r}")
+        if not isinstance(self.margin_fallback, bool):
+            raise TypeError(f"margin_fallback must be a bool, got {self.margin_fallback!r}")
         set_(self, "negatives_t", self._checked_negatives(self.negatives, self.negatives_t))
         set_(self, "max_logits_bytes", check_max_logits_bytes(self.max_logits_bytes))
 
@@ -263,6 +270,8 @@ class L2SMOptions:
             s += f", subcenters={self.subcenters}"
         if self.margin_grad != "exact":
             s += f", margin_grad={self.margin_grad!r}"
+        if not self.margin_fallback:
+            s += ", margin_fallback=False"
         if isinstance(self.label_smoothing, torch.Tensor) or self.label_smoothing:
             s += f", label_smoothing={_short(self.label_smoothing)}"
         if self.ignore_index != -100:
@@ -285,11 +294,13 @@ class L2SMOptions:
                 return float(v.detach()) if v.dim() == 0 else "per-row"
             return v
 
-        return {"normalize_weight": self.normalize_weight, "margin_type": self.margin_type,
-                "margin": plain(self.margin), "ignore_index": self.ignore_index,
-                "label_smoothing": plain(self.label_smoothing), "eps": self.eps, "subcenters": self.subcenters,
-                "margin_grad": self.margin_grad, "negatives": self.negatives,
-                "negatives_t": plain(self.negatives_t)}
+        d = {"normalize_weight": self.normalize_weight, "margin_type": self.margin_type,
+             "margin": plain(self.margin), "ignore_index": self.ignore_index,
+             "label_smoothing": plain(self.label_smoothing), "eps": self.eps, "subcenters": self.subcenters,
+             "margin_grad": self.margin_grad, "negatives": self.negatives, "negatives_t": plain(self.negatives_t)}
+        if not self.margin_fallback:  # recorded only when set, so that older checkpoints still compare equal
+            d["margin_fallback"] = False
+        return d
 
     def op_args(self) -> tuple:
         """The static options in the order of the op schemas (backends/contract.py): normalize_weight,
@@ -310,7 +321,8 @@ class L2SMOptions:
         from .margins import margin_table, negatives_table, smoothing_tensor
 
         m2, m3 = self.margin_parts()
-        table = None if (m2 is None and m3 is None) else margin_table(m2, m3, batch, device)
+        table = None if (m2 is None and m3 is None) else margin_table(m2, m3, batch, device,
+                                                                       fallback=self.margin_fallback)
         neg = negatives_table(self.negatives, self.negatives_t, device, thresholds)
         return table, smoothing_tensor(self.label_smoothing, device), neg
 

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from .options import ARCFACE_CLAMP, L2SMOptions
 
 
-def margin_function(c: torch.Tensor, m2, m3) -> torch.Tensor:
+def margin_function(c: torch.Tensor, m2, m3, fallback: bool = True) -> torch.Tensor:
     """f(c) = cos(arccos(c~) + m2) - m3 while arccos(c) + m2 < pi, else c - m2 sin(m2) - m3, with
     c~ = clamp(c, -1 + 1e-7, 1 - 1e-7); where m2 = 0 (or absent, None) f(c) = c - m3 exactly.
-    m2, m3: None, numbers, or tensors broadcasting against c.
+    m2, m3: None, numbers, or tensors broadcasting against c. fallback=False: the angular form on
+    every c where m2 != 0 (InsightFace's CombinedMarginLoss has no fallback past pi).
 
     The clamp is applied "straight through": the value uses c~ and the derivative is f'(c~), which is
     what the contract asks (the derivative uses the same clamp) and what every backend computes by hand.
@@ -34,7 +35,7 @@ def margin_function(c: torch.Tensor, m2, m3) -> torch.Tensor:
     c_cl = c + (c.clamp(-1 + ARCFACE_CLAMP, 1 - ARCFACE_CLAMP) - c).detach()
     angular = torch.cos(torch.acos(c_cl) + m2) - m3
     theta = torch.acos(c.detach().clamp(-1.0, 1.0))
-    hard = (m2 != 0) & (theta + m2 < math.pi)
+    hard = (m2 != 0) & ((theta + m2 < math.pi) | (not fallback))
     fallback = c - m2 * torch.sin(m2) - m3
     return torch.where(hard, angular, fallback)
 
@@ -47,7 +48,7 @@ def target_margin(c: torch.Tensor, opts: L2SMOptions, rows=slice(None)) -> torch
     m2, m3 = pick(m2), pick(m3)
     if isinstance(m3, torch.Tensor):
         m3 = m3.to(c.dtype)
-    f = margin_function(c, m2, m3)
+    f = margin_function(c, m2, m3, opts.margin_fallback)
     if opts.margin_grad == "detached":
         f = c + (f - c).detach()
     return f
@@ -101,12 +102,12 @@ def non_target_transform(cos: torch.Tensor, target_col: torch.Tensor, has_target
 
 def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normalize_weight=False,
                           margin=0.0, margin_type="none", ignore_index=-100, eps=1e-12, subcenters=1,
-                          margin_grad="exact", negatives="none", negatives_t=None):
+                          margin_grad="exact", margin_fallback=True, negatives="none", negatives_t=None):
     """z (B x C): alpha * max_k x_hat . W_hat_{jK+k} + b_j, with the margin applied on each row's
     target column and the non-target transform on the others."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, eps=eps, subcenters=subcenters, margin_grad=margin_grad,
-                       negatives=negatives, negatives_t=negatives_t)
+                       margin_fallback=margin_fallback, negatives=negatives, negatives_t=negatives_t)
     x_hat = F.normalize(features, dim=1, eps=eps)
     w_hat = F.normalize(weight, dim=1, eps=eps) if normalize_weight else weight
     cos = class_cosines(x_hat, w_hat, subcenters)
@@ -129,8 +130,8 @@ def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normali
 
 def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                         margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
-                        label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", negatives="none",
-                        negatives_t=None, upcast=True):
+                        label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", margin_fallback=True,
+                        negatives="none", negatives_t=None, upcast=True):
     """The loss by its definition (docs/design.md, "The operation"), through F.normalize and F.cross_entropy.
 
     upcast=True computes everything in float64 (the reference); upcast=False computes in the
@@ -159,8 +160,8 @@ def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, norm
         negatives_t = negatives_t.detach().to(dt)
     z = l2_softmax_logits_ref(features, weight, target, alpha, bias, normalize_weight=normalize_weight,
                               margin=margin, margin_type=margin_type, ignore_index=ignore_index, eps=eps,
-                              subcenters=subcenters, margin_grad=margin_grad, negatives=negatives,
-                              negatives_t=negatives_t)
+                              subcenters=subcenters, margin_grad=margin_grad, margin_fallback=margin_fallback,
+                              negatives=negatives, negatives_t=negatives_t)
     return F.cross_entropy(z, target, reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
 

@@ -7,3 +7,13 @@ from .class_parallel_module import ClassParallelCurricularFaceLoss, ClassParalle
 
 __all__ = ["class_parallel_l2_softmax_loss", "partial_fc_sample", "shard_sizes", "ClassParallelCurricularFaceLoss",
            "ClassParallelL2SoftmaxLoss"]
+
+# the face-recognition heads class-parallel (class_parallel_heads.py)
+from .class_parallel_heads import (ClassParallelAdaFaceLoss, ClassParallelArcFaceLoss,  # noqa: E402
+                                   ClassParallelCombinedMarginLoss, ClassParallelCosFaceLoss,
+                                   ClassParallelElasticFaceLoss, ClassParallelMagFaceLoss,
+                                   ClassParallelMVSoftmaxLoss)
+
+__all__ += ["ClassParallelAdaFaceLoss", "ClassParallelArcFaceLoss", "ClassParallelCombinedMarginLoss",
+            "ClassParallelCosFaceLoss", "ClassParallelElasticFaceLoss", "ClassParallelMagFaceLoss",
+            "ClassParallelMVSoftmaxLoss"]

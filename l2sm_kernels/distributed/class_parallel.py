@@ -194,7 +194,7 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                                    subcenters=1, margin_grad="exact", backend="auto", batch_sizes=None,
                                    sample_rate=1.0, generator=None, overlap_grad_reduce=False,
                                    grad_reduce_dtype="compute", max_logits_bytes=None, negatives="none",
-                                   negatives_t=None):
+                                   negatives_t=None, margin_fallback=True):
     """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
 
     Args:
@@ -239,13 +239,14 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                            eps=eps, subcenters=subcenters, margin_grad=margin_grad, backend=backend,
                            batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator,
                            overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
-                           max_logits_bytes=max_logits_bytes, negatives=negatives, negatives_t=negatives_t)[0]
+                           max_logits_bytes=max_logits_bytes, negatives=negatives, negatives_t=negatives_t,
+                           margin_fallback=margin_fallback)[0]
 
 
 def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
              margin_type, reduction, ignore_index, label_smoothing, eps, subcenters, margin_grad, backend, batch_sizes,
              sample_rate, overlap_grad_reduce=False, grad_reduce_dtype="compute", layout=None,
-             max_logits_bytes=None, negatives="none", negatives_t=None) -> _Args:
+             max_logits_bytes=None, negatives="none", negatives_t=None, margin_fallback=True) -> _Args:
     """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
     the argument), and what the step derives from them. layout=(world, rank): also check that a
     batch_sizes list holds this rank's batch size at its place (the device check compares the lists,
@@ -253,7 +254,7 @@ def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, 
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
                        margin_grad=margin_grad, max_logits_bytes=max_logits_bytes, negatives=negatives,
-                       negatives_t=negatives_t)
+                       negatives_t=negatives_t, margin_fallback=margin_fallback)
     check_reduction(reduction)
     sample_rate = check_sample_rate(sample_rate)
     n = check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
@@ -382,7 +383,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                     margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
                     sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None,
                     overlap_grad_reduce=False, grad_reduce_dtype="compute", max_logits_bytes=None, negatives="none",
-                    negatives_t=None):
+                    negatives_t=None, margin_fallback=True):
     """-> (loss, sampled local indices or None). check_key: what the agreement table is done once
     for on CUDA (the module; None: the group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -402,7 +403,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                      margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
                      overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
                      layout=None if mode == "table" else (world, rank), max_logits_bytes=max_logits_bytes,
-                     negatives=negatives, negatives_t=negatives_t)
+                     negatives=negatives, negatives_t=negatives_t, margin_fallback=margin_fallback)
         err = None
     except Exception as e:  # every rank learns of it in the agreement check, which re-raises it here
         if mode is None:
