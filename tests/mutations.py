@@ -241,6 +241,13 @@ MUTATIONS += [
        "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += regions[i]",
        "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += 0",
        "the backward reads every kept chunk's logits from the first chunk's place", tests=_GEMM, env=_TRITON),
+    _m("triton-gemm-negatives-dz-slope", "l2sm_kernels/backends/triton/row_kernels.py",
+       "dc = tl.where(is_t, dc_y[:, None], alpha * dz * slope)", "dc = tl.where(is_t, dc_y[:, None], alpha * dz)",
+       "pass 2's dloss/dc ignores the non-target transform's slope on hard negatives", tests=_GEMM, env=_TRITON),
+    _m("triton-gemm-negatives-stats-untransformed", "l2sm_kernels/backends/triton/row_kernels.py",
+       "        c, _slope = _nontarget_cos(c, neg_ptr, rows, rmask, NEG)",
+       "        _c, _slope = _nontarget_cos(c, neg_ptr, rows, rmask, NEG)",
+       "pass 1's statistics use the plain cosines where the transform applies", tests=_GEMM, env=_TRITON),
 ]
 
 # the non-target transform (issue 20): each backend's mask and slope, the class-parallel thresholds

@@ -180,26 +180,15 @@ def gemm_splits(B: int, cfg: Config, sms: int | None) -> int:
     return max(1, min(64, (4 * sms) // max(1, triton.cdiv(B, cfg.block_rows))))
 
 
-def call_path(gpu: bool, negatives: str = "none") -> str:
-    """The path a call without an explicit config takes: default_path, except that a call with a non-target
-    transform (negatives != "none") takes the fused kernels unless the GEMM path was chosen explicitly
-    (set_path / L2SM_TRITON_PATH), since the GEMM path's row kernels do not apply the transform (it refuses
-    it, gemm_path.check_no_negatives)."""
-    path = default_path(gpu)
-    if path == "gemm" and negatives != "none" and _PATH is None:
-        return "fused"
-    return path
-
-
 def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None = None, C: int = 0,
-                   subcenters: int = 1, negatives: str = "none") -> Config:
+                   subcenters: int = 1) -> Config:
     """Tiles of _fwd_split_kernel (variant: a GPU_CONFIGS key, to time the alternatives)."""
     if not gpu:
-        return _gemm_interpreter_config() if call_path(gpu, negatives) == "gemm" else _interpreter_config(D, C)
+        return _gemm_interpreter_config() if default_path(gpu) == "gemm" else _interpreter_config(D, C)
     d_pad = _pow2(D)
     if variant is not None:
         return GPU_CONFIGS[variant](d_pad)
-    if call_path(gpu, negatives) == "gemm":
+    if default_path(gpu) == "gemm":
         return GPU_CONFIGS["gemm"](d_pad)
     s_dt, _, p_dt, p_tf32 = dot_plan(xdt, wdt)
     if s_dt != 0 and not acc_o:
@@ -213,15 +202,14 @@ def forward_config(D: int, xdt, wdt, acc_o: bool, gpu: bool, variant: str | None
     return GPU_CONFIGS["tf32"](d_pad)
 
 
-def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None, C: int = 0,
-              negatives: str = "none") -> Config:
+def dw_config(D: int, xdt, wdt, gpu: bool, variant: str | None = None, C: int = 0) -> Config:
     """Tiles of _bwd_dw_kernel (block_rows: rows per step of its walk, block_cols: its classes)."""
     if not gpu:
-        return _gemm_interpreter_config() if call_path(gpu, negatives) == "gemm" else _interpreter_config(D, C)
+        return _gemm_interpreter_config() if default_path(gpu) == "gemm" else _interpreter_config(D, C)
     d_pad = _pow2(D)
     if variant is not None:
         return GPU_CONFIGS[variant](d_pad)
-    if call_path(gpu, negatives) == "gemm":
+    if default_path(gpu) == "gemm":
         return GPU_CONFIGS["gemm"](d_pad)
     s_dt, _, p_dt, p_tf32 = dot_plan(xdt, wdt)
     if s_dt == 2:

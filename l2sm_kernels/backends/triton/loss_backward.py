@@ -399,7 +399,7 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
     K = subcenters
     C = weight.shape[0] // K
     dev = x.device
-    cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C, negatives=negatives)
+    cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C)
     if cfg.gemm:
         from .gemm_path import backward as gemm_backward
         return gemm_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing,

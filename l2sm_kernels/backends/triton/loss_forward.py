@@ -393,8 +393,7 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_
     dev = x.device
     smooth = label_smoothing is not None
     has_o, has_pc, has_ws = forward_plan(smooth, need_x, need_alpha)
-    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C, subcenters=K,
-                                   negatives=negatives)
+    cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C, subcenters=K)
     if cfg.gemm:
         from .gemm_path import forward as gemm_forward
         return gemm_forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,

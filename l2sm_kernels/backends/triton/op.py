@@ -69,7 +69,7 @@ def load():
         """The fake kernel's aux: the fused forward's layout, or the GEMM path's (the path the forward takes)."""
         D = x.shape[1]
         cfg = forward_config(D, x.dtype, weight.dtype, need_x, on_gpu(x.device), C=weight.shape[0] // subcenters,
-                             subcenters=subcenters, negatives=negatives)
+                             subcenters=subcenters)
         if cfg.gemm:
             numel = gemm_aux_numel(x, weight, subcenters, need_x, need_weight, need_bias, cfg, max_logits_bytes)
             return x.new_empty((numel,), dtype=torch.float32)
