@@ -18,16 +18,22 @@ _STATE_VERSION = 1
 # "Model options and schedule options"): the model's identity. Everything else it records (the margin's
 # value, label smoothing, sample_rate, margin_grad, ignore_index, eps, the heads' hyperparameters) is
 # the training schedule and may differ: the module keeps its own.
+# The non-target transform's kind (negatives) is a model option as margin_type is (a CurricularFace head is
+# not a plain one); its t (negatives_t, CurricularFace's running average) is schedule, as the margin's value.
 MODEL_RECORD = ("class", "in_features", "num_classes")
-MODEL_OPTIONS = ("subcenters", "normalize_weight", "margin_type")
+MODEL_OPTIONS = ("subcenters", "normalize_weight", "margin_type", "negatives")
+# what a record from before an option existed stands for
+_OPTION_DEFAULTS = {"negatives": "none"}
 
 
 def checkpoint_record_diffs(state: dict, mine: dict) -> list[str]:
     """The model fields in which a checkpoint's record differs from a module's (empty: it loads)."""
     diffs = [f"{k}: checkpoint {state.get(k)!r}, module {mine[k]!r}" for k in MODEL_RECORD if state.get(k) != mine[k]]
     theirs = state.get("options") or {}
-    diffs += [f"{k}: checkpoint {theirs.get(k)!r}, module {mine['options'][k]!r}" for k in MODEL_OPTIONS
-              if theirs.get(k) != mine["options"][k]]
+    for k in MODEL_OPTIONS:
+        w, v = theirs.get(k, _OPTION_DEFAULTS.get(k)), mine["options"].get(k, _OPTION_DEFAULTS.get(k))
+        if w != v:
+            diffs.append(f"{k}: checkpoint {w!r}, module {v!r}")
     return diffs
 
 
