@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..heads import AdaFaceLoss, MagFaceLoss, magface_margin_slope
+from ..heads import AdaFaceLoss, MagFaceLoss, _wide, magface_margin_slope
 from .class_parallel import _class_parallel
 from .class_parallel_module import ClassParallelL2SoftmaxLoss
 from .collectives import _gather_rows, _SumOverRanks
@@ -180,16 +180,19 @@ class ClassParallelMagFaceLoss(_Head):
     @torch.no_grad()
     def _target_cosines(self, features, target_g, sizes):
         """The target cosine of every row of the global batch (the max over a class's sub-centers),
-        computed by the shard that owns the target and summed over the ranks."""
+        computed by the shard that owns the target and summed over the ranks; in float64 for float64
+        features and weights (as the single-process MagFaceLoss), else float32 (the dtypes agree over the
+        ranks: the agreement check)."""
         o, K = self.options, self.options.subcenters
-        x = F.normalize(_gather_rows(features.detach().float(), sizes, self.group), dim=1, eps=o.eps)
+        dt = torch.promote_types(_wide(features), _wide(self.weight))
+        x = F.normalize(_gather_rows(features.detach().to(dt), sizes, self.group), dim=1, eps=o.eps)
         local = target_g - self.class_start
         own = (target_g != o.ignore_index) & (local >= 0) & (local < self.num_local)
         col = torch.where(own, local, torch.zeros_like(local))
-        c = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        c = torch.zeros(x.shape[0], dtype=dt, device=x.device)
         if self.num_local > 0:
             rows = (col[:, None] * K + torch.arange(K, device=col.device)).reshape(-1)
-            w = F.normalize(self.weight.detach().float().index_select(0, rows), dim=1)
+            w = F.normalize(self.weight.detach().to(dt).index_select(0, rows), dim=1)
             c = torch.where(own, (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1), c)
         dist.all_reduce(c, group=self.group)
         return c
