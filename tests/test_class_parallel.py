@@ -1106,6 +1106,16 @@ def test_negatives_match_single_process(backend, world):
     _spawn(_work_negatives, world, backend, dtype, NEGATIVE_COMBOS[:3] if is_slow(backend) else NEGATIVE_COMBOS)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_negatives_with_overlapped_grad_reduce(backend, world):
+    """negatives with overlap_grad_reduce=True (two merged features): the overlapped shard op's two backward
+    calls take the negatives' table and the per-row thresholds as the plain one does; against the
+    single-process op and the float64 reference."""
+    dtype, _ = _dtype_and_combos(backend)
+    combos = NEGATIVE_COMBOS[:2] if is_slow(backend) else NEGATIVE_COMBOS[:4]
+    _spawn(_work_options, world, backend, dtype, combos, None, dict(overlap_grad_reduce=True))
+
+
 def test_curricularface_class_parallel(backend):
     dtype, _ = _dtype_and_combos(backend)
     _spawn(_work_curricularface, 2, backend, dtype)
