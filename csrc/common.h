@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -181,6 +182,84 @@ struct Margins {
     }
   }
 };
+
+// The non-target transform (docs/design.md, "The non-target transforms"): on row i's columns j != y_i
+// with c_ij > thr_i ("hard"), N(c) replaces c before the scale alpha:
+//     mv          t c + t - 1   slope t        (MV-Softmax)
+//     curricular  c (t + c)     slope t + 2c   (CurricularFace)
+//     filter      0             slope 0        (InsightFace's inter-class filtering)
+// The mask is a constant and t has no gradient. thr_i is the table's threshold (l2sm_kernels/margins.py:
+// negatives_table, [t, threshold] per row, R = 1 or B), or where that is NaN the row's margined target
+// cosine f_i = f(c_iy), computed before the class pass from the target's precise cosine; +inf on a row
+// without a valid target (no hard column). Per-row t and thr are rounded to T once.
+enum NegativesKind { kNegNone = 0, kNegMv = 1, kNegCurricular = 2, kNegFilter = 3 };
+
+template <typename T>
+struct Negatives {
+  int kind = kNegNone;
+  std::vector<T> t, thr;  // (B) each, when kind != kNegNone
+
+  // tcol: (B) target class or -1; c_t: (B) the target's cosine (target_cosines); margins: its f.
+  Negatives(c10::string_view kind_name, const c10::optional<at::Tensor>& table, int64_t B, const int64_t* tcol,
+            const T* c_t, const Margins<T>& margins) {
+    const std::string name(kind_name);
+    if (name == "none") {
+      kind = kNegNone;
+    } else if (name == "mv") {
+      kind = kNegMv;
+    } else if (name == "curricular") {
+      kind = kNegCurricular;
+    } else if (name == "filter") {
+      kind = kNegFilter;
+    } else {
+      TORCH_CHECK(false, "l2sm::cpu: negatives must be 'none', 'mv', 'curricular' or 'filter', got '", name, "'");
+    }
+    if (kind == kNegNone) return;
+    TORCH_CHECK(table.has_value(), "l2sm::cpu: negatives '", name,
+                "' needs the negatives table (l2sm_kernels.margins.negatives_table), got None");
+    const at::Tensor& tb = *table;
+    TORCH_CHECK(tb.device().is_cpu() && tb.scalar_type() == at::kDouble && tb.dim() == 2 && tb.size(1) == 2 &&
+                    (tb.size(0) == 1 || tb.size(0) == B),
+                "l2sm::cpu: negatives_table must be a float64 CPU tensor of shape (1, 2) or (", B,
+                ", 2) (l2sm_kernels.margins.negatives_table), got ", tb.scalar_type(), " of shape ", tb.sizes(),
+                " on ", tb.device());
+    const at::Tensor tc = tb.contiguous();
+    const double* p = tc.data_ptr<double>();
+    const int64_t R = tb.size(0);
+    t.resize(B);
+    thr.resize(B);
+    for (int64_t i = 0; i < B; ++i) {
+      const double* q = p + (R == 1 ? 0 : i) * 2;
+      t[i] = T(q[0]);
+      if (!std::isnan(q[1])) {
+        thr[i] = T(q[1]);
+      } else if (tcol[i] >= 0) {
+        T f, slope;
+        margins.apply(i, c_t[i], f, slope);
+        thr[i] = f;
+      } else {
+        thr[i] = std::numeric_limits<T>::infinity();
+      }
+    }
+  }
+  bool on() const { return kind != kNegNone; }
+};
+
+// N(c) of a non-target column and its slope (see Negatives); branch-free selects for the simd loops.
+template <typename T>
+L2SM_INLINE T negative_value(int kind, T c, T thr, T t, T* slope) {
+  const bool hard = c > thr;
+  T v = T(0), s = T(0);  // filter
+  if (kind == kNegMv) {
+    v = t * c + t - T(1);
+    s = t;
+  } else if (kind == kNegCurricular) {
+    v = c * (t + c);
+    s = t + T(2) * c;
+  }
+  *slope = hard ? s : T(1);
+  return hard ? v : c;
+}
 
 // The label smoothing s: None (0) or a 0-d floating CPU tensor, read on the host (a CPU scalar: no
 // device synchronization). Used in double.

@@ -11,7 +11,8 @@
 // float64 of l2sm_kernels/margins.py (R = 1 or B; read on the host and rounded to the compute dtype
 // once, common.h: Margins), margin_kind ("none" | "additive" | "angular": which part of it applies),
 // margin_detached (f' taken as 1), the label smoothing (None or a 0-d CPU tensor, read on the host),
-// K = subcenters (class j's cosine is the max over W's rows [jK, jK + K), ties to the lowest; its
+// the non-target transform (negatives "none" | "mv" | "curricular" | "filter" and its (R, 2) float64
+// table [t, threshold], common.h: Negatives), K = subcenters (class j's cosine is the max over W's rows [jK, jK + K), ties to the lowest; its
 // gradient goes to that winner only).
 //
 // How: the classes are walked in chunks of `cc` classes (cc K contiguous rows of W). For each
@@ -47,17 +48,19 @@ namespace l2sm_cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const at::Tensor& alpha,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& margins,
-    const c10::optional<at::Tensor>& label_smoothing, bool normalize_weight, c10::string_view margin_kind,
-    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps,
-    c10::optional<int64_t> max_logits_bytes, bool need_x, bool need_weight, bool need_bias, bool need_alpha);
+    const c10::optional<at::Tensor>& label_smoothing, const c10::optional<at::Tensor>& negatives_table,
+    bool normalize_weight, c10::string_view margin_kind, bool margin_detached, int64_t subcenters,
+    int64_t ignore_index, double eps, c10::string_view negatives, c10::optional<int64_t> max_logits_bytes,
+    bool need_x, bool need_weight, bool need_bias, bool need_alpha);
 
 // (grad_x, grad_weight, grad_bias, grad_alpha) of the op l2sm::cpu_backward (loss_backward.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& margins, const c10::optional<at::Tensor>& label_smoothing, const at::Tensor& lse,
-    const at::Tensor& aux, bool normalize_weight, c10::string_view margin_kind, bool margin_detached,
-    int64_t subcenters, int64_t ignore_index, double eps, c10::optional<int64_t> max_logits_bytes, bool need_x,
-    bool need_weight, bool need_bias, bool need_alpha);
+    const c10::optional<at::Tensor>& margins, const c10::optional<at::Tensor>& label_smoothing,
+    const c10::optional<at::Tensor>& negatives_table, const at::Tensor& lse, const at::Tensor& aux,
+    bool normalize_weight, c10::string_view margin_kind, bool margin_detached, int64_t subcenters,
+    int64_t ignore_index, double eps, c10::string_view negatives, c10::optional<int64_t> max_logits_bytes,
+    bool need_x, bool need_weight, bool need_bias, bool need_alpha);
 
 }  // namespace l2sm_cpu

@@ -11,7 +11,9 @@
 //     dz_ij = w_p p_ij - w_k                              (j != y_i; p = exp(z - lse))
 //     dz_iy = grad_lse p_iy - grad_loss q_i + w_t s (1 - 1/C)
 // (the second is w_p p_iy - w_t (1 - s + s / C) with p_iy = 1 - q_i: no p - 1 formed, so a confident
-// row's target gradient keeps its relative precision), summing db and d alpha's per-class terms over
+// row's target gradient keeps its relative precision; with a non-target transform (common.h,
+// Negatives) z_ij = alpha N(c_ij) + b_j off the target and dC'_ij carries N'(c_ij)), summing db and
+// d alpha's per-class terms over
 // the rows in double. Two more BLAS products per chunk: dX_hat += dC' W_c (one partial sum per
 // worker, added in worker order at the end) and G = dC'^T X_hat straight into the chunk's rows of
 // dW, which then get W's normalization backward. A class's gradient reaches only its winning
@@ -51,6 +53,7 @@ struct BwdArgs {
   const T* c_t;         // (B) the target class's cosine (common.h: target_cosines)
   const int64_t* win;   // (B) its winning sub-center
   const Margins<T>* margins;
+  const Negatives<T>* neg;  // the non-target transform (common.h)
   const T* lse;      // (B)
   const T* q;        // (B) 1 - p_iy (the forward's aux)
   const T* w_p;      // (B) grad_loss + grad_lse (grad_loss taken as 0 on ignored rows)
@@ -65,21 +68,26 @@ struct BwdArgs {
 // Non-target classes [ja, jb) of one row, K = 1: dz_ij = w_p p_ij - w_k, p = exp(z - lse);
 // dC'_ij = alpha dz_ij / max(|W_j|, eps) (dloss/dc, pre-scaled by W's inverse norm so that
 // dC' W = dC W_hat and dC'^T X_hat = dW_hat / |W|, see weight_norm_backward).
-template <typename T, bool DC, bool DB, bool DA>
-L2SM_INLINE void backward_span(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk) {
+// NEG: the non-target transform (common.h, Negatives): z = alpha N(c) + b, d alpha's term dz N(c),
+// dC' times N'(c) (t, t + 2c or 0 on the row's hard columns: th, tt are its threshold and t).
+template <typename T, bool DC, bool DB, bool DA, bool NEG>
+L2SM_INLINE void backward_span(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk, T th, T tt) {
   const T* inv = a.inv_wn;
   const T* b = a.bias;
   const T al = a.alpha;
   double* db = a.db;
   double* da = a.da;
+  const int nk = a.neg->kind;
 #pragma omp simd
   for (int64_t j = ja; j < jb; ++j) {
     const T c = Lr[j] * inv[j];
-    const T p = vexp<T>(al * c + b[j] - lse);
+    T sl = T(1);
+    const T g = NEG ? negative_value<T>(nk, c, th, tt, &sl) : c;
+    const T p = vexp<T>(al * g + b[j] - lse);
     const T dz = wp * p - wk;
     if (DB) db[j] += double(dz);
-    if (DA) da[j] += double(dz) * double(c);
-    if (DC) Lr[j] = al * dz * inv[j];
+    if (DA) da[j] += double(dz) * double(g);
+    if (DC) Lr[j] = NEG ? al * dz * sl * inv[j] : al * dz * inv[j];
   }
 }
 
@@ -91,14 +99,16 @@ constexpr int64_t kBlock = 512;
 // products (class_max), its dC' goes to the winning sub-center, the class's other K - 1 entries
 // become 0. Two passes: the maxima (a strided, branch-free scalar pass) into stack buffers, then the
 // exponentials and sums vectorized over the classes as for K = 1.
-template <typename T, bool DC, bool DB, bool DA>
-L2SM_INLINE void backward_span_k(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk) {
+template <typename T, bool DC, bool DB, bool DA, bool NEG>
+L2SM_INLINE void backward_span_k(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk, T th,
+                                 T tt) {
   const int64_t K = a.K, n = jb - ja;
   const T* inv = a.inv_wn + ja * K;
   const T* b = a.bias + ja;
   const T al = a.alpha;
   double* db = a.db + ja;
   double* da = a.da + ja;
+  const int nk = a.neg->kind;
   T* seg = Lr + ja * K;
   T cls[kBlock], val[kBlock];
   int32_t win[kBlock];
@@ -111,11 +121,13 @@ L2SM_INLINE void backward_span_k(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T c = cls[j];
-    const T p = vexp<T>(al * c + b[j] - lse);
+    T sl = T(1);
+    const T g = NEG ? negative_value<T>(nk, c, th, tt, &sl) : c;  // the transform of the class's max
+    const T p = vexp<T>(al * g + b[j] - lse);
     const T dz = wp * p - wk;
     if (DB) db[j] += double(dz);
-    if (DA) da[j] += double(dz) * double(c);
-    if (DC) val[j] = al * dz * val[j];
+    if (DA) da[j] += double(dz) * double(g);
+    if (DC) val[j] = NEG ? al * dz * sl * val[j] : al * dz * val[j];
   }
   if (DC) {
     std::fill(seg, seg + n * K, T(0));
@@ -124,12 +136,19 @@ L2SM_INLINE void backward_span_k(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t
 }
 
 template <typename T, bool DC, bool DB, bool DA>
-L2SM_INLINE void backward_other(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk) {
+L2SM_INLINE void backward_other(T* Lr, const BwdArgs<T>& a, int64_t ja, int64_t jb, T lse, T wp, T wk, T th, T tt) {
   if (ja >= jb) return;
+  const bool neg = a.neg->on();
   if (a.K == 1) {
-    backward_span<T, DC, DB, DA>(Lr, a, ja, jb, lse, wp, wk);
+    if (neg) {
+      backward_span<T, DC, DB, DA, true>(Lr, a, ja, jb, lse, wp, wk, th, tt);
+    } else {
+      backward_span<T, DC, DB, DA, false>(Lr, a, ja, jb, lse, wp, wk, th, tt);
+    }
+  } else if (neg) {
+    backward_span_k<T, DC, DB, DA, true>(Lr, a, ja, jb, lse, wp, wk, th, tt);
   } else {
-    backward_span_k<T, DC, DB, DA>(Lr, a, ja, jb, lse, wp, wk);
+    backward_span_k<T, DC, DB, DA, false>(Lr, a, ja, jb, lse, wp, wk, th, tt);
   }
 }
 
@@ -162,13 +181,14 @@ L2SM_INLINE void backward_cols_impl(const BwdArgs<T>& a, int64_t j0, int64_t j1)
     for (int64_t i = 0; i < a.B; ++i) {  // rows in order: each class's sums have a fixed order
       T* Lr = a.L + i * a.cc * a.K;
       const T lse = a.lse[i], wp = a.w_p[i], wk = a.w_k[i];
+      const T th = a.neg->on() ? a.neg->thr[i] : T(0), tt = a.neg->on() ? a.neg->t[i] : T(0);
       const int64_t t = a.tcol[i] - a.c0;
       if (a.tcol[i] >= 0 && t >= jb0 && t < jb1) {
-        backward_other<T, DC, DB, DA>(Lr, a, jb0, t, lse, wp, wk);
+        backward_other<T, DC, DB, DA>(Lr, a, jb0, t, lse, wp, wk, th, tt);
         backward_target<T, DC, DB, DA>(Lr, a, i, t, lse);
-        backward_other<T, DC, DB, DA>(Lr, a, t + 1, jb1, lse, wp, wk);
+        backward_other<T, DC, DB, DA>(Lr, a, t + 1, jb1, lse, wp, wk, th, tt);
       } else {
-        backward_other<T, DC, DB, DA>(Lr, a, jb0, jb1, lse, wp, wk);
+        backward_other<T, DC, DB, DA>(Lr, a, jb0, jb1, lse, wp, wk, th, tt);
       }
     }
   }
@@ -253,6 +273,7 @@ struct BackwardCall {
   bool need_x, need_weight, need_bias, need_alpha;
   T alpha;
   const Margins<T>* margins;
+  const Negatives<T>* neg;
   const int64_t* tcol;  // (B) target class or -1
   const T* c_t;         // (B) the target class's cosine, and its winning sub-center (target_cosines)
   const int64_t* win;
@@ -356,7 +377,7 @@ void backward_chunk(const BackwardCall<T>& k, WorkerBuffers<T>& wb, int64_t c0, 
   std::fill(dap, dap + cc, 0.0);
   const RowWeights<T>& r = *k.rows;
   BwdArgs<T> a{Lv.data_ptr<T>(), k.x_hat.size(0), cc, c0, k.K, wb.buf.inv_wn.template data_ptr<T>(),
-               wb.buf.bbuf.template data_ptr<T>(), k.alpha, k.tcol, k.c_t, k.win, k.margins, k.lse, k.q, r.w_p.data(),
+               wb.buf.bbuf.template data_ptr<T>(), k.alpha, k.tcol, k.c_t, k.win, k.margins, k.neg, k.lse, k.q, r.w_p.data(),
                r.w_k.data(), r.w_t.data(), r.g_lse.data(), r.w_ts.data(), dbp, dap};
   const bool need_dc = k.need_x || k.need_weight;
   at::parallel_for(0, cc, 256, [&](int64_t j0, int64_t j1) {
@@ -416,7 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& margin_table, double s, const at::Tensor& lse_in, const at::Tensor& aux,
     bool normalize_weight, c10::string_view kind, bool detached, int64_t K, int64_t C, int64_t ignore_index,
-    double eps, bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
+    double eps, const c10::optional<at::Tensor>& negatives_table, c10::string_view negatives, bool need_x,
+    bool need_weight, bool need_bias, bool need_alpha) {
   constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const int64_t B = x.size(0), D = x.size(1);
   const auto opt = x.options().dtype(ct);
@@ -445,6 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<T> c_t(B);
   std::vector<int64_t> win(B);
   target_cosines<T>(x, weight, tcol.data_ptr<int64_t>(), K, normalize_weight, eps, c_t.data(), win.data());
+  const Negatives<T> neg(negatives, negatives_table, B, tcol.data_ptr<int64_t>(), c_t.data(), margins);
   at::Tensor lse = lse_in.to(ct).contiguous();
   at::Tensor aux_t = aux.to(ct).contiguous();  // as the forward returned it: no copy
   at::Tensor q = aux_t.narrow(0, 0, B);
@@ -453,7 +476,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const bool gw_direct = weight.scalar_type() == ct;  // gw is contiguous: dW rows are written in place
   const at::Tensor x_lp = use_bf16_gemm(x, weight, ct) ? x_hat.to(at::kBFloat16) : at::Tensor();
   const BackwardCall<T> k{weight, bias, x_hat, x_lp, opt, C, K, normalize_weight, eps, need_x, need_weight, need_bias,
-                          need_alpha, T(alpha_value(alpha)), &margins, tcol.data_ptr<int64_t>(), c_t.data(), win.data(),
+                          need_alpha, T(alpha_value(alpha)), &margins, &neg, tcol.data_ptr<int64_t>(), c_t.data(),
+                          win.data(),
                           lse.data_ptr<T>(),
                           q.data_ptr<T>(), &rows, kept, gw, gb, gw_direct};
 
@@ -478,10 +502,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& target, const at::Tensor& alpha, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& margins, const c10::optional<at::Tensor>& label_smoothing, const at::Tensor& lse,
-    const at::Tensor& aux, bool normalize_weight, c10::string_view margin_kind, bool margin_detached,
-    int64_t subcenters, int64_t ignore_index, double eps, c10::optional<int64_t> max_logits_bytes, bool need_x,
-    bool need_weight, bool need_bias, bool need_alpha) {
+    const c10::optional<at::Tensor>& margins, const c10::optional<at::Tensor>& label_smoothing,
+    const c10::optional<at::Tensor>& negatives_table, const at::Tensor& lse, const at::Tensor& aux,
+    bool normalize_weight, c10::string_view margin_kind, bool margin_detached, int64_t subcenters,
+    int64_t ignore_index, double eps, c10::string_view negatives, c10::optional<int64_t> max_logits_bytes,
+    bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
   const int64_t C = check_inputs(x, weight, target, alpha, bias, subcenters);
   const int64_t B = x.size(0);
   TORCH_CHECK(grad_loss.numel() == B && grad_lse.numel() == B && lse.numel() == B,
@@ -498,11 +523,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
   if (compute_type(x, weight, bias) == at::kDouble) {
     return backward_impl<double>(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, s, lse, aux,
                                  normalize_weight, margin_kind, margin_detached, subcenters, C, ignore_index, eps,
-                                 need_x, need_weight, need_bias, need_alpha);
+                                 negatives_table, negatives, need_x, need_weight, need_bias, need_alpha);
   }
   return backward_impl<float>(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, s, lse, aux,
                               normalize_weight, margin_kind, margin_detached, subcenters, C, ignore_index, eps,
-                              need_x, need_weight, need_bias, need_alpha);
+                              negatives_table, negatives, need_x, need_weight, need_bias, need_alpha);
 }
 
 }  // namespace l2sm_cpu

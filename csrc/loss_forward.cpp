@@ -2,7 +2,8 @@
 //
 // Per chunk: the BLAS product gives the chunk's products x_hat . W_r (B x cc K), then the epilogue
 // (forward_rows) turns each row's segment into the cc class logits z = alpha g + b in place (g: the
-// class cosine, the maximum over its K sub-centers; on the target column f(c) of the target's cosine
+// class cosine, the maximum over its K sub-centers, through the non-target transform N when one is
+// set (common.h, Negatives: its per-row threshold is known before the walk); on the target column f(c) of the target's cosine
 // computed in double beforehand, common.h: target_cosines) and folds them into
 // per-row statistics of the worker: an online logsumexp of the NON-target logits (running max of
 // all logits, rescaled sum of the non-target exponentials in double), the sum of the logits (label
@@ -58,6 +59,7 @@ struct FwdArgs {
   const int64_t* tcol;  // (B) the row's target class, or -1 where the row has no valid target
   const T* c_t;         // (B) the target class's cosine (common.h: target_cosines)
   const Margins<T>* margins;
+  const Negatives<T>* neg;  // the non-target transform (common.h), per-row thresholds and t
   bool smoothing;
   T* row_max;          // (B) running max of z over all columns (the target's included)
   double* row_sum;     // (B) sum_{j != y} exp(z_ij - shift(row_max)), shift(m) = m if finite else 0
@@ -84,13 +86,32 @@ L2SM_INLINE void forward_rows_impl(const FwdArgs<T>& a, int64_t r0, int64_t r1) 
     T* z = a.L + i * cc * K;  // int64: B cc K may exceed 2^31
     const int64_t t = a.tcol[i] - a.c0;
     const bool has_t = a.tcol[i] >= 0 && t >= 0 && t < cc;
-    if (K == 1) {
+    if (K == 1 && !a.neg->on()) {
       for (int64_t j = 0; j < cc; ++j) z[j] = al * (z[j] * inv[j]) + b[j];
+    } else if (K == 1) {
+      // z = alpha N(c) + b; the target column (transformed here too) is overwritten below
+      const int nk = a.neg->kind;
+      const T th = a.neg->thr[i], tt = a.neg->t[i];
+#pragma omp simd
+      for (int64_t j = 0; j < cc; ++j) {
+        T sl;
+        z[j] = al * negative_value<T>(nk, z[j] * inv[j], th, tt, &sl) + b[j];
+      }
     } else {
       // class j's cosine is the max of its K products z[jK .. jK + K) (each times its own inverse
-      // norm); z[j] is written after those are read, and j <= jK: compaction in place.
+      // norm); z[j] is written after those are read, and j <= jK: compaction in place. The
+      // non-target transform applies to that max.
       int64_t win;
-      for (int64_t j = 0; j < cc; ++j) z[j] = al * class_max(z + j * K, inv + j * K, K, &win) + b[j];
+      if (a.neg->on()) {
+        const int nk = a.neg->kind;
+        const T th = a.neg->thr[i], tt = a.neg->t[i];
+        T sl;
+        for (int64_t j = 0; j < cc; ++j) {
+          z[j] = al * negative_value<T>(nk, class_max(z + j * K, inv + j * K, K, &win), th, tt, &sl) + b[j];
+        }
+      } else {
+        for (int64_t j = 0; j < cc; ++j) z[j] = al * class_max(z + j * K, inv + j * K, K, &win) + b[j];
+      }
     }
     if (has_t) {
       T f, slope;
@@ -164,7 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
                                                            const c10::optional<at::Tensor>& margin_table,
                                                            double s, bool normalize_weight, c10::string_view kind,
                                                            bool detached, int64_t K, int64_t C,
-                                                           int64_t ignore_index, double eps, int64_t R) {
+                                                           int64_t ignore_index, double eps,
+                                                           const c10::optional<at::Tensor>& negatives_table,
+                                                           c10::string_view negatives, int64_t R) {
   constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const int64_t B = x.size(0), D = x.size(1);
   const auto opt = x.options().dtype(ct);
@@ -182,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
   std::vector<T> c_t(B);
   std::vector<int64_t> win(B);
   target_cosines<T>(x, weight, tcol.data_ptr<int64_t>(), K, normalize_weight, eps, c_t.data(), win.data());
+  const Negatives<T> neg(negatives, negatives_table, B, tcol.data_ptr<int64_t>(), c_t.data(), margins);
   const T al = T(alpha_value(alpha));
   const Split split(B, C, D, sizeof(T), K);
   const int64_t nw = split.workers;
@@ -199,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
       at::Tensor Lv;
       buf.load(weight, bias, x_hat, normalize_weight, eps, c0, cc, &Lv, kept, /*reuse=*/false);
       FwdArgs<T> a{Lv.data_ptr<T>(), cc, c0, K, buf.inv_wn.template data_ptr<T>(), buf.bbuf.template data_ptr<T>(),
-                   al, tcol.data_ptr<int64_t>(), c_t.data(), &margins, s != 0.0, row_max.data() + w * B,
+                   al, tcol.data_ptr<int64_t>(), c_t.data(), &margins, &neg, s != 0.0, row_max.data() + w * B,
                    row_sum.data() + w * B, row_zsum.data() + w * B, row_zt.data()};
       at::parallel_for(0, B, 8, [&](int64_t r0, int64_t r1) { forward_rows(a, r0, r1); });
     }
@@ -245,9 +269,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const at::Tensor& alpha,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& margins,
-    const c10::optional<at::Tensor>& label_smoothing, bool normalize_weight, c10::string_view margin_kind,
-    bool margin_detached, int64_t subcenters, int64_t ignore_index, double eps,
-    c10::optional<int64_t> max_logits_bytes, bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
+    const c10::optional<at::Tensor>& label_smoothing, const c10::optional<at::Tensor>& negatives_table,
+    bool normalize_weight, c10::string_view margin_kind, bool margin_detached, int64_t subcenters,
+    int64_t ignore_index, double eps, c10::string_view negatives, c10::optional<int64_t> max_logits_bytes,
+    bool need_x, bool need_weight, bool need_bias, bool need_alpha) {
   // need_* are hints for aux: without any gradient to come, nothing is kept
   const int64_t C = check_inputs(x, weight, target, alpha, bias, subcenters);
   TORCH_CHECK(!max_logits_bytes.has_value() || *max_logits_bytes >= 0,
@@ -260,10 +285,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(
   const int64_t R = any_need ? kept_rows(x.size(0), C, subcenters, dbl ? 8 : 4, max_logits_bytes, bf16_inputs) : 0;
   if (dbl) {
     return forward_impl<double>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
-                                margin_detached, subcenters, C, ignore_index, eps, R);
+                                margin_detached, subcenters, C, ignore_index, eps, negatives_table, negatives, R);
   }
   return forward_impl<float>(x, weight, target, alpha, bias, margins, s, normalize_weight, margin_kind,
-                             margin_detached, subcenters, C, ignore_index, eps, R);
+                             margin_detached, subcenters, C, ignore_index, eps, negatives_table, negatives, R);
 }
 
 }  // namespace l2sm_cpu

@@ -31,14 +31,15 @@ L2SM_CLONES void exp_f32_array(const float* in, float* out, int64_t n) {
 TORCH_LIBRARY_FRAGMENT(l2sm, m) {
   m.def(
       "cpu_forward(Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, "
-      "Tensor? label_smoothing, bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, "
-      "int ignore_index, float eps, int? max_logits_bytes, bool need_x, bool need_weight, bool need_bias, "
-      "bool need_alpha) -> (Tensor, Tensor, Tensor)");
+      "Tensor? label_smoothing, Tensor? negatives_table, bool normalize_weight, str margin_kind, "
+      "bool margin_detached, int subcenters, int ignore_index, float eps, str negatives, int? max_logits_bytes, "
+      "bool need_x, bool need_weight, bool need_bias, bool need_alpha) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cpu_backward(Tensor grad_loss, Tensor grad_lse, Tensor x, Tensor weight, Tensor target, Tensor alpha, "
-      "Tensor? bias, Tensor? margins, Tensor? label_smoothing, Tensor lse, Tensor aux, bool normalize_weight, "
-      "str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps, int? max_logits_bytes, "
-      "bool need_x, bool need_weight, bool need_bias, bool need_alpha) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor? margins, Tensor? label_smoothing, Tensor? negatives_table, Tensor lse, Tensor aux, "
+      "bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps, "
+      "str negatives, int? max_logits_bytes, bool need_x, bool need_weight, bool need_bias, bool need_alpha) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(l2sm, CPU, m) {

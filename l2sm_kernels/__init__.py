@@ -3,8 +3,8 @@ cross-entropy in one pass over the classes, hand-written backward, no B x C logi
 memory dial max_logits_bytes lets it keep; docs/memory_dial.md).
 
 What a user imports lives here: l2_softmax_loss (loss.py), L2SoftmaxLoss (loss_module.py), the
-face-recognition heads (heads.py: ArcFace, CosFace, combined, AdaFace, MagFace, ElasticFace), L2SMOptions
-(options.py), the float64 reference (reference.py), available_backends. The backends are in
+face-recognition heads (heads.py: ArcFace, CosFace, combined, AdaFace, MagFace, ElasticFace,
+CurricularFace, MV-Softmax), L2SMOptions (options.py), the float64 reference (reference.py), available_backends. The backends are in
 l2sm_kernels.backends, class-parallel training in l2sm_kernels.distributed, the helpers tests and
 benchmarks share in l2sm_kernels.testing. l2sm_kernels.cpu is the cpu backend's module
 (l2sm_kernels.backends.cpu: its workspace knobs).
@@ -13,7 +13,8 @@ import sys as _sys
 
 from .backends import available_backends
 from .backends import cpu as _cpu_backend
-from .heads import AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, MagFaceLoss
+from .heads import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, CurricularFaceLoss, ElasticFaceLoss,
+                    MagFaceLoss, MVSoftmaxLoss)
 from .loss import alpha_lower_bound, l2_softmax_loss
 from .loss_module import L2SoftmaxLoss
 from .options import L2SMOptions
@@ -30,7 +31,9 @@ __all__ = [
     "ArcFaceLoss",
     "CombinedMarginLoss",
     "CosFaceLoss",
+    "CurricularFaceLoss",
     "ElasticFaceLoss",
+    "MVSoftmaxLoss",
     "MagFaceLoss",
     "L2SMOptions",
     "L2SoftmaxLoss",

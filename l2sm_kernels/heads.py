@@ -127,7 +127,15 @@ class AdaFaceLoss(L2SoftmaxLoss):
     @torch.no_grad()
     def margin_scaler(self, features: torch.Tensor) -> torch.Tensor:
         """g_i of the docstring (updating the moving averages first in training mode)."""
-        norms = torch.linalg.vector_norm(features.detach().float(), dim=1).clamp(0.001, 100.0)
+        return self.scaler_from_norms(self.clipped_norms(features))
+
+    @staticmethod
+    def clipped_norms(features: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(features.detach().float(), dim=1).clamp(0.001, 100.0)
+
+    @torch.no_grad()
+    def scaler_from_norms(self, norms: torch.Tensor) -> torch.Tensor:
+        """g_i from the batch's clipped norms (the class-parallel head passes the global batch's)."""
         if self.training and norms.numel() > 1:
             t = self.t_alpha
             self.batch_mean.mul_(1 - t).add_(t * norms.mean())
@@ -194,11 +202,8 @@ class MagFaceLoss(L2SoftmaxLoss):
         dt = torch.promote_types(_wide(features), _wide(self.weight))  # float64 inputs: gradcheck runs
         w = torch.nn.functional.normalize(self.weight.detach().to(dt).index_select(0, rows), dim=1)
         x = torch.nn.functional.normalize(features.detach().to(dt), dim=1, eps=self.options.eps)
-        c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1).clamp(-1.0, 1.0)
-        theta = torch.acos(c)
-        df = torch.where(theta + m < math.pi, -torch.sin(theta + m), -(torch.sin(m) + m * torch.cos(m)))
-        p = torch.exp(-ce.detach().to(dt))
-        return torch.where(valid, self.s * (p - 1) * df, torch.zeros_like(df))
+        c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1)
+        return magface_margin_slope(c, m, ce, self.s, valid)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = self.magnitude(features)
@@ -213,6 +218,19 @@ class MagFaceLoss(L2SoftmaxLoss):
     def head_config(self) -> dict:
         return {"s": self.s, "l_a": self.l_a, "u_a": self.u_a, "l_m": self.l_m, "u_m": self.u_m,
                 "lambda_g": self.lambda_g}
+
+
+@torch.no_grad()
+def magface_margin_slope(c: torch.Tensor, m: torch.Tensor, ce: torch.Tensor, s: float, valid: torch.Tensor):
+    """MagFace's dCE_i / dm_i (0 on ignored rows) from the target cosines c, the margins m and the
+    per-row CE (p_y = exp(-CE_i)): s (p_i - 1) df/dm, df/dm = -sin(theta + m) on the angular branch,
+    -(sin m + m cos m) on the fallback. In float64 when c is float64 (float64 inputs: gradcheck runs), else
+    in float32."""
+    dt = _wide(c)
+    theta = torch.acos(c.to(dt).clamp(-1.0, 1.0))
+    df = torch.where(theta + m < math.pi, -torch.sin(theta + m), -(torch.sin(m) + m * torch.cos(m)))
+    p = torch.exp(-ce.detach().to(dt))
+    return torch.where(valid, s * (p - 1) * df, torch.zeros_like(df))
 
 
 class ElasticFaceLoss(L2SoftmaxLoss):
@@ -256,9 +274,93 @@ def _wide(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def target_cosines(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, subcenters: int,
+                   eps: float, valid: torch.Tensor) -> torch.Tensor:
+    """cos theta_y of each row (the maximum over the target class's sub-centers), fp32, from one gather
+    of the target rows of W (O(B D), no pass over the classes); 0 on rows that are not valid."""
+    K = subcenters
+    y = torch.where(valid, target, torch.zeros_like(target))
+    rows = (y[:, None] * K + torch.arange(K, device=y.device)).reshape(-1)
+    w = torch.nn.functional.normalize(weight.detach().float().index_select(0, rows), dim=1)
+    x = torch.nn.functional.normalize(features.detach().float(), dim=1, eps=eps)
+    c = (w.view(-1, K, w.shape[1]) * x[:, None, :]).sum(2).amax(1).clamp(-1.0, 1.0)
+    return torch.where(valid, c, torch.zeros_like(c))
+
+
+class CurricularFaceLoss(L2SoftmaxLoss):
+    """CurricularFace (Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face
+    Recognition", CVPR 2020): the ArcFace target logit s cos(theta_y + m) (s = 64, m = 0.5, the
+    monotonic fallback cos theta_y - m sin m past pi - m as its code), and every negative harder than
+    it, cos theta_j > cos(theta_y + m), re-weighted as N(t, cos theta_j) = cos theta_j (t + cos theta_j):
+    the op's negatives="curricular" (the mask a constant, t without gradient, as the paper's code).
+
+    t is the adaptive parameter, an exponential moving average of the batch's mean target cosine:
+        t <- 0.01 mean_i cos theta_{y_i} + 0.99 t      (t starts at 0)
+    updated under no_grad at each training-mode forward before the loss uses it (as the paper's code;
+    eval mode leaves it), over the rows whose target is not ignore_index; a buffer "t" in the state_dict.
+    Early in training t ~ 0 and a hard negative's logit shrinks (easy samples first); as t grows
+    towards the mean cosine the hard negatives weigh more."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 64.0, m: float = 0.5,
+                 momentum: float = 0.01, **kwargs):
+        self.s, self.m, self.momentum = s, m, momentum
+        kw_device = kwargs.get("device")
+        super().__init__(in_features, num_classes, alpha=s, normalize_weight=True, margin_type="arcface",
+                         margin=m, negatives="curricular", negatives_t=0.0, **kwargs)
+        self.register_buffer("t", torch.zeros((), device=kw_device))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "t"):
+            self.t.zero_()
+
+    @torch.no_grad()
+    def update_t(self, features: torch.Tensor, target: torch.Tensor) -> None:
+        """t <- momentum mean(cos theta_y) + (1 - momentum) t over the rows with a target."""
+        valid = target != self.options.ignore_index
+        c = target_cosines(features, self.weight, target, self.options.subcenters, self.options.eps, valid)
+        n = valid.sum().double()
+        mean = torch.where(n > 0, c.double().sum() / n.clamp_min(1), self.t.double())  # all ignored: t stays
+        self.t.copy_(((1 - self.momentum) * self.t.double() + self.momentum * mean).to(self.t.dtype))
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update_t(features, target)
+        return super().forward(features, target)
+
+    def batch_negatives_t(self):
+        return self.t.detach().clone()  # a 0-d tensor: no recompile as t changes, no host sync
+
+    def head_config(self) -> dict:
+        return {"s": self.s, "m": self.m, "momentum": self.momentum}
+
+
+class MVSoftmaxLoss(L2SoftmaxLoss):
+    """MV-Softmax (Wang et al., "Mis-classified Vector Guided Softmax Loss for Face Recognition", AAAI
+    2020), the fixed variant: a negative is "mis-classified" when cos theta_j > f(m, theta_y), the margined
+    target, and its logit becomes s (t cos theta_j + t - 1) (the paper's h(t, theta_j, I_j) =
+    exp(s (t - 1)(cos theta_j + 1) I_j) times exp(s cos theta_j)): the op's negatives="mv".
+    margin_type "am" (MV-AM-Softmax: f = cos theta_y - m, m = 0.35) or "arc" (MV-Arc-Softmax:
+    f = cos(theta_y + m), m = 0.5); s = 32 and t = 1.2, the paper's settings."""
+
+    def __init__(self, in_features: int, num_classes: int, s: float = 32.0, margin_type: str = "am",
+                 m: float | None = None, t: float = 1.2, **kwargs):
+        if margin_type not in ("am", "arc"):
+            raise ValueError(f"margin_type must be 'am' or 'arc', got {margin_type!r}")
+        self.s, self.variant, self.t = s, margin_type, t
+        self.m = (0.35 if margin_type == "am" else 0.5) if m is None else m
+        super().__init__(in_features, num_classes, alpha=s, normalize_weight=True,
+                         margin_type="cosface" if margin_type == "am" else "arcface", margin=self.m,
+                         negatives="mv", negatives_t=t, **kwargs)
+
+    def head_config(self) -> dict:
+        return {"s": self.s, "m": self.m, "t": self.t, "margin_type": self.variant}
+
+
 HEADS = {"softmax-l2": L2SoftmaxLoss, "arcface": ArcFaceLoss, "cosface": CosFaceLoss,
          "combined": CombinedMarginLoss, "adaface": AdaFaceLoss, "magface": MagFaceLoss,
-         "elasticface": ElasticFaceLoss}
+         "elasticface": ElasticFaceLoss, "curricularface": CurricularFaceLoss, "mv-softmax": MVSoftmaxLoss}
 
-__all__ = ["AdaFaceLoss", "ArcFaceLoss", "CombinedMarginLoss", "CosFaceLoss", "ElasticFaceLoss", "MagFaceLoss",
-           "HEADS"]
+__all__ = ["AdaFaceLoss", "ArcFaceLoss", "CombinedMarginLoss", "CosFaceLoss", "CurricularFaceLoss", "ElasticFaceLoss",
+           "MVSoftmaxLoss", "MagFaceLoss", "HEADS"]

@@ -104,7 +104,8 @@ def check_option_tensors(opts: L2SMOptions, batch: int, device) -> L2SMOptions:
     else:
         m = fix("margin", m)
     s = fix("label_smoothing", opts.label_smoothing)
-    return dataclasses.replace(opts, margin=m, label_smoothing=s)
+    t = fix("negatives_t", opts.negatives_t)
+    return dataclasses.replace(opts, margin=m, label_smoothing=s, negatives_t=t)
 
 
 _WARNED_UNNORMALIZED = set()
@@ -174,8 +175,9 @@ def reduce_rows(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, red
 
 def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                     margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
-                    label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", sample_rate=1.0,
-                    generator=None, backend="auto", max_logits_bytes=None, _sampled=None):
+                    label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", negatives="none",
+                    negatives_t=None, sample_rate=1.0, generator=None, backend="auto", max_logits_bytes=None,
+                    margin_fallback=True, _sampled=None):
     """L2-constrained softmax cross-entropy, fused: never builds the B x C logits (except backend
     "eager", the verification fallback) beyond the max_logits_bytes of them it may keep between the
     passes (the cpu backend's default keeps up to 256 MiB for fp32 products; 0 keeps none).
@@ -206,6 +208,14 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
         margin_grad: "exact" (the derivative of f) or "detached" (InsightFace's CombinedMarginLoss
             applies the margin under no_grad: the gradient w.r.t. the target cosine as if f were the
             identity; the value still has the margin).
+        margin_fallback: False drops the angular margin's monotonic fallback past pi (f = cos(arccos c~
+            + m2) - m3 on every target cosine), as InsightFace's CombinedMarginLoss.
+        negatives: the non-target transform (docs/design.md, "The non-target transforms"): "none";
+            "mv" (MV-Softmax: t c + t - 1 on the hard negatives, c_ij > f(c_iy)); "curricular"
+            (CurricularFace: c (t + c) on the hard negatives); "filter" (InsightFace's inter-class
+            filtering: c_ij > t -> 0). The mask is a constant, t has no gradient.
+        negatives_t: its t: a finite number (mv: >= 1) or a 0-d tensor (a schedule, e.g.
+            CurricularFace's running average); None: mv 1.2, curricular 0.0 ("filter" needs one).
         sample_rate: Partial FC in one process (An et al. 2022): every class that is a target in the
             batch plus random others, max(int(q C), positives) classes in all; the loss is the loss over
             exactly those classes and the others get exactly zero gradient. q = 1: all classes. When
@@ -229,7 +239,8 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     """
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
-                       subcenters=subcenters, margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
+                       subcenters=subcenters, margin_grad=margin_grad, negatives=negatives, negatives_t=negatives_t,
+                       max_logits_bytes=max_logits_bytes, margin_fallback=margin_fallback)
     check_reduction(reduction)
     q = check_sample_rate(sample_rate)
     C = check_inputs(features, weight, target, bias, subcenters=opts.subcenters)
@@ -254,8 +265,8 @@ def l2_softmax_loss(features, weight, target, alpha=16.0, bias=None, *, normaliz
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and features.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad, grad_on and alpha_t.requires_grad)
-    margins, smoothing = opts.op_tensors(B, device)
-    loss, _lse, _aux = forward_op(features, weight, op_target, alpha_t, bias, margins, smoothing,
+    margins, smoothing, negatives_table = opts.op_tensors(B, device)
+    loss, _lse, _aux = forward_op(features, weight, op_target, alpha_t, bias, margins, smoothing, negatives_table,
                                   *op_opts.op_args(), *needs)
     return reduce_rows(loss, target, opts.ignore_index, reduction)
 

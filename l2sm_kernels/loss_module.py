@@ -18,16 +18,22 @@ _STATE_VERSION = 1
 # "Model options and schedule options"): the model's identity. Everything else it records (the margin's
 # value, label smoothing, sample_rate, margin_grad, ignore_index, eps, the heads' hyperparameters) is
 # the training schedule and may differ: the module keeps its own.
+# The non-target transform's kind (negatives) is a model option as margin_type is (a CurricularFace head is
+# not a plain one); its t (negatives_t, CurricularFace's running average) is schedule, as the margin's value.
 MODEL_RECORD = ("class", "in_features", "num_classes")
-MODEL_OPTIONS = ("subcenters", "normalize_weight", "margin_type")
+MODEL_OPTIONS = ("subcenters", "normalize_weight", "margin_type", "negatives")
+# what a record from before an option existed stands for
+_OPTION_DEFAULTS = {"negatives": "none"}
 
 
 def checkpoint_record_diffs(state: dict, mine: dict) -> list[str]:
     """The model fields in which a checkpoint's record differs from a module's (empty: it loads)."""
     diffs = [f"{k}: checkpoint {state.get(k)!r}, module {mine[k]!r}" for k in MODEL_RECORD if state.get(k) != mine[k]]
     theirs = state.get("options") or {}
-    diffs += [f"{k}: checkpoint {theirs.get(k)!r}, module {mine['options'][k]!r}" for k in MODEL_OPTIONS
-              if theirs.get(k) != mine["options"][k]]
+    for k in MODEL_OPTIONS:
+        w, v = theirs.get(k, _OPTION_DEFAULTS.get(k)), mine["options"].get(k, _OPTION_DEFAULTS.get(k))
+        if w != v:
+            diffs.append(f"{k}: checkpoint {w!r}, module {v!r}")
     return diffs
 
 
@@ -87,7 +93,8 @@ class L2SoftmaxLoss(nn.Module):
                  bias: bool = False, normalize_weight: bool = False, margin=0.0, margin_type: str = "none",
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing=0.0, subcenters: int = 1,
                  margin_grad: str = "exact", sample_rate: float = 1.0, eps: float = 1e-12, backend: str = "auto",
-                 alpha_min: float | None = None, max_logits_bytes: int | None = None, device=None, dtype=None):
+                 alpha_min: float | None = None, max_logits_bytes: int | None = None, device=None, dtype=None,
+                 negatives: str = "none", negatives_t=None):
         super().__init__()
         in_features = check_int("in_features", in_features, 1)
         num_classes = check_int("num_classes", num_classes, 1)
@@ -101,7 +108,8 @@ class L2SoftmaxLoss(nn.Module):
         check_backend(backend)
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps,
-                                   subcenters=subcenters, margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
+                                   subcenters=subcenters, margin_grad=margin_grad, negatives=negatives,
+                                   negatives_t=negatives_t, max_logits_bytes=max_logits_bytes)
         self.in_features, self.num_classes = in_features, num_classes
         self.reduction, self.backend = reduction, backend
         self.sample_rate = check_sample_rate(sample_rate)
@@ -164,6 +172,10 @@ class L2SoftmaxLoss(nn.Module):
         """The margin of this batch (heads that compute per-row margins override it)."""
         return self.options.margin
 
+    def batch_negatives_t(self):
+        """The non-target transform's t of this step (CurricularFace passes its running average)."""
+        return self.options.negatives_t
+
     def head_config(self) -> dict:
         """Hyperparameters of a head beyond the loss options (stored with the checkpoint)."""
         return {}
@@ -179,6 +191,7 @@ class L2SoftmaxLoss(nn.Module):
                                normalize_weight=o.normalize_weight, margin=margin, margin_type=o.margin_type,
                                reduction=reduction, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing,
                                eps=o.eps, subcenters=o.subcenters, margin_grad=o.margin_grad,
+                               negatives=o.negatives, negatives_t=self.batch_negatives_t(),
                                sample_rate=self.sample_rate, generator=self.generator, backend=self.backend,
                                max_logits_bytes=o.max_logits_bytes, _sampled=sampled)
         if sampled is not None:

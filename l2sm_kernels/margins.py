@@ -35,8 +35,10 @@ def _column(v, device) -> torch.Tensor:
     return torch.full((), v, dtype=torch.float64, device=device)
 
 
-def margin_table(m2, m3, batch: int, device) -> torch.Tensor:
-    """(R, 5) float64 table of the margin (m2, m3: numbers, 0-d or (batch,) tensors, or None)."""
+def margin_table(m2, m3, batch: int, device, fallback: bool = True) -> torch.Tensor:
+    """(R, 5) float64 table of the margin (m2, m3: numbers, 0-d or (batch,) tensors, or None).
+    fallback=False: th = -inf wherever m2 != 0, so the angular branch cos(arccos(c~) + m2) - m3 applies
+    to every target cosine (InsightFace's CombinedMarginLoss, which has no fallback past pi)."""
     with torch.no_grad():
         a, b = _column(m2, device), _column(m3, device)
         rows = batch if (a.dim() == 1 or b.dim() == 1) else 1
@@ -44,6 +46,8 @@ def margin_table(m2, m3, batch: int, device) -> torch.Tensor:
         cos, sin = torch.cos(a), torch.sin(a)
         inf = torch.full((), math.inf, dtype=torch.float64, device=device)
         th = torch.where((a > 0) & (a < math.pi), -cos, torch.where(a < 0, -inf, inf))
+        if not fallback:
+            th = torch.where(a != 0, -inf, th)
         return torch.stack([cos, sin, th, a * sin + b, b], dim=1)
 
 
@@ -54,3 +58,30 @@ def smoothing_tensor(s, device) -> torch.Tensor | None:
     if s == 0:
         return None
     return torch.full((), s, dtype=torch.float64, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the non-target transform's table (options.py, `negatives`; docs/design.md, "The non-target transforms")
+# ---------------------------------------------------------------------------------------------
+NEGATIVES_COLUMNS = ("t", "threshold")
+NEG_T, NEG_THRESHOLD = range(2)
+NEGATIVES_KINDS = ("none", "mv", "curricular", "filter")
+
+
+def negatives_table(kind: str, t, device, thresholds=None) -> torch.Tensor | None:
+    """(R, 2) float64 [t, threshold] of the non-target transform, or None for kind "none".
+
+    The hard mask of row i is c_ij > threshold_i (j != y_i). A NaN threshold means the row's own
+    margined target cosine f_i, which the kernels compute before the class pass ("mv",
+    "curricular"); "filter" puts t there. thresholds: a (B,) tensor of per-row thresholds given from
+    outside (the class-parallel loss: the rows whose target another shard owns); then R = B. No
+    gradient (t is detached, as in the papers' code); no host synchronization."""
+    if kind == "none":
+        return None
+    with torch.no_grad():
+        tt = _column(t, device)
+        if thresholds is not None:
+            th = thresholds.detach().to(device=device, dtype=torch.float64)
+            return torch.stack([tt.expand(th.shape[0]), th], dim=1)
+        th = tt if kind == "filter" else torch.full((), math.nan, dtype=torch.float64, device=device)
+        return torch.stack([tt, th]).view(1, 2)

@@ -14,6 +14,16 @@ out, so (1, m, 0) is "arcface" and (1, 0, m) is "cosface" exactly. The op sees t
 
 Floats may be symbolic under torch.compile(dynamic=True): the checks below compare rather than call
 math.isfinite or float(), so they trace (as guards) instead of breaking the graph.
+
+The non-target transform (docs/design.md, "The non-target transforms"; docs/non_target_heads.md):
+`negatives` reshapes the non-target cosines c_ij (j != y_i) of row i, before the scale alpha, using
+the row's margined target cosine f_i = f(c_iy) as the "hard" threshold:
+    "none"        c
+    "mv"          t c + t - 1   where c > f_i   (MV-Softmax, fixed t >= 1, e.g. 1.2)
+    "curricular"  c (t + c)     where c > f_i   (CurricularFace, t the head's running average)
+    "filter"      0             where c > t     (InsightFace's inter-class filtering)
+The mask is a constant and t is detached (as the papers' code); negatives_t is a number or a 0-d
+tensor. The op sees the kind and a (R, 2) table (margins.negatives_table).
 """
 from __future__ import annotations
 
@@ -27,6 +37,10 @@ import torch
 MARGIN_TYPES = ("none", "cosface", "arcface", "combined")
 MARGIN_GRADS = ("exact", "detached")
 MARGIN_KINDS = ("none", "additive", "angular")
+NEGATIVES = ("none", "mv", "curricular", "filter")
+# negatives_t when not given: MV-Softmax's fixed t = 1.2 (Wang et al. 2020, its face experiments);
+# CurricularFace's t starts at 0 (Huang et al. 2020). "filter" has no default: its threshold is a choice.
+NEGATIVES_T_DEFAULT = {"mv": 1.2, "curricular": 0.0}
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -82,6 +96,13 @@ class L2SMOptions:
     subcenters: K >= 1 sub-centers per class (the weight has num_classes * K rows).
     margin_grad: "exact" (the margin function's derivative) or "detached" (as InsightFace: the
         gradient w.r.t. the target cosine as if the margin were the identity).
+    margin_fallback: True (the default): past arccos(c) + m2 >= pi the angular margin switches to
+        the monotonic fallback c - m2 sin(m2) - m3; False: cos(arccos(c~) + m2) - m3 on every target
+        cosine, as InsightFace's CombinedMarginLoss (l2sm_kernels.compat.arcface_torch). Only the
+        margin table's threshold differs (margins.margin_table), so every backend serves both.
+    negatives: the non-target transform, "none" | "mv" | "curricular" | "filter" (module docstring).
+    negatives_t: its t, a finite number (>= 1 for "mv") or a 0-d floating tensor (not checked: no
+        host sync); None: the kind's default (mv 1.2, curricular 0.0; "filter" needs one).
     max_logits_bytes: the memory dial (docs/memory_dial.md): the most bytes of logits the op may keep
         between its forward and backward passes; an int >= 0, or None for the backend's default.
         0 recomputes every logit in the backward (constant memory); B x C K x element size or more
@@ -97,6 +118,9 @@ class L2SMOptions:
     eps: float = 1e-12
     subcenters: int = 1
     margin_grad: str = "exact"
+    margin_fallback: bool = True
+    negatives: str = "none"
+    negatives_t: object = None
     max_logits_bytes: int | None = None
 
     def __post_init__(self):
@@ -128,7 +152,38 @@ class L2SMOptions:
         set_(self, "subcenters", check_int("subcenters", self.subcenters, 1))
         if self.margin_grad not in MARGIN_GRADS:
             raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {self.margin_grad!r}")
+        if not isinstance(self.margin_fallback, bool):
+            raise TypeError(f"margin_fallback must be a bool, got {self.margin_fallback!r}")
+        set_(self, "negatives_t", self._checked_negatives(self.negatives, self.negatives_t))
         set_(self, "max_logits_bytes", check_max_logits_bytes(self.max_logits_bytes))
+
+    @staticmethod
+    def _checked_negatives(kind, t):
+        if kind not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {kind!r}")
+        if kind == "none":
+            if t is not None:
+                raise ValueError(f"negatives_t={t!r} has no effect with negatives='none'; "
+                                 "pass negatives='mv', 'curricular' or 'filter'")
+            return None
+        if t is None:
+            if kind not in NEGATIVES_T_DEFAULT:
+                raise ValueError(f"negatives={kind!r} needs negatives_t (the threshold above which a "
+                                 "non-target cosine is set to 0)")
+            return NEGATIVES_T_DEFAULT[kind]
+        if isinstance(t, torch.Tensor):
+            if not t.is_floating_point() or t.dim() != 0:
+                raise ValueError(f"negatives_t as a tensor must be a 0-d floating tensor, got {t.dtype} "
+                                 f"of shape {tuple(t.shape)}")
+            return t
+        if not _is_number(t):
+            raise TypeError(f"negatives_t must be a number or a 0-d floating tensor, got {t!r}")
+        if not _finite(t):
+            raise ValueError(f"negatives_t must be finite, got {t!r}")
+        if kind == "mv" and not t >= 1:
+            raise ValueError(f"negatives_t must be >= 1 for negatives='mv' (t c + t - 1 >= c on the hard "
+                             f"negatives), got {t!r}")
+        return _as_float(t)
 
     @staticmethod
     def _checked_margin(margin_type: str, margin):
@@ -202,7 +257,7 @@ class L2SMOptions:
 
     def has_tensors(self) -> bool:
         m = self.margin if isinstance(self.margin, tuple) else (self.margin,)
-        return any(isinstance(v, torch.Tensor) for v in m + (self.label_smoothing,))
+        return any(isinstance(v, torch.Tensor) for v in m + (self.label_smoothing, self.negatives_t))
 
     def repr_extras(self) -> str:
         """The options that differ from the defaults, for a module's extra_repr (after normalize_weight)."""
@@ -215,10 +270,14 @@ class L2SMOptions:
             s += f", subcenters={self.subcenters}"
         if self.margin_grad != "exact":
             s += f", margin_grad={self.margin_grad!r}"
+        if not self.margin_fallback:
+            s += ", margin_fallback=False"
         if isinstance(self.label_smoothing, torch.Tensor) or self.label_smoothing:
             s += f", label_smoothing={_short(self.label_smoothing)}"
         if self.ignore_index != -100:
             s += f", ignore_index={self.ignore_index}"
+        if self.negatives != "none":
+            s += f", negatives={self.negatives!r}, negatives_t={_short(self.negatives_t)}"
         if self.max_logits_bytes is not None:
             s += f", max_logits_bytes={self.max_logits_bytes}"
         return s
@@ -235,30 +294,37 @@ class L2SMOptions:
                 return float(v.detach()) if v.dim() == 0 else "per-row"
             return v
 
-        return {"normalize_weight": self.normalize_weight, "margin_type": self.margin_type,
-                "margin": plain(self.margin), "ignore_index": self.ignore_index,
-                "label_smoothing": plain(self.label_smoothing), "eps": self.eps, "subcenters": self.subcenters,
-                "margin_grad": self.margin_grad}
+        d = {"normalize_weight": self.normalize_weight, "margin_type": self.margin_type,
+             "margin": plain(self.margin), "ignore_index": self.ignore_index,
+             "label_smoothing": plain(self.label_smoothing), "eps": self.eps, "subcenters": self.subcenters,
+             "margin_grad": self.margin_grad, "negatives": self.negatives, "negatives_t": plain(self.negatives_t)}
+        if not self.margin_fallback:  # recorded only when set, so that older checkpoints still compare equal
+            d["margin_fallback"] = False
+        return d
 
     def op_args(self) -> tuple:
         """The static options in the order of the op schemas (backends/contract.py): normalize_weight,
-        margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes."""
+        margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes."""
         return (self.normalize_weight, self.margin_kind, self.margin_grad == "detached", self.subcenters,
-                self.ignore_index, self.eps, self.max_logits_bytes)
+                self.ignore_index, self.eps, self.negatives, self.max_logits_bytes)
 
-    def op_arguments(self, batch: int, device) -> tuple:
+    def op_arguments(self, batch: int, device, thresholds=None) -> tuple:
         """Everything an op call takes after (x, weight, target, alpha, bias) and before the need flags:
         op_tensors() then op_args()."""
-        return self.op_tensors(batch, device) + self.op_args()
+        return self.op_tensors(batch, device, thresholds) + self.op_args()
 
-    def op_tensors(self, batch: int, device) -> tuple:
+    def op_tensors(self, batch: int, device, thresholds=None) -> tuple:
         """The per-call op inputs: (margin table (R, 5) float64 or None, label smoothing 0-d float64 or
-        None); see margins.margin_table. No host synchronization; traces under torch.compile."""
-        from .margins import margin_table, smoothing_tensor
+        None, negatives table (R, 2) float64 or None); see margins.margin_table / negatives_table
+        (thresholds: per-row hard thresholds given from outside, the class-parallel loss's). No host
+        synchronization; traces under torch.compile."""
+        from .margins import margin_table, negatives_table, smoothing_tensor
 
         m2, m3 = self.margin_parts()
-        table = None if (m2 is None and m3 is None) else margin_table(m2, m3, batch, device)
-        return table, smoothing_tensor(self.label_smoothing, device)
+        table = None if (m2 is None and m3 is None) else margin_table(m2, m3, batch, device,
+                                                                       fallback=self.margin_fallback)
+        neg = negatives_table(self.negatives, self.negatives_t, device, thresholds)
+        return table, smoothing_tensor(self.label_smoothing, device), neg
 
 
 def _short(v):

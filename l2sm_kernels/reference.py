@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from .options import ARCFACE_CLAMP, L2SMOptions
 
 
-def margin_function(c: torch.Tensor, m2, m3) -> torch.Tensor:
+def margin_function(c: torch.Tensor, m2, m3, fallback: bool = True) -> torch.Tensor:
     """f(c) = cos(arccos(c~) + m2) - m3 while arccos(c) + m2 < pi, else c - m2 sin(m2) - m3, with
     c~ = clamp(c, -1 + 1e-7, 1 - 1e-7); where m2 = 0 (or absent, None) f(c) = c - m3 exactly.
-    m2, m3: None, numbers, or tensors broadcasting against c.
+    m2, m3: None, numbers, or tensors broadcasting against c. fallback=False: the angular form on
+    every c where m2 != 0 (InsightFace's CombinedMarginLoss has no fallback past pi).
 
     The clamp is applied "straight through": the value uses c~ and the derivative is f'(c~), which is
     what the contract asks (the derivative uses the same clamp) and what every backend computes by hand.
@@ -34,7 +35,7 @@ def margin_function(c: torch.Tensor, m2, m3) -> torch.Tensor:
     c_cl = c + (c.clamp(-1 + ARCFACE_CLAMP, 1 - ARCFACE_CLAMP) - c).detach()
     angular = torch.cos(torch.acos(c_cl) + m2) - m3
     theta = torch.acos(c.detach().clamp(-1.0, 1.0))
-    hard = (m2 != 0) & (theta + m2 < math.pi)
+    hard = (m2 != 0) & ((theta + m2 < math.pi) | (not fallback))
     fallback = c - m2 * torch.sin(m2) - m3
     return torch.where(hard, angular, fallback)
 
@@ -47,7 +48,7 @@ def target_margin(c: torch.Tensor, opts: L2SMOptions, rows=slice(None)) -> torch
     m2, m3 = pick(m2), pick(m3)
     if isinstance(m3, torch.Tensor):
         m3 = m3.to(c.dtype)
-    f = margin_function(c, m2, m3)
+    f = margin_function(c, m2, m3, opts.margin_fallback)
     if opts.margin_grad == "detached":
         f = c + (f - c).detach()
     return f
@@ -64,22 +65,63 @@ def class_cosines(x_hat: torch.Tensor, w_hat: torch.Tensor, subcenters: int = 1)
     return cos.view(B, CK // subcenters, subcenters).max(dim=2).values
 
 
+def non_target_transform(cos: torch.Tensor, target_col: torch.Tensor, has_target: torch.Tensor,
+                         f_t: torch.Tensor, kind: str, t) -> torch.Tensor:
+    """The non-target transform (docs/design.md, "The non-target transforms") of the cosines cos
+    (B, C), written from the papers:
+
+    - "mv" (MV-Softmax, Wang et al. 2020, the fixed variant): a negative is "mis-classified" when
+      cos(theta_j) > f(m, theta_y), the margined target; then h(t, cos) = t cos + t - 1.
+    - "curricular" (CurricularFace, Huang et al. 2020): hard when cos(theta_j) > cos(theta_y + m);
+      then N(t, cos) = cos (t + cos).
+    - "filter" (InsightFace's inter-class filtering): cos > t -> 0.
+    Only j != y_i; rows without a target (has_target False) have no f_i, so no hard column for "mv"
+    and "curricular" (every column is a negative for "filter"). The mask is built from detached
+    values (a constant) and t is detached: the gradient on a hard entry is t, t + 2 cos, 0."""
+    if kind == "none":
+        return cos
+    t = t.detach() if isinstance(t, torch.Tensor) else t
+    c = cos.detach()
+    if kind == "filter":
+        thr = torch.full_like(c[:, 0], float(t)) if not isinstance(t, torch.Tensor) else t.to(c.dtype).expand(c.shape[0])
+    else:
+        thr = torch.where(has_target, f_t.detach(), torch.full_like(f_t, math.inf))
+    cols = torch.arange(c.shape[1], device=c.device)
+    is_target = has_target[:, None] & (cols[None, :] == target_col[:, None])
+    hard = (c > thr[:, None]) & ~is_target
+    if kind == "mv":
+        new = t * cos + t - 1
+    elif kind == "curricular":
+        new = cos * (t + cos)
+    elif kind == "filter":
+        new = torch.zeros_like(cos)
+    else:
+        raise ValueError(f"unknown negatives {kind!r}")
+    return torch.where(hard, new, cos)
+
+
 def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normalize_weight=False,
                           margin=0.0, margin_type="none", ignore_index=-100, eps=1e-12, subcenters=1,
-                          margin_grad="exact"):
+                          margin_grad="exact", margin_fallback=True, negatives="none", negatives_t=None):
     """z (B x C): alpha * max_k x_hat . W_hat_{jK+k} + b_j, with the margin applied on each row's
-    target column."""
+    target column and the non-target transform on the others."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
-                       ignore_index=ignore_index, eps=eps, subcenters=subcenters, margin_grad=margin_grad)
+                       ignore_index=ignore_index, eps=eps, subcenters=subcenters, margin_grad=margin_grad,
+                       margin_fallback=margin_fallback, negatives=negatives, negatives_t=negatives_t)
     x_hat = F.normalize(features, dim=1, eps=eps)
     w_hat = F.normalize(weight, dim=1, eps=eps) if normalize_weight else weight
     cos = class_cosines(x_hat, w_hat, subcenters)
+    valid = (target != ignore_index) & (target >= 0) & (target < cos.shape[1])
+    col = torch.where(valid, target, torch.zeros_like(target))[:, None]
+    c_t = cos.gather(1, col).squeeze(1)
+    f_t = torch.where(valid, target_margin(c_t, opts), c_t) if opts.margin_kind != "none" else c_t
+    t = opts.negatives_t
+    if isinstance(t, torch.Tensor):
+        t = t.to(cos.dtype)
+    cos = non_target_transform(cos, col[:, 0], valid, f_t, opts.negatives, t)
     if opts.margin_kind != "none":
-        valid = (target != ignore_index) & (target >= 0) & (target < cos.shape[1])
-        col = torch.where(valid, target, torch.zeros_like(target))[:, None]
-        c_t = cos.gather(1, col).squeeze(1)
-        f_t = torch.where(valid, target_margin(c_t, opts), c_t)
-        cos = cos.scatter(1, col, f_t[:, None])
+        cols = torch.arange(cos.shape[1], device=cos.device)
+        cos = torch.where(valid[:, None] & (cols[None, :] == col), f_t[:, None], cos)
     z = alpha * cos
     if bias is not None:
         z = z + bias
@@ -88,7 +130,8 @@ def l2_softmax_logits_ref(features, weight, target, alpha, bias=None, *, normali
 
 def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, normalize_weight=False,
                         margin=0.0, margin_type="none", reduction="mean", ignore_index=-100,
-                        label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", upcast=True):
+                        label_smoothing=0.0, eps=1e-12, subcenters=1, margin_grad="exact", margin_fallback=True,
+                        negatives="none", negatives_t=None, upcast=True):
     """The loss by its definition (docs/design.md, "The operation"), through F.normalize and F.cross_entropy.
 
     upcast=True computes everything in float64 (the reference); upcast=False computes in the
@@ -113,9 +156,12 @@ def l2_softmax_loss_ref(features, weight, target, alpha=16.0, bias=None, *, norm
         margin = tuple(m.to(dt) if isinstance(m, torch.Tensor) else m for m in margin)
     if isinstance(label_smoothing, torch.Tensor):
         label_smoothing = float(label_smoothing)
+    if isinstance(negatives_t, torch.Tensor):
+        negatives_t = negatives_t.detach().to(dt)
     z = l2_softmax_logits_ref(features, weight, target, alpha, bias, normalize_weight=normalize_weight,
                               margin=margin, margin_type=margin_type, ignore_index=ignore_index, eps=eps,
-                              subcenters=subcenters, margin_grad=margin_grad)
+                              subcenters=subcenters, margin_grad=margin_grad, margin_fallback=margin_fallback,
+                              negatives=negatives, negatives_t=negatives_t)
     return F.cross_entropy(z, target, reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
 

@@ -21,6 +21,30 @@ MUTATIONS = [
        "the fallback c - m sin m - m3 becomes c - m - m3"),
     _m("margins-zero-m2-clamped", "l2sm_kernels/margins.py", "torch.where(a < 0, -inf, inf))",
        "torch.where(a < 0, -inf, -inf))", "m2 = 0 rows take the angular (clamped) branch instead of c - m3"),
+    _m("margins-no-fallback-ignored", "l2sm_kernels/margins.py", "th = torch.where(a != 0, -inf, th)", "th = th",
+       "margin_fallback=False (arcface_torch's margin) silently keeps the fallback past pi",
+       tests=["tests/test_margins.py"]),
+    # ------------------------------------------------------------------ arcface_torch compat and checkpoints
+    _m("compat-margin-exact", "l2sm_kernels/compat/arcface_torch.py",
+       'margin_grad="detached", margin_fallback=False', 'margin_grad="exact", margin_fallback=False',
+       "their ArcFace's detached margin gradient becomes the exact one", tests=["tests/test_arcface_torch.py"]),
+    _m("compat-no-grad-scale", "l2sm_kernels/compat/arcface_torch.py",
+       "_ScaleGrad.apply(local_embeddings, self.world_size) if self.world_size > 1 else local_embeddings",
+       "local_embeddings", "the embeddings' gradient lacks their world_size factor (a DDP backbone learns 1/W as fast)",
+       tests=["tests/test_arcface_torch.py"]),
+    _m("compat-no-loss-cap", "l2sm_kernels/compat/arcface_torch.py",
+       "rows = rows + (rows.clamp_max(LOSS_CAP) - rows).detach()", "rows = rows",
+       "the loss value differs from theirs on rows above -log(1e-30)", tests=["tests/test_arcface_torch.py"]),
+    _m("checkpoints-layout-last-ranks", "l2sm_kernels/compat/checkpoints.py",
+       "return [(q * r + min(r, rem), q + (r < rem)) for r in range(world_size)]",
+       "return [(q * r + max(0, r - (world_size - rem)), q + (r >= world_size - rem)) for r in range(world_size)]",
+       "checkpoints written and read with the extra classes on the last ranks, not theirs",
+       tests=["tests/test_checkpoints.py"]),
+    _m("heads-adaface-local-norms", "l2sm_kernels/distributed/class_parallel_heads.py",
+       "g = self.scaler_from_norms(norms)[first: first + features.shape[0]]",
+       "g = self.scaler_from_norms(norms[first: first + features.shape[0]])",
+       "class-parallel AdaFace's statistics from each rank's rows: buffers differ across ranks",
+       tests=["tests/test_class_parallel_heads.py"]),
     # ------------------------------------------------------------------ options
     _m("options-combined-drop-m3", "l2sm_kernels/options.py", "m2, m3 = m[1], m[2]", "m2, m3 = m[1], None",
        "combined margins lose their additive part"),
@@ -231,6 +255,32 @@ MUTATIONS += [
        "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += regions[i]",
        "                s = _chunk_view(aux, off, B, m * K, cdt)\n                off += 0",
        "the backward reads every kept chunk's logits from the first chunk's place", tests=_GEMM, env=_TRITON),
+    _m("triton-gemm-negatives-dz-slope", "l2sm_kernels/backends/triton/row_kernels.py",
+       "dc = tl.where(is_t, dc_y[:, None], alpha * dz * slope)", "dc = tl.where(is_t, dc_y[:, None], alpha * dz)",
+       "pass 2's dloss/dc ignores the non-target transform's slope on hard negatives", tests=_GEMM, env=_TRITON),
+    _m("triton-gemm-negatives-stats-untransformed", "l2sm_kernels/backends/triton/row_kernels.py",
+       "        c, _slope = _nontarget_cos(c, neg_ptr, rows, rmask, NEG)",
+       "        _c, _slope = _nontarget_cos(c, neg_ptr, rows, rmask, NEG)",
+       "pass 1's statistics use the plain cosines where the transform applies", tests=_GEMM, env=_TRITON),
+]
+
+# the non-target transform (issue 20): each backend's mask and slope, the class-parallel thresholds
+_NEG = ["tests/test_negatives.py"]
+MUTATIONS += [
+    _m("eager-negatives-inclusive", "l2sm_kernels/backends/eager.py", "hard = (c > thr) & ~is_t",
+       "hard = (c >= thr) & ~is_t", "a negative exactly at the row's margined target counts as hard", tests=_NEG),
+    _m("eager-negatives-curricular-slope", "l2sm_kernels/backends/eager.py",
+       "value, slope = c * (t + c), t + 2 * c", "value, slope = c * (t + c), t + c",
+       "CurricularFace's hard-negative gradient misses a term", tests=_NEG),
+    _m("cpu-negatives-inclusive", "csrc/common.h", "const bool hard = c > thr;", "const bool hard = c >= thr;",
+       "a negative exactly at the row's margined target counts as hard", tests=_NEG, env=_CPU),
+    _m("triton-negatives-o-unweighted", "l2sm_kernels/backends/triton/loss_forward.py",
+       "                p = p * slope\n", "                p = p * 1.0\n",
+       "dX ignores the transform's slope on hard negatives", tests=_NEG, env=_TRITON),
+    _m("class-parallel-thresholds-local", "l2sm_kernels/distributed/class_parallel.py",
+       "        dist.all_reduce(f, group=group)\n", "        pass\n",
+       "shards that do not own a row's target use threshold 0 instead of its margined target cosine",
+       tests=["tests/test_class_parallel.py::test_negatives_match_single_process"], env=_CPU),
 ]
 
 # ---------------------------------------------------------------------------------------------------- issue 18, part 3

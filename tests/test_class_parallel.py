@@ -212,8 +212,11 @@ def _problem(combo, shards, batch, dtype, seed, targets_from=None, wdtype=None, 
 
 def _kwargs(combo):
     mt, m = combo["margin"]
-    return dict(normalize_weight=combo["normalize_weight"], margin_type=mt, margin=m,
-                label_smoothing=combo["label_smoothing"], reduction=combo["reduction"])
+    kw = dict(normalize_weight=combo["normalize_weight"], margin_type=mt, margin=m,
+              label_smoothing=combo["label_smoothing"], reduction=combo["reduction"])
+    if "negatives" in combo:
+        kw["negatives"], kw["negatives_t"] = combo["negatives"]
+    return kw
 
 
 def _grads(out, go, leaves):
@@ -467,6 +470,39 @@ def _work_module(rank, world, backend, tmpdir):
     assert set(nz.tolist()) <= set(s.tolist())
 
 
+def _work_curricularface(rank, world, backend, dtype):
+    """ClassParallelCurricularFaceLoss: t the same on every rank and equal to the single-process head's
+    (the global batch's mean target cosine), loss and feature gradients too, over two training steps."""
+    C = 23
+    head = LD.ClassParallelCurricularFaceLoss(D, C, backend=backend, dtype=dtype, seed=7)
+    single = L.CurricularFaceLoss(D, C, backend=backend, dtype=dtype)
+    with torch.no_grad():
+        single.weight.copy_(head.full_state_dict()["weight"])
+    g = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x = torch.randn(4 * world, D, generator=g, dtype=dtype) * 3
+        t = torch.randint(0, C, (4 * world,), generator=g)
+        t[1] = -100
+        xs = x.clone().requires_grad_(True)
+        ls = single(xs, t)
+        ls.backward()
+        xd = x[4 * rank: 4 * rank + 4].clone().requires_grad_(True)
+        ld = head(xd, t[4 * rank: 4 * rank + 4])
+        ld.backward()
+        every = [None] * world
+        dist.all_gather_object(every, float(head.t))
+        assert len(set(every)) == 1, every  # bit-identical on every rank
+        assert float(head.t) == pytest.approx(float(single.t), rel=1e-6, abs=1e-9), (step, float(head.t))
+        assert float(head.t) != 0.0
+        tol = 1e-8 if dtype == torch.float64 else 1e-4  # t is a float32 buffer: its sums may round apart
+        assert abs(float(ld.detach()) - float(ls.detach())) <= tol * abs(float(ls.detach()))
+        torch.testing.assert_close(xd.grad, xs.grad[4 * rank: 4 * rank + 4], rtol=tol, atol=tol)
+    head.eval()
+    before = float(head.t)
+    head(x[4 * rank: 4 * rank + 4], t[4 * rank: 4 * rank + 4])
+    assert float(head.t) == before
+
+
 def _work_errors(rank, world):
     lay = LAYOUTS[world]
     B, shards = lay["batch"][rank], lay["shards"]
@@ -512,6 +548,24 @@ def _work_arcface_fallback(rank, world, backend, dtype, combos):
         batch = lay["uneven_batch"] if i % 2 else lay["batch"]
         _check(rank, combo, lay["shards"], batch, dtype, backend, seed=300 + i, batch_sizes=batch if i % 2 else None,
                tag="arcface fallback", fallback=True)
+
+
+NEGATIVE_COMBOS = [dict(c, negatives=n) for c, n in zip(
+    FEW_COMBOS * 2, [("mv", 1.2), ("curricular", 0.4), ("filter", 0.1), ("filter", 0.1), ("mv", 1.3),
+                     ("curricular", 0.2)])]
+
+
+def _work_negatives(rank, world, backend, dtype, combos):
+    """The non-target transforms: each shard needs the row's margined target cosine from the shard
+    that owns it ("mv", "curricular"); uneven batches, a shard owning none of the targets, Partial FC."""
+    lay = LAYOUTS[world]
+    for i, combo in enumerate(combos):
+        uneven = i % 2 == 1
+        batch = lay["uneven_batch"] if uneven else lay["batch"]
+        shards = lay["shards"]
+        targets_from = list(range(shards[0])) + list(range(sum(shards[:2]), sum(shards))) if i % 3 == 2 else None
+        _check(rank, combo, shards, batch, dtype, backend, seed=40 + i, batch_sizes=batch if uneven else None,
+               targets_from=targets_from, sample_rate=0.5 if i == 4 else 1.0, tag=f"negatives case {i}")
 
 
 def _work_margin_family(rank, world, backend, dtype, extra=None):
@@ -1042,6 +1096,29 @@ def test_arcface_fallback_region(backend, world):
     loss and gradients against the float64 reference and the single-process op."""
     dtype = torch.float64 if supports_fp64(backend) else torch.float32
     _spawn(_work_arcface_fallback, world, backend, dtype, FALLBACK_COMBOS[:2] if is_slow(backend) else FALLBACK_COMBOS)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_negatives_match_single_process(backend, world):
+    """negatives = mv / curricular / filter over the covering options, against the single-process op
+    and the float64 reference (loss and every gradient slice)."""
+    dtype, _ = _dtype_and_combos(backend)
+    _spawn(_work_negatives, world, backend, dtype, NEGATIVE_COMBOS[:3] if is_slow(backend) else NEGATIVE_COMBOS)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_negatives_with_overlapped_grad_reduce(backend, world):
+    """negatives with overlap_grad_reduce=True (two merged features): the overlapped shard op's two backward
+    calls take the negatives' table and the per-row thresholds as the plain one does; against the
+    single-process op and the float64 reference."""
+    dtype, _ = _dtype_and_combos(backend)
+    combos = NEGATIVE_COMBOS[:2] if is_slow(backend) else NEGATIVE_COMBOS[:4]
+    _spawn(_work_options, world, backend, dtype, combos, None, dict(overlap_grad_reduce=True))
+
+
+def test_curricularface_class_parallel(backend):
+    dtype, _ = _dtype_and_combos(backend)
+    _spawn(_work_curricularface, 2, backend, dtype)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -71,7 +71,7 @@ def test_op_rejects_bad_arguments_clearly():
     fwd, bwd = torch.ops.l2sm.cpu_forward.default, torch.ops.l2sm.cpu_backward.default
     x, w, t, a = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), torch.tensor(2.0)
     needs = (False, False, False, False)  # no gradient hints
-    tensors, args = (None, None), L2SMOptions().op_args()  # margins, smoothing; the options
+    tensors, args = (None, None, None), L2SMOptions().op_args()  # margins, smoothing, negatives; the options
 
     def call(x=x, w=w, t=t, a=a, b=None, tensors=tensors, args=args):
         return fwd(x, w, t, a, b, *tensors, *args, *needs)
@@ -91,18 +91,18 @@ def test_op_rejects_bad_arguments_clearly():
         call(a=torch.tensor(2))
     # the margin table: present for a margin, float64 (1, 5) or (B, 5); sub-centers divide W's rows
     angular = L2SMOptions(margin_type="arcface", margin=0.5)
-    table, _ = angular.op_tensors(3, "cpu")
+    table, _, _ = angular.op_tensors(3, "cpu")
     with pytest.raises(RuntimeError, match="margin_kind 'angular' needs the margins table"):
         call(args=angular.op_args())
     for bad in (table.float(), table[:, :4], torch.cat([table] * 2)):
         with pytest.raises(RuntimeError, match=r"margins must be a float64 CPU tensor of shape \(1, 5\) or \(3, 5\)"):
-            call(tensors=(bad, None), args=angular.op_args())
+            call(tensors=(bad, None, None), args=angular.op_args())
     with pytest.raises(RuntimeError, match="label_smoothing must be None or a 0-d floating CPU tensor"):
-        call(tensors=(None, torch.tensor([0.1])))
+        call(tensors=(None, torch.tensor([0.1]), None))
     with pytest.raises(RuntimeError, match="not a multiple of subcenters = 2"):
-        call(args=(False, "none", False, 2, -100, 1e-12, None))
+        call(args=(False, "none", False, 2, -100, 1e-12, "none", None))
     with pytest.raises(RuntimeError, match=r"bias must be \(5,\) \(one per class\)"):
-        call(w=torch.randn(10, 4), b=torch.randn(10), args=(False, "none", False, 2, -100, 1e-12, None))
+        call(w=torch.randn(10, 4), b=torch.randn(10), args=(False, "none", False, 2, -100, 1e-12, "none", None))
     with pytest.raises(RuntimeError, match="max_logits_bytes must be None or >= 0"):
         call(args=args[:-1] + (-1,))
     loss, lse, aux = call()

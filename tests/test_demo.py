@@ -218,8 +218,8 @@ def test_main_writes_figures_json_and_prints_the_table_last(tmp_path, capsys):
         assert group[0].startswith(D.HEAD_NAMES[loss])
         for m, line in zip(D.METRICS, group):
             assert D.METRIC_NAMES[m] in line
-    # the header announces every epoch the progress bar counts: 2 seeds x 5 heads x 1 + 2 2-D runs x 1
-    assert "2 seed(s) x 5 heads x 1 epochs + 2 2-D runs x 1 epochs (the geometry figure) = 12 epochs" in text
+    # the header announces every epoch the progress bar counts: 2 seeds x 7 heads x 1 + 2 2-D runs x 1
+    assert "2 seed(s) x 7 heads x 1 epochs + 2 2-D runs x 1 epochs (the geometry figure) = 16 epochs" in text
     assert "TAR @ FAR 1e-3" in text and "10-fold accuracy" in text
     assert "alpha=10" in text
     assert torch.get_num_threads() == 2

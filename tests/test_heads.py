@@ -23,7 +23,7 @@ def _inputs(device, seed=0, scale=25.0):
     return x.to(device), y.to(device)
 
 
-def _check_against_reference(head, x, y, margin, extra=None):
+def _check_against_reference(head, x, y, margin, extra=None, **ref_kw):
     """head(x, y) and its gradients (x, W) against the float64 reference with the given margin
     (a combined (1, m2, m3), or a function of the reference's features returning one: a margin that
     depends on them differentiably), plus `extra(x)` (a differentiable per-batch term) when given."""
@@ -38,7 +38,7 @@ def _check_against_reference(head, x, y, margin, extra=None):
         m = margin(xr) if callable(margin) else margin
         m = tuple((v if callable(margin) else v.detach()).to(dt) if isinstance(v, torch.Tensor) else v for v in m)
         loss = L.l2_softmax_loss_ref(xr, wr, y, head.s, normalize_weight=True, margin_type="combined", margin=m,
-                                     subcenters=head.options.subcenters, upcast=upcast)
+                                     subcenters=head.options.subcenters, upcast=upcast, **ref_kw)
         if extra is not None:
             loss = loss + extra(xr)
         return (loss,) + torch.autograd.grad(loss, [xr, wr])
@@ -123,7 +123,51 @@ def test_elasticface_draws(backend, device, variant):
     assert abs(float(many.mean()) - m) < 0.003 and abs(float(many.std()) - 0.05) < 0.003
 
 
-@pytest.mark.parametrize("name", ["arcface", "cosface", "adaface", "magface", "elasticface"])
+def _paper_target_cosines(x, w, y):
+    return (F.normalize(x.double(), dim=1) * F.normalize(w.detach().double(), dim=1)[y]).sum(1)
+
+
+def test_curricularface_schedule(backend, device):
+    """CurricularFace (Huang et al. 2020), written out: target s cos(theta_y + m) (s = 64, m = 0.5);
+    t <- 0.01 mean(cos theta_y) + 0.99 t from t = 0, updated before the step uses it; hard negatives
+    cos theta_j > cos(theta_y + m) become cos theta_j (t + cos theta_j)."""
+    torch.manual_seed(6)
+    head = L.CurricularFaceLoss(D, C, backend=backend).to(device)
+    assert head.s == 64.0 and head.m == 0.5 and float(head.t) == 0.0 and "t" in head.state_dict()
+    x, y = _inputs(device, seed=6)
+    t1 = 0.01 * float(_paper_target_cosines(x, head.weight, y).mean()) + 0.99 * 0.0
+    _check_against_reference(head, x, y, (1.0, 0.5, 0.0), negatives="curricular", negatives_t=t1)
+    assert float(head.t) == pytest.approx(t1, rel=1e-5)
+    x2, y2 = _inputs(device, seed=7)
+    y2[:3] = -100  # ignored rows stay out of the mean
+    t2 = 0.01 * float(_paper_target_cosines(x2[3:], head.weight, y2[3:]).mean()) + 0.99 * t1
+    _check_against_reference(head, x2, y2, (1.0, 0.5, 0.0), negatives="curricular", negatives_t=t2)
+    assert float(head.t) == pytest.approx(t2, rel=1e-5)
+    head.eval()  # eval mode uses t and leaves it
+    head(x, y)
+    assert float(head.t) == pytest.approx(t2, rel=1e-5)
+    again = L.CurricularFaceLoss(D, C, backend=backend).to(device)
+    again.load_state_dict(head.state_dict())
+    assert float(again.t) == float(head.t)
+
+
+@pytest.mark.parametrize("variant,margin", [("am", (1.0, 0.0, 0.35)), ("arc", (1.0, 0.5, 0.0))])
+def test_mv_softmax(backend, device, variant, margin):
+    """MV-Softmax (Wang et al. 2020), fixed variant: s = 32, t = 1.2; a negative with cos theta_j >
+    f(m, theta_y) (AM: cos theta_y - 0.35, Arc: cos(theta_y + 0.5)) gets t cos theta_j + t - 1."""
+    torch.manual_seed(8)
+    head = L.MVSoftmaxLoss(D, C, margin_type=variant, backend=backend).to(device)
+    assert head.s == 32.0 and head.t == 1.2
+    x, y = _inputs(device, seed=8)
+    _check_against_reference(head, x, y, margin, negatives="mv", negatives_t=1.2)
+    with pytest.raises(ValueError, match="margin_type must be 'am' or 'arc'"):
+        L.MVSoftmaxLoss(D, C, margin_type="cos")
+    with pytest.raises(ValueError, match="negatives_t must be >= 1"):
+        L.MVSoftmaxLoss(D, C, t=0.5)
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface", "adaface", "magface", "elasticface", "curricularface",
+                                  "mv-softmax"])
 def test_compile_fullgraph_training_step(backend, device, name):
     if is_slow(backend):
         pytest.skip("torch.compile of an interpreted triton op fails in fake tracing; runs on the GPU")

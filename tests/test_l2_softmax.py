@@ -574,7 +574,7 @@ def test_backward_op_skips_unneeded_gradients(backend, device):
     needs = (True, False, False, False)
     loss, lse, aux = fwd(case.x, case.weight, case.target, alpha, None, *opts, *needs)
     gx, gw, gb, ga = bwd(torch.ones_like(loss), torch.zeros_like(lse), case.x, case.weight, case.target, alpha, None,
-                         *opts[:2], lse, aux, *opts[2:], *needs)
+                         *opts[:3], lse, aux, *opts[3:], *needs)
     assert gx.shape == case.x.shape and gw.numel() == 0 and gb.numel() == 0 and ga.numel() == 0
 
 
@@ -621,14 +621,15 @@ def test_opcheck(backend, device):
     case.target[0] = -100
     fwd, bwd = ops_for(backend)
     margins = torch.rand(5, dtype=dtype, device=device) * 0.5  # per-row margins: the table has B rows
+    neg = {} if is_slow(backend) or backend == "triton" else dict(negatives="curricular", negatives_t=0.3)
     opts = L.L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, margins, 0.1),
-                         label_smoothing=0.1).op_arguments(5, device)
+                         label_smoothing=0.1, **neg).op_arguments(5, device)
     for needs in [(True, True, True, True), (False, True, False, True), (False, False, False, False)]:
         torch.library.opcheck(fwd, (case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs))
         with torch.no_grad():
             loss, lse, aux = fwd(case.x, case.weight, case.target, case.alpha, case.bias, *opts, *needs)
         args = (torch.randn_like(loss), torch.randn_like(lse), case.x.detach(), case.weight.detach(), case.target,
-                case.alpha.detach(), case.bias.detach(), *opts[:2], lse, aux, *opts[2:], *needs)
+                case.alpha.detach(), case.bias.detach(), *opts[:3], lse, aux, *opts[3:], *needs)
         torch.library.opcheck(bwd, args)
 
 

@@ -5,6 +5,7 @@ sub-centers, and the "detached" margin gradient; then the edge cases a one-line 
 in: the monotonic fallback region, c = 1 exactly (the clamp), and one ulp on either side of the switch
 point. The edge cases are held to absolute bounds against float64, not to plain torch's error (plain
 torch flips sides at the switch point, which would excuse any backend)."""
+import dataclasses
 import math
 
 import pytest
@@ -219,6 +220,32 @@ def test_fallback_region(backend, device, case_id):
         assert float(c_t.max()) < -0.95  # every target deep in the fallback region (cos(pi - 0.6) = -0.83)
         out, grads = run(case, backend, _grad_out(case))
         ref, rgrads = run_reference(case, True, _grad_out(case))
+        _assert_close_abs("loss", out, ref, dtype)
+        for k in grads:
+            _assert_close_abs(f"grad {k}", grads[k], rgrads[k], dtype)
+
+
+@pytest.mark.parametrize("margin_grad", ["exact", "detached"])
+@pytest.mark.parametrize("case_id", ["arcface", "combined-rows"])
+def test_no_fallback(backend, device, case_id, margin_grad):
+    """margin_fallback=False (InsightFace's CombinedMarginLoss, l2sm_kernels.compat): cos(arccos c~ + m2)
+    - m3 past pi too, on targets deep in the fallback region and on ordinary ones; the values there
+    differ from the fallback's by several units, so a backend that ignored the option fails."""
+    for dtype in _edge_dtypes(backend):
+        case = _case(device, case_id, dtype=dtype, B=6, D=12, C=9, normalize_weight=True, reduction="none",
+                     margin_grad=margin_grad, margin_fallback=False)
+        with torch.no_grad():
+            w_hat = F.normalize(case.weight.double(), dim=1)
+            noise = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+            deep = (-w_hat[case.target] + 0.03 * noise.to(w_hat.device)).to(dtype)
+            case.x[:4].copy_(deep[:4])  # rows 4, 5 keep their random (ordinary) features
+            c_t = (F.normalize(case.x.double(), dim=1) * w_hat[case.target]).sum(1)
+        assert float(c_t[:4].max()) < -0.9 and float(c_t[4:].min()) > -0.8  # deep; above the switch point
+        out, grads = run(case, backend, _grad_out(case))
+        ref, rgrads = run_reference(case, True, _grad_out(case))
+        with_fallback = run_reference(dataclasses.replace(case, kwargs={**case.kwargs, "margin_fallback": True}),
+                                      True, _grad_out(case))[0]
+        assert float((with_fallback - ref)[:4].abs().max()) > 1.0  # (rows whose m2 > 0)
         _assert_close_abs("loss", out, ref, dtype)
         for k in grads:
             _assert_close_abs(f"grad {k}", grads[k], rgrads[k], dtype)

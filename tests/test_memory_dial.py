@@ -46,9 +46,10 @@ def test_good_budgets_normalized():
 
 
 def test_budget_reaches_the_op(monkeypatch):
-    """The functional API, the module and a head hand the budget to the backend's op as the option
-    after eps (contract.py's schema)."""
+    """The functional API, the module and a head hand the budget to the backend's op as its last option
+    (after eps and negatives: contract.py's schema)."""
     from l2sm_kernels import loss as loss_mod
+    from l2sm_kernels.backends.contract import N_INPUTS, N_OPTS
 
     seen = []
     real = loss_mod.ops_for
@@ -57,7 +58,7 @@ def test_budget_reaches_the_op(monkeypatch):
         fwd, bwd = real(name)
 
         def fwd_spy(*args):
-            seen.append(args[5 + 2 + 6])  # 5 inputs, margins, smoothing, 6 options before the budget
+            seen.append(args[N_INPUTS + N_OPTS - 1])  # the op's input tensors, then the options: the budget last
             return fwd(*args)
 
         return fwd_spy, bwd

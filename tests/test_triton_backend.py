@@ -94,7 +94,7 @@ def _inputs(B, D, C, dev, dtype=torch.float32, wdtype=None, seed=0, bias=True, i
 
 
 def _op_inputs(opts, x):
-    """(margin table, label smoothing), the options: what the op takes after bias (contract.py)."""
+    """(margin table, label smoothing, negatives table), the options: what the op takes after bias (contract.py)."""
     return opts.op_tensors(x.shape[0], x.device), opts.op_args()
 
 
@@ -209,24 +209,24 @@ def test_margin_table_strides_and_rows(K, dev):
     inp = _inputs(B, 12, 11, dev, seed=15, ignore_rows=1)
     opts = L.L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, _rows(B, 0.2, 0.6, 3), 0.1),
                          label_smoothing=0.1)
-    (table, smooth), _ = _op_inputs(opts, inp[0])
+    (table, smooth, _), _ = _op_inputs(opts, inp[0])
     assert table.shape == (B, 5) and table.is_contiguous()
     base = _fwd_bwd(K, inp, opts)
     col_major = table.T.contiguous().T
     assert col_major.stride() == (1, B)
-    for u, v in zip(_fwd_bwd(K, inp, opts, tensors=(col_major, smooth)), base):
+    for u, v in zip(_fwd_bwd(K, inp, opts, tensors=(col_major, smooth, None)), base):
         assert torch.equal(u, v)
     one = L.L2SMOptions(normalize_weight=True, margin_type="combined", margin=(1.0, 0.35, 0.1), label_smoothing=0.1)
-    (row, _), _ = _op_inputs(one, inp[0])
+    (row, _, _), _ = _op_inputs(one, inp[0])
     assert row.shape == (1, 5)
     ref = _fwd_bwd(K, inp, one)
-    for tens in ((row.expand(B, 5), smooth), (row.repeat(B, 1), smooth)):
+    for tens in ((row.expand(B, 5), smooth, None), (row.repeat(B, 1), smooth, None)):
         for u, v in zip(_fwd_bwd(K, inp, one, tensors=tens), ref):
             assert torch.equal(u, v)
     # each row reads its own margin: changing row 1's changes row 1's loss alone (row 0 is ignored)
     other = table.clone()
     other[1] = row[0]
-    out = _fwd_bwd(K, inp, opts, tensors=(other, smooth))
+    out = _fwd_bwd(K, inp, opts, tensors=(other, smooth, None))
     assert not torch.equal(out[0][1], base[0][1])
     assert torch.equal(out[0][0], base[0][0]) and torch.equal(out[0][2:], base[0][2:])
 
@@ -237,12 +237,13 @@ def test_op_checks_the_margin_inputs(K, dev):
     x, w, t, alpha, b, _, _ = _inputs(3, 4, 5, dev, seed=16)
     args = L.L2SMOptions(margin_type="arcface", margin=0.3).op_args()
     with pytest.raises(ValueError, match="needs the margins table"):
-        fwd(x, w, t, alpha, b, None, None, *args, True, True, True, True)
+        fwd(x, w, t, alpha, b, None, None, None, *args, True, True, True, True)
     with pytest.raises(ValueError, match="margins must be the"):
-        fwd(x, w, t, alpha, b, torch.zeros(2, 5, dtype=torch.float64, device=dev), None, *args, True, True, True, True)
+        fwd(x, w, t, alpha, b, torch.zeros(2, 5, dtype=torch.float64, device=dev), None, None, *args, True, True, True,
+            True)
     with pytest.raises(ValueError, match="label_smoothing must be a 0-d"):
         fwd(x, w, t, alpha, b, torch.zeros(1, 5, dtype=torch.float64, device=dev),
-            torch.zeros(3, dtype=torch.float64, device=dev), *args, True, True, True, True)
+            torch.zeros(3, dtype=torch.float64, device=dev), None, *args, True, True, True, True)
 
 
 SUBCENTER_SHAPES = [(2, 17, 24), (4, 33, 12), (5, 7, 70)]  # (K, C, D): ragged C K against 16-class tiles
@@ -430,7 +431,7 @@ def test_aux_records_the_target_winner(K, dev):
     assert max_err(st[rows, CY], best[rows, ty]) <= 1e-6
     assert st[2, WIN] == 1 and st[2, CY] == 1.0
     args1 = L.L2SMOptions(normalize_weight=True).op_args()
-    _, _, aux1 = K.forward(x, w[::subc].contiguous(), t, alpha, b, None, None, *args1, True, True, True, True)
+    _, _, aux1 = K.forward(x, w[::subc].contiguous(), t, alpha, b, None, None, None, *args1, True, True, True, True)
     assert torch.equal(aux1[:B * K.NSTAT].view(B, K.NSTAT)[:, WIN], torch.zeros(B, device=dev))
 
 

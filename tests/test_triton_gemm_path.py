@@ -4,7 +4,8 @@ interpreter with CPU GEMMs (conftest sets TRITON_INTERPRET=1), in chunks of 16 c
 takes three chunks (a ragged last one) and two column splits of the statistics kernel.
 
 - the option matrix (the interpreter's all-pairs subset of tests/test_l2_softmax.py) against float64 with the
-  dial at 0 (every chunk recomputed), partial (the first chunk kept) and all
+  dial at 0 (every chunk recomputed), partial (the first chunk kept) and all; the non-target transforms
+  (tests/test_negatives.py's matrix) at 0 and all, and in bf16
 - bf16, fp16 and mixed dtypes against float64; the three dials agree with each other
 - what is kept is what the dial allows (aux's size), nothing else grows with B x C, W is never copied whole
 - the backward never writes into aux (a second backward gives the same gradients), nor into the inputs
@@ -21,6 +22,10 @@ import torch
 import l2sm_kernels as L
 from l2sm_kernels.testing import check_case, make_case, max_err
 from test_l2_softmax import _case_from_combo, _combo_id, _grad_output, _pairwise_combos
+from test_negatives import PAIRWISE as NEG_PAIRWISE
+from test_negatives import _case as _neg_case
+from test_negatives import _grad_output as _neg_grad_output
+from test_negatives import _id as _neg_id
 from test_triton_backend import _TRACE_SCRIPT, _unrecorded
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter",
@@ -98,6 +103,30 @@ def test_dtypes_match_reference(G, gemm, monkeypatch, dtype, wdtype, dial):
     case = make_case(B, 32, C, dtype=dtype, wdtype=wdtype, device=_dev(), seed=5, bias=True, alpha_grad=True,
                      margin_type="arcface", margin=0.5, normalize_weight=True, label_smoothing=0.05, ignore_rows=1)
     check_case(case, "triton", torch.tensor(3.0, device=_dev()))
+
+
+@pytest.mark.parametrize("dial", ("zero", "all"))
+@pytest.mark.parametrize("combo", NEG_PAIRWISE, ids=_neg_id)
+def test_negatives_match_reference(G, gemm, monkeypatch, combo, dial):
+    """The non-target transforms (negatives mv / curricular / filter) in the row kernels: pass 1's statistics
+    and pass 2's dloss/dc read N(c) and N'(c) (row_kernels._nontarget_cos), against float64 over
+    test_negatives.py's option matrix, every chunk recomputed or every chunk kept."""
+    dev = _dev()
+    case = _neg_case(combo, dev)
+    _set_dial(G, monkeypatch, dial, 9, 37, combo["subcenters"], 4)
+    check_case(case, "triton", _neg_grad_output(case))
+    if dev == "cpu":
+        assert gemm and gemm[0] == _expected_kept(dial, 3), gemm
+
+
+@pytest.mark.parametrize("kind,t", [("mv", 1.2), ("curricular", 0.3), ("filter", 0.2)])
+def test_negatives_bf16_match_reference(G, gemm, monkeypatch, kind, t):
+    """bf16 products (the kept logits and dloss/dc in bf16) with each transform, against float64."""
+    _set_dial(G, monkeypatch, "partial", 6, 37, 1, 2)
+    combo = dict(negatives=(kind, t), margin=("arcface", 0.5), subcenters=1, normalize_weight=True, bias=True,
+                 label_smoothing=0.1, ignore_rows=1, reduction="none", alpha_grad=True)
+    case = _neg_case(combo, _dev(), dtype=torch.bfloat16, B=6, D=16, C=37)
+    check_case(case, "triton", _neg_grad_output(case))
 
 
 @pytest.mark.parametrize("subc", [1, 2])

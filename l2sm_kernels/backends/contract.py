@@ -1,9 +1,9 @@
 """The op boundary: one forward/backward pair of torch.library ops per backend, same schema for all.
 
-    l2sm::{backend}_forward(x, weight, target, alpha, bias?, margins?, label_smoothing?, <options>, <needs>)
-        -> (loss, lse, aux)
+    l2sm::{backend}_forward(x, weight, target, alpha, bias?, margins?, label_smoothing?, negatives_table?,
+                            <options>, <needs>) -> (loss, lse, aux)
     l2sm::{backend}_backward(grad_loss, grad_lse, x, weight, target, alpha, bias?, margins?, label_smoothing?,
-                             lse, aux, <options>, <needs>) -> (grad_x, grad_weight, grad_bias, grad_alpha)
+                             negatives_table?, lse, aux, <options>, <needs>) -> (grad_x, grad_weight, grad_bias, grad_alpha)
 
 Contract every implementation honours (docs/design.md, "The operation"):
 - x (B, D), weight (C K, D) (K = subcenters: rows [jK, jK + K) are class j's sub-centers; class j's
@@ -12,7 +12,10 @@ Contract every implementation honours (docs/design.md, "The operation"):
 - margins: None (margin_kind "none") or the (R, 5) float64 table of margins.margin_table, R = 1 (one
   margin for every row) or B (per-row margins); the target column's logit is alpha f(c) + b with f of
   docs/design.md, "The margins". label_smoothing: None (no smoothing) or a 0-d float64 tensor s.
-  Neither has a gradient.
+  negatives_table: None (negatives "none") or the (R, 2) float64 [t, threshold] table of
+  margins.negatives_table: the non-target transform of docs/design.md, "The non-target transforms"
+  (on j != y_i with c_ij > threshold_i, a NaN threshold meaning the row's margined target cosine
+  f(c_iy); rows without a valid target have no f: no hard column). None of the three has a gradient.
 - loss (B,): per-row loss, 0 on rows whose target == ignore_index, NaN on rows whose target is
   outside [0, C) (never read out of bounds). lse (B,): logsumexp_j z_ij. Both in compute_dtype()
   (float64 if any of x, weight, bias is float64, else float32).
@@ -34,7 +37,8 @@ Contract every implementation honours (docs/design.md, "The operation"):
   Returned gradients are in their input's dtype. Nothing is written into any input.
 - <options> = normalize_weight, margin_kind ("none" | "additive" | "angular": which part of the table
   applies), margin_detached (the gradient w.r.t. the target cosine as if f'(c) = 1), subcenters (K),
-  ignore_index, eps, max_logits_bytes: see options.L2SMOptions.op_args().
+  ignore_index, eps, negatives ("none" | "mv" | "curricular" | "filter"), max_logits_bytes: see
+  options.L2SMOptions.op_args().
 - max_logits_bytes (None: the backend's default; else >= 0, already checked): the most bytes of logits
   the forward may keep for the backward (docs/memory_dial.md). A backend that keeps logits returns
   them inside aux (so that autograd saves them; aux's size is then a function of the metadata and this
@@ -55,17 +59,18 @@ from ..options import compute_dtype
 NAMESPACE = "l2sm"
 
 _OPTS = ("bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps, "
-         "int? max_logits_bytes")
+         "str negatives, int? max_logits_bytes")
 _NEEDS = "bool need_x, bool need_weight, bool need_bias, bool need_alpha"
-_INPUTS = "Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, Tensor? label_smoothing"
+_INPUTS = ("Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, Tensor? label_smoothing, "
+           "Tensor? negatives_table")
 FORWARD_SCHEMA = f"({_INPUTS}, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (
     f"(Tensor grad_loss, Tensor grad_lse, {_INPUTS}, Tensor lse, Tensor aux, {_OPTS}, {_NEEDS}) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 # Number of input tensors, of option arguments and of need flags, in the order of both schemas.
-N_INPUTS = 7
-N_OPTS = 7
+N_INPUTS = 8
+N_OPTS = 8
 N_NEEDS = 4
 
 
@@ -92,7 +97,8 @@ def _make_fake_forward(aux_meta):
     return fake_forward
 
 
-def _fake_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux, *rest):
+def _fake_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,
+                   lse, aux, *rest):
     need_x, need_weight, need_bias, need_alpha = rest[N_OPTS:]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
@@ -123,7 +129,7 @@ def _make_autograd(backward_op):
         grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
         gx, gw, gb, ga = backward_op(grad_loss, grad_lse, *inputs, lse, aux, *ctx.opts, *needs)
-        # x, weight, target, alpha, bias; the margins and the label smoothing get no gradient
+        # x, weight, target, alpha, bias; the margins, the label smoothing and the negatives' table get none
         return (gx if needs[0] else None, gw if needs[1] else None, None, ga if needs[3] else None,
                 gb if needs[2] else None) + (None,) * (N_INPUTS - 5 + N_OPTS + N_NEEDS)
 

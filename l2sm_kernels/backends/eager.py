@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..margins import COS_M2, M3, OFFSET, SIN_M2, THRESHOLD
+from ..margins import COS_M2, M3, NEG_T, NEG_THRESHOLD, OFFSET, SIN_M2, THRESHOLD
 from ..options import ARCFACE_CLAMP, compute_dtype
 
 
@@ -67,6 +67,37 @@ def margin_value_and_slope(c: torch.Tensor, kind: str, table, detached: bool):
     return value, (one if detached else slope)
 
 
+def negatives_value_and_slope(c: torch.Tensor, f_t: torch.Tensor, has_t: torch.Tensor, col: torch.Tensor,
+                              kind: str, table):
+    """The non-target transform N(c) and its slope N'(c) on every column of c (B, C) but the target's
+    (docs/design.md, "The non-target transforms"), from the (R, 2) table [t, threshold] rounded to
+    c's dtype. Row i's threshold is the table's, or where that is NaN its margined target cosine f_i
+    (f_t), or +inf on a row without a target (no hard column). Hard = c_ij > threshold_i, j != y_i:
+        mv          t c + t - 1,  slope t
+        curricular  c (t + c),    slope t + 2c
+        filter      0,            slope 0
+    The mask is a constant and t has no gradient; elsewhere N(c) = c with slope 1. Returns (N(c), N'(c))
+    or (c, None) for "none"."""
+    if kind == "none":
+        return c, None
+    tab = table.to(c.dtype)
+    t, thr = tab[:, NEG_T][:, None], tab[:, NEG_THRESHOLD]
+    own = torch.where(has_t, f_t, torch.full_like(f_t, math.inf))
+    thr = torch.where(torch.isnan(thr), own, thr)[:, None]
+    is_t = has_t[:, None] & (torch.arange(c.shape[1], device=c.device)[None, :] == col[:, None])
+    hard = (c > thr) & ~is_t
+    one = torch.ones_like(c)
+    if kind == "mv":
+        value, slope = t * c + t - 1, t.expand_as(c)
+    elif kind == "curricular":
+        value, slope = c * (t + c), t + 2 * c
+    elif kind == "filter":
+        value, slope = torch.zeros_like(c), torch.zeros_like(c)
+    else:
+        raise ValueError(f"negatives must be one of ('none', 'mv', 'curricular', 'filter'), got {kind!r}")
+    return torch.where(hard, value, c), torch.where(hard, slope, one)
+
+
 def _targets(target: torch.Tensor, num_classes: int, ignore_index: int):
     """valid rows, rows with an out-of-range target (never read: they get NaN), safe column index."""
     valid = target != ignore_index
@@ -76,7 +107,8 @@ def _targets(target: torch.Tensor, num_classes: int, ignore_index: int):
     return valid, bad, col
 
 
-def _logits(x, weight, target, alpha, bias, margins, normalize_weight, kind, detached, K, ignore_index, eps):
+def _logits(x, weight, target, alpha, bias, margins, negatives_table, normalize_weight, kind, detached, K,
+            ignore_index, eps, negatives):
     dt = compute_dtype(x, weight, bias)
     x_hat, x_norm = normalize_rows(x.to(dt), eps)
     if normalize_weight:
@@ -95,13 +127,16 @@ def _logits(x, weight, target, alpha, bias, margins, normalize_weight, kind, det
     # rows without a (valid) target have no margin: their lse is over the plain logits
     has_t = valid & ~bad
     f_t, slope_t = torch.where(has_t, f_t, c_t), torch.where(has_t, slope_t, torch.ones_like(slope_t))
-    g = cos.scatter(1, col[:, None], f_t[:, None])  # g: c with f(c) on the target column
+    # the non-target transform (its threshold f_i known before the class pass), then f on the target
+    g, slope_nt = negatives_value_and_slope(cos, f_t, has_t, col, negatives, negatives_table)
+    # g: N(c) with f(c) on the target column (rows without a target keep N(c) at their dummy column 0)
+    g = g.scatter(1, col[:, None], torch.where(has_t, f_t, g.gather(1, col[:, None]).squeeze(1))[:, None])
     a = alpha.to(dt)
     z = a * g
     if bias is not None:
         z = z + bias.to(dt)
     return dict(dt=dt, x_hat=x_hat, x_norm=x_norm, w_hat=w_hat, w_norm=w_norm, g=g, z=z, win=win, K=K,
-                valid=valid, bad=bad, col=col, slope_t=slope_t, a=a)
+                valid=valid, bad=bad, col=col, slope_t=slope_t, slope_nt=slope_nt, a=a)
 
 
 def _without_autocast(fn):
@@ -117,15 +152,15 @@ def _without_autocast(fn):
 
 
 @_without_autocast
-def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-            need_alpha):
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x, need_weight,
+            need_bias, need_alpha):
     """-> (loss (B,), lse (B,), aux (0,)), in the compute dtype. Ignored rows: loss 0; rows whose
     target is out of range (and not ignore_index): loss NaN (the public API raises before getting
     here). The backward recomputes everything from lse, so aux is empty. max_logits_bytes is ignored:
     this backend builds the B x C logits in each pass whatever the budget (docs/memory_dial.md)."""
-    L = _logits(x, weight, target, alpha, bias, margins, normalize_weight, margin_kind, margin_detached,
-                subcenters, ignore_index, eps)
+    L = _logits(x, weight, target, alpha, bias, margins, negatives_table, normalize_weight, margin_kind,
+                margin_detached, subcenters, ignore_index, eps, negatives)
     z = L["z"]
     lse = torch.logsumexp(z, dim=1)
     z_t = z.gather(1, L["col"][:, None]).squeeze(1)
@@ -139,12 +174,12 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
 
 
 @_without_autocast
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
-             need_weight, need_bias, need_alpha):
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, lse,
+             aux, normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives,
+             max_logits_bytes, need_x, need_weight, need_bias, need_alpha):
     """-> (dx, dW, db, dalpha), each in its input's dtype; an empty tensor for each one not needed."""
-    L = _logits(x, weight, target, alpha, bias, margins, normalize_weight, margin_kind, margin_detached,
-                subcenters, ignore_index, eps)
+    L = _logits(x, weight, target, alpha, bias, margins, negatives_table, normalize_weight, margin_kind,
+                margin_detached, subcenters, ignore_index, eps, negatives)
     dt, z, col = L["dt"], L["z"], L["col"]
     C = z.shape[1]
     s = label_smoothing.to(dt) if label_smoothing is not None else torch.zeros((), dtype=dt, device=z.device)
@@ -169,8 +204,11 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
     if need_alpha:
         dalpha = (dz * L["g"]).sum().to(alpha.dtype)  # z = alpha g + b
     if need_x or need_weight:
-        # dloss/dc = alpha dz, times f'(c) on the target column
+        # dloss/dc = alpha dz, times N'(c) off the target column (the non-target transform's slope:
+        # t, t + 2c or 0 on hard entries, 1 elsewhere) and f'(c) on it
         dc = L["a"] * dz
+        if L["slope_nt"] is not None:
+            dc = dc * L["slope_nt"]
         dc_t = dc.gather(1, col[:, None]).squeeze(1) * L["slope_t"]
         dc = dc.scatter(1, col[:, None], dc_t[:, None])
         if L["K"] > 1:  # each class's gradient goes to its winning sub-center, the others get none

@@ -30,9 +30,10 @@ import l2sm_kernels as L
 
 from . import scores
 
-LOSSES = ("softmax", "l2-softmax", "cosface", "arcface", "adaface")
+LOSSES = ("softmax", "l2-softmax", "cosface", "arcface", "adaface", "curricularface", "mv-softmax")
 HEAD_NAMES = {"softmax": "softmax", "l2-softmax": "L2-softmax", "cosface": "CosFace (m 0.35)",
-              "arcface": "ArcFace (m 0.5)", "adaface": "AdaFace (m 0.4)"}
+              "arcface": "ArcFace (m 0.5)", "adaface": "AdaFace (m 0.4)", "curricularface": "CurricularFace (m 0.5)",
+              "mv-softmax": "MV-AM-Softmax (m 0.35, t 1.2)"}
 METRICS = ("accuracy", "verification_auc", "verification_tar_far1e-2", "verification_tar_far1e-3",
            "verification_kfold_accuracy", "anomaly_auc_weights", "anomaly_auc_knn")
 METRIC_NAMES = {
@@ -186,7 +187,8 @@ def make_head(loss: str, cfg: DemoConfig, num_classes: int, device) -> nn.Module
         return L.L2SoftmaxLoss(cfg.embed_dim, num_classes, alpha=alpha,
                                normalize_weight=cfg.normalize_weight, margin_type=cfg.margin_type,
                                margin=cfg.margin, backend=cfg.backend, device=device)
-    heads = {"cosface": L.CosFaceLoss, "arcface": L.ArcFaceLoss, "adaface": L.AdaFaceLoss}
+    heads = {"cosface": L.CosFaceLoss, "arcface": L.ArcFaceLoss, "adaface": L.AdaFaceLoss,
+             "curricularface": L.CurricularFaceLoss, "mv-softmax": L.MVSoftmaxLoss}
     if loss in heads:  # the paper's margin at the demo's scale (s = alpha)
         return heads[loss](cfg.embed_dim, num_classes, s=alpha, backend=cfg.backend, device=device)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

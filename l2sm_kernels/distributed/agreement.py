@@ -19,7 +19,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from ..options import FLOAT_DTYPES, MARGIN_GRADS, MARGIN_TYPES, REDUCTIONS, L2SMOptions
+from ..options import FLOAT_DTYPES, MARGIN_GRADS, MARGIN_TYPES, NEGATIVES, REDUCTIONS, L2SMOptions
 from .collectives import _all_gather_single
 
 class _Args:
@@ -67,12 +67,15 @@ _AGREE = (
     ("margin m2 (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.margin_parts()[0], a)),
     ("margin m3 (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.margin_parts()[1], a)),
     ("label_smoothing (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.label_smoothing, a)),
+    ("negatives", "name", lambda a: a.opts.negatives),
+    ("negatives_t", "float", lambda a: _number(a.opts.negatives_t)),
+    ("negatives_t (a 0-d tensor's value)", "tensor", lambda a: _scalar_value(a.opts.negatives_t, a)),
 )
 _HEAD = ("a local argument error", "the batch size", "class_start", "the shard size")
 _FORMS = ("none", "number", "0-d tensor", "per-row tensor")  # how a margin part is given (_form)
 _NAMES = {zlib.crc32(str(v).encode()): str(v) for v in
-          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, *MARGIN_GRADS, None, "auto",
-           "compute", "features",
+          (*FLOAT_DTYPES, torch.int32, torch.int64, *MARGIN_TYPES, *REDUCTIONS, *MARGIN_GRADS, *NEGATIVES, None,
+           "auto", "compute", "features",
            *(f"({u}, {v})" for u in _FORMS for v in _FORMS))}
 
 
@@ -240,11 +243,11 @@ def _device_row(a, err, device: torch.device) -> torch.Tensor:
 
 def _check_ranks_on_device(a, err, world: int, group, device: torch.device) -> None:
     """The per-call agreement check without a host read: one all-gather of a fixed-size int64 row per
-    rank (3 + 4 values: 56 bytes), compared on the device; every rank sees the same table, so every
+    rank (3 + 5 values: 64 bytes), compared on the device; every rank sees the same table, so every
     rank fails the same torch._assert_async (on CPU tensors a RuntimeError with DEVICE_CHECK_MESSAGE,
     on CUDA a device-side assert) before any collective whose size depends on the values. A rank
     whose local checks failed (err) takes part with a flag, then raises its own error. Cost: one
-    latency-bound collective of world x 56 bytes and three tiny kernels per call."""
+    latency-bound collective of world x 64 bytes and three tiny kernels per call."""
     row = _device_row(a, err, device)
     table = torch.empty(world * row.numel(), dtype=torch.int64, device=device)
     _all_gather_single(table, row, group=group)

@@ -29,8 +29,8 @@ How one step works (rank r; B_g = sum of the ranks' batch sizes; notation of doc
 Communication per step (W never moves; f = bytes of the features' dtype, 4 or 8 for the statistics):
     forward:  all-gather B_g x D features (B_g D f bytes) + B_g int64 targets,
               all-reduce(MAX) of B_g values, all-reduce(SUM) of 3 or 4 B_g-vectors (+1 value);
-              the agreement check: the table's all-gather of 34 int64 per rank (every call on CPU
-              tensors, the first call per module / group on CUDA) or the device check's 7 (later
+              the agreement check: the table's all-gather of 37 int64 per rank (every call on CPU
+              tensors, the first call per module / group on CUDA) or the device check's 8 (later
               CUDA calls): see below.
     backward: reduce-scatter of the B_g x D feature gradients in the compute dtype (B_g D 4 bytes for
               fp32 / fp16 / bf16 features: the sum over ranks is rounded to the features' dtype once;
@@ -193,7 +193,8 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                                    reduction="mean", ignore_index=-100, label_smoothing=0.0, eps=1e-12,
                                    subcenters=1, margin_grad="exact", backend="auto", batch_sizes=None,
                                    sample_rate=1.0, generator=None, overlap_grad_reduce=False,
-                                   grad_reduce_dtype="compute", max_logits_bytes=None):
+                                   grad_reduce_dtype="compute", max_logits_bytes=None, negatives="none",
+                                   negatives_t=None, margin_fallback=True):
     """The L2-softmax loss of the global batch with the class matrix sharded over the ranks of `group`.
 
     Args:
@@ -223,7 +224,9 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
             (docs/class_parallel.md, "Options").
         Other options: as l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
             subcenters, margin_grad, label smoothing, max_logits_bytes: this rank's budget for its
-            shard's logits of the global batch).
+            shard's logits of the global batch; the non-target transform negatives / negatives_t:
+            "mv" and "curricular" need each row's margined target cosine on every shard, one more
+            all-reduce of B_g values, see _negative_thresholds).
 
     Returns: the loss of the global batch, identical on every rank (reduction "mean" averages over the
         non-ignored rows of all ranks; "none" gives the B_g rows in rank order). Gradients of
@@ -236,20 +239,22 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
                            eps=eps, subcenters=subcenters, margin_grad=margin_grad, backend=backend,
                            batch_sizes=batch_sizes, sample_rate=sample_rate, generator=generator,
                            overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
-                           max_logits_bytes=max_logits_bytes)[0]
+                           max_logits_bytes=max_logits_bytes, negatives=negatives, negatives_t=negatives_t,
+                           margin_fallback=margin_fallback)[0]
 
 
 def _prepare(features, weight_shard, target, class_start, alpha, bias_shard, *, normalize_weight, margin,
              margin_type, reduction, ignore_index, label_smoothing, eps, subcenters, margin_grad, backend, batch_sizes,
              sample_rate, overlap_grad_reduce=False, grad_reduce_dtype="compute", layout=None,
-             max_logits_bytes=None) -> _Args:
+             max_logits_bytes=None, negatives="none", negatives_t=None, margin_fallback=True) -> _Args:
     """Every check of one rank's arguments that needs no other rank (a TypeError / ValueError naming
     the argument), and what the step derives from them. layout=(world, rank): also check that a
     batch_sizes list holds this rank's batch size at its place (the device check compares the lists,
     not the sizes)."""
     opts = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                        ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
-                       margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
+                       margin_grad=margin_grad, max_logits_bytes=max_logits_bytes, negatives=negatives,
+                       negatives_t=negatives_t, margin_fallback=margin_fallback)
     check_reduction(reduction)
     sample_rate = check_sample_rate(sample_rate)
     n = check_inputs(features, weight_shard, target, bias_shard, weight_name="weight_shard", bias_name="bias_shard",
@@ -291,12 +296,45 @@ def _global_options(opts: L2SMOptions, sizes, group) -> L2SMOptions:
     return dataclasses.replace(opts, margin_type="combined", margin=(1.0, m2, m3))
 
 
-def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs):
+def _shard_forward(forward_op, X, W, local, alpha, b, opts, needs, thresholds=None):
     """This shard's forward op on the global batch: (loss_r, lse_r, aux). The one place that spells
     the op's schema. LOCAL target indices (-1 on rows owned elsewhere, which the op ignores) and no
-    label smoothing: the smoothing term is summed over the ranks separately (_shard_logit_sum)."""
+    label smoothing: the smoothing term is summed over the ranks separately (_shard_logit_sum).
+    thresholds: the non-target transform's per-row hard thresholds (_negative_thresholds)."""
     shard_opts = dataclasses.replace(opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0)
-    return forward_op(X, W, local, alpha, b, *shard_opts.op_arguments(X.shape[0], X.device), *needs)
+    return forward_op(X, W, local, alpha, b, *shard_opts.op_arguments(X.shape[0], X.device, thresholds), *needs)
+
+
+def _target_class_cosines(Xc, W, local, opts, cdt):
+    """c_iy of every row from this shard's W (B_g,), differentiable: the maximum over the target's K
+    rows (a gather: O(B_g K D)); meaningful on the rows this shard owns (local >= 0)."""
+    K = opts.subcenters
+    with torch.autocast(device_type=Xc.device.type, enabled=False):
+        x_hat = F.normalize(Xc.to(cdt), dim=1, eps=opts.eps)
+        col = local.clamp_min(0)
+        rows = (col[:, None] * K + torch.arange(K, device=col.device)).reshape(-1)
+        w_t = W.to(cdt).index_select(0, rows).view(-1, K, W.shape[1])
+        if opts.normalize_weight:
+            w_t = F.normalize(w_t, dim=2, eps=opts.eps)
+        return (w_t * x_hat[:, None, :]).sum(2).max(dim=1).values
+
+
+def _negative_thresholds(Xc, W, local, own, valid, opts, cdt, group):
+    """The non-target transform's hard threshold of every global row (B_g,) float64, or None when the op
+    can take it from its table alone ("none", "filter": the fixed t). "mv" / "curricular" compare with
+    the row's margined target cosine f(c_iy), which only the shard owning the target can compute: each
+    rank contributes f on its owned rows (0 elsewhere) and one all-reduce(SUM) of B_g values gives it to
+    every shard; rows without a target get +inf (no hard column), as in the single-process op."""
+    if opts.negatives in ("none", "filter"):
+        return None
+    with torch.no_grad():
+        if W.shape[0] > 0:
+            f = target_margin(_target_class_cosines(Xc.detach(), W.detach(), local, opts, cdt), opts).double()
+            f = torch.where(own, f, torch.zeros_like(f))
+        else:
+            f = torch.zeros(Xc.shape[0], dtype=torch.float64, device=Xc.device)
+        dist.all_reduce(f, group=group)
+        return torch.where(valid, f, torch.full_like(f, math.inf))
 
 
 class _ShardOpOverlapped(torch.autograd.Function):
@@ -319,8 +357,8 @@ class _ShardOpOverlapped(torch.autograd.Function):
         X, W, local, alpha, b, lse, aux = ctx.saved_tensors
         grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-        margins, smoothing, *static = ctx.op_arguments
-        base = (grad_loss, grad_lse, X, W, local, alpha, b, margins, smoothing, lse, aux, *static)
+        margins, smoothing, negatives_table, *static = ctx.op_arguments
+        base = (grad_loss, grad_lse, X, W, local, alpha, b, margins, smoothing, negatives_table, lse, aux, *static)
         gx = ctx.backward_op(*base, True, False, False, False)[0]
         ctx.pending.start(gx)  # the reduce-scatter runs while dW is computed
         need = ctx.needs_input_grad
@@ -332,18 +370,20 @@ class _ShardOpOverlapped(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _shard_forward_overlapped(forward_op, backward_op, X, W, local, alpha, b, opts, needs, pending):
+def _shard_forward_overlapped(forward_op, backward_op, X, W, local, alpha, b, opts, needs, pending, thresholds=None):
     """_shard_forward through _ShardOpOverlapped: (loss_r, lse_r)."""
     shard_opts = dataclasses.replace(opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0)
     loss, lse, _aux = _ShardOpOverlapped.apply(X, W, local, alpha, b, forward_op, backward_op,
-                                               shard_opts.op_arguments(X.shape[0], X.device), needs, pending)
+                                               shard_opts.op_arguments(X.shape[0], X.device, thresholds), needs,
+                                               pending)
     return loss, lse
 
 
 def _class_parallel(features, weight_shard, target, class_start, alpha, bias_shard, *, group, normalize_weight,
                     margin, margin_type, reduction, ignore_index, label_smoothing, eps, backend, batch_sizes,
                     sample_rate, generator, subcenters=1, margin_grad="exact", check_key=None,
-                    overlap_grad_reduce=False, grad_reduce_dtype="compute", max_logits_bytes=None):
+                    overlap_grad_reduce=False, grad_reduce_dtype="compute", max_logits_bytes=None, negatives="none",
+                    negatives_t=None, margin_fallback=True):
     """-> (loss, sampled local indices or None). check_key: what the agreement table is done once
     for on CUDA (the module; None: the group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -362,7 +402,8 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                      ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps, subcenters=subcenters,
                      margin_grad=margin_grad, backend=backend, batch_sizes=batch_sizes, sample_rate=sample_rate,
                      overlap_grad_reduce=overlap_grad_reduce, grad_reduce_dtype=grad_reduce_dtype,
-                     layout=None if mode == "table" else (world, rank), max_logits_bytes=max_logits_bytes)
+                     layout=None if mode == "table" else (world, rank), max_logits_bytes=max_logits_bytes,
+                     negatives=negatives, negatives_t=negatives_t, margin_fallback=margin_fallback)
         err = None
     except Exception as e:  # every rank learns of it in the agreement check, which re-raises it here
         if mode is None:
@@ -404,6 +445,7 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     local = target_g - class_start
     own = valid & (local >= 0) & (local < n)
     local = torch.where(own, local, torch.full_like(local, _LOCAL_IGNORE))
+    thresholds = _negative_thresholds(Xc, weight_shard, local, own, valid, opts, cdt, group)
 
     # 2. this shard's part of every row: Partial FC picks the rows of W first
     W, b, sampled = weight_shard, bias_shard, None
@@ -421,9 +463,9 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
                  grad_on and b is not None and b.requires_grad, grad_on and alpha_g.requires_grad)
         if pending is not None:
             loss_r, lse_r = _shard_forward_overlapped(a.forward_op, a.backward_op, X, W, local, alpha_g, b, opts, needs,
-                                                      pending)
+                                                      pending, thresholds)
         else:
-            loss_r, lse_r, _aux = _shard_forward(a.forward_op, X, W, local, alpha_g, b, opts, needs)
+            loss_r, lse_r, _aux = _shard_forward(a.forward_op, X, W, local, alpha_g, b, opts, needs, thresholds)
     else:
         # nothing to contribute; stay connected to every differentiable input (with exact zeros,
         # an empty slice sums to 0 even if X holds inf) so that this rank's backward runs the same
@@ -446,10 +488,11 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     if smooth:
         if k == 0:
             parts.append(torch.zeros_like(lse_r) + lse_r[:0].sum())
-        elif K == 1:
+        elif K == 1 and opts.negatives == "none":
             parts.append(_shard_logit_sum(Xc, W, b, local, own, alpha_g, opts, cdt))
         else:
-            parts.append(_shard_logit_sum_subcenters(a.forward_op, X, Xc, W, b, local, own, alpha_g, opts, cdt, needs))
+            parts.append(_shard_logit_sum_subcenters(a.forward_op, X, Xc, W, b, local, own, alpha_g, opts, cdt, needs,
+                                                     thresholds))
     parts.append(own.to(cdt))
     stats = torch.cat([torch.stack(parts).reshape(-1), torch.full((1,), float(k), dtype=cdt, device=device)])
     total = _SumOverRanks.apply(stats, group)
@@ -478,18 +521,27 @@ def _class_parallel(features, weight_shard, target, class_start, alpha, bias_sha
     return out, sampled
 
 
-def _shard_logit_sum_subcenters(forward_op, X, Xc, W, b, local, own, alpha, opts, cdt, needs):
-    """sum over this shard's classes of z_ij with K sub-centers (B_g,), differentiable. The class
-    cosines are maxima over sub-centers, so no column sum of W gives them: one more shard op with
-    label smoothing 1, no margin and a dummy target (class 0) gives lse - mean_j z'_ij = its loss, so
-    sum_j z'_ij = k (lse - loss) (2 GEMM-equivalents more, this combination only); then the target's
+def _shard_logit_sum_subcenters(forward_op, X, Xc, W, b, local, own, alpha, opts, cdt, needs, thresholds=None):
+    """sum over this shard's classes of z_ij with K sub-centers or a non-target transform (B_g,),
+    differentiable. The class cosines are maxima over sub-centers (or transformed), so no column sum of
+    W gives them: one more shard op with label smoothing 1, no margin and a dummy target (the row's own
+    where the shard owns it, else class 0) gives lse - mean_j z'_ij = its loss, so
+    sum_j z'_ij = k (lse - loss) (2 GEMM-equivalents more, these combinations only); then the target's
     margin on the rows this shard owns, alpha (f(c_iy) - c_iy), with c_iy the maximum over the target's
-    K rows (a gather: O(B_g K D))."""
+    K rows (a gather: O(B_g K D)); with a transform, the dummy column 0 of the rows owned elsewhere is
+    one of their negatives: alpha (N(c_i0) - c_i0) there (the op left it untransformed as a target)."""
     k = W.shape[0] // opts.subcenters
     plain = dataclasses.replace(opts, margin_type="none", margin=0.0, label_smoothing=1.0, ignore_index=_LOCAL_IGNORE)
-    dummy = torch.zeros_like(local)
-    loss1, lse1, _ = forward_op(X, W, dummy, alpha, b, *plain.op_arguments(X.shape[0], X.device), *needs)
+    dummy = torch.where(own, local, torch.zeros_like(local)) if opts.negatives != "none" else torch.zeros_like(local)
+    loss1, lse1, _ = forward_op(X, W, dummy, alpha, b, *plain.op_arguments(X.shape[0], X.device, thresholds), *needs)
     out = k * (lse1 - loss1)
+    if opts.negatives != "none":
+        c0 = _target_class_cosines(Xc, W, torch.zeros_like(local), opts, cdt)
+        thr = (thresholds if thresholds is not None else
+               torch.full_like(c0, float(opts.negatives_t)) if not isinstance(opts.negatives_t, torch.Tensor)
+               else opts.negatives_t.to(c0).expand_as(c0))
+        delta = _transformed(c0, thr, opts) - c0
+        out = out + alpha.to(cdt) * torch.where(own, torch.zeros_like(delta), delta)
     if opts.margin_kind != "none":
         K = opts.subcenters
         with torch.autocast(device_type=X.device.type, enabled=False):
@@ -503,6 +555,21 @@ def _shard_logit_sum_subcenters(forward_op, X, Xc, W, b, local, own, alpha, opts
             delta = target_margin(c_t, opts) - c_t
             out = out + alpha.to(cdt) * torch.where(own, delta, torch.zeros_like(delta))
     return out
+
+
+def _transformed(c, thr, opts):
+    """N(c) of cosines c (B_g,) against per-row thresholds (docs/design.md, "The non-target transforms"):
+    the mask and t constant, differentiable in c."""
+    t = opts.negatives_t
+    t = t.detach().to(c) if isinstance(t, torch.Tensor) else t
+    hard = c.detach() > thr.to(c)
+    if opts.negatives == "mv":
+        new = t * c + t - 1
+    elif opts.negatives == "curricular":
+        new = c * (t + c)
+    else:
+        new = torch.zeros_like(c)
+    return torch.where(hard, new, c)
 
 
 def _shard_logit_sum(X, W, b, local, own, alpha, opts, cdt):

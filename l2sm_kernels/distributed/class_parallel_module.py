@@ -19,7 +19,7 @@ from .class_parallel import GRAD_REDUCE_DTYPES, _class_parallel, shard_sizes
 from .rank_device import _check_rank_device
 from .collectives import _all_gather_single
 
-__all__ = ["ClassParallelL2SoftmaxLoss"]
+__all__ = ["ClassParallelCurricularFaceLoss", "ClassParallelL2SoftmaxLoss"]
 
 # ---------------------------------------------------------------------------------------------
 # DistributedDataParallel around the head (docs/reliability.md, case 29)
@@ -117,7 +117,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
                  shard_sizes: Sequence[int] | None = None, backend: str = "auto", device=None, dtype=None,
                  seed: int | None = None, subcenters: int = 1, margin_grad: str = "exact",
                  alpha_min: float | None = None, overlap_grad_reduce: bool = False,
-                 grad_reduce_dtype: str = "compute", max_logits_bytes: int | None = None):
+                 grad_reduce_dtype: str = "compute", max_logits_bytes: int | None = None, negatives: str = "none",
+                 negatives_t=None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ClassParallelL2SoftmaxLoss needs torch.distributed initialized")
@@ -140,7 +141,8 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             _check_rank_device(device, group, "device")
         self.options = L2SMOptions(normalize_weight=normalize_weight, margin_type=margin_type, margin=margin,
                                    ignore_index=ignore_index, label_smoothing=label_smoothing, subcenters=subcenters,
-                                   margin_grad=margin_grad, max_logits_bytes=max_logits_bytes)
+                                   margin_grad=margin_grad, max_logits_bytes=max_logits_bytes, negatives=negatives,
+                                   negatives_t=negatives_t)
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = _default_split(num_classes, self.world_size) if shard_sizes is None else \
@@ -228,6 +230,10 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
         _refuse_ddp(self, prefix)
         return super().named_modules(memo, prefix, remove_duplicate)
 
+    def batch_negatives_t(self):
+        """The non-target transform's t of this step (ClassParallelCurricularFaceLoss: its running average)."""
+        return self.options.negatives_t
+
     def forward(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """batch_sizes: None (equal batch sizes), the list of every rank's, or "auto" (gathered)."""
@@ -239,7 +245,7 @@ class ClassParallelL2SoftmaxLoss(nn.Module):
             backend=self.backend, batch_sizes=batch_sizes, sample_rate=self.sample_rate, generator=generator,
             subcenters=o.subcenters, margin_grad=o.margin_grad, check_key=self,
             overlap_grad_reduce=self.overlap_grad_reduce, grad_reduce_dtype=self.grad_reduce_dtype,
-            max_logits_bytes=o.max_logits_bytes)
+            max_logits_bytes=o.max_logits_bytes, negatives=o.negatives, negatives_t=self.batch_negatives_t())
         self.last_sampled = None if sampled is None else sampled + self.class_start
         return loss
 
@@ -414,3 +420,52 @@ def _shard_record(st, what: str) -> dict:
 
 
 _default_split = shard_sizes
+
+
+class ClassParallelCurricularFaceLoss(ClassParallelL2SoftmaxLoss):
+    """CurricularFace (heads.CurricularFaceLoss) with the class matrix sharded over the ranks: ArcFace's
+    target s cos(theta_y + m) (s = 64, m = 0.5), curricular hard negatives, and the adaptive t, an
+    exponential moving average of the GLOBAL batch's mean target cosine, identical on every rank:
+    t <- momentum mean cos theta_y + (1 - momentum) t at each training-mode forward (before the loss
+    uses it). Each rank computes the target cosines of the global rows whose class it owns (one
+    all-gather of the B_g x D features and targets, under no_grad) and one all-reduce of (sum, count)
+    gives every rank the same mean."""
+
+    def __init__(self, in_features: int, num_classes: int, group=None, s: float = 64.0, m: float = 0.5,
+                 momentum: float = 0.01, **kwargs):
+        self.s, self.m, self.momentum = s, m, momentum
+        super().__init__(in_features, num_classes, group=group, alpha=s, normalize_weight=True,
+                         margin_type="arcface", margin=m, negatives="curricular", negatives_t=0.0, **kwargs)
+        self.register_buffer("t", torch.zeros((), device=self.weight.device))
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        super().reset_parameters(seed)
+        if hasattr(self, "t"):
+            self.t.zero_()
+
+    @torch.no_grad()
+    def update_t(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None) -> None:
+        from ..heads import target_cosines
+        from .collectives import _gather_rows
+
+        sizes = list(batch_sizes) if batch_sizes is not None else [features.shape[0]] * self.world_size
+        x = _gather_rows(features.detach(), sizes, self.group)
+        y = _gather_rows(target.long(), sizes, self.group)
+        local = y - self.class_start
+        own = (y != self.options.ignore_index) & (local >= 0) & (local < self.num_local)
+        c = (target_cosines(x, self.weight, torch.where(own, local, torch.zeros_like(local)), self.options.subcenters,
+                            self.options.eps, own) if self.num_local > 0 else x.new_zeros(x.shape[0], dtype=torch.float32))
+        stats = torch.stack([c.double().sum(), own.sum().double()])
+        dist.all_reduce(stats, group=self.group)
+        mean = torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), self.t.double())
+        self.t.copy_(((1 - self.momentum) * self.t.double() + self.momentum * mean).to(self.t.dtype))
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor, batch_sizes=None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.training:
+            self.update_t(features, target, batch_sizes)
+        return super().forward(features, target, batch_sizes, generator)
+
+    def batch_negatives_t(self):
+        return self.t.detach().clone()

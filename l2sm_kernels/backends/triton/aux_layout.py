@@ -34,6 +34,13 @@ def wsum_numel(B: int, D: int, subcenters: int) -> int:
     return D if subcenters == 1 else B * D
 
 
+def layout_k(subcenters: int, negatives: str) -> int:
+    """The K that aux's layout is keyed on (wsum_numel: D for 1, B x D above). A non-target transform
+    makes label smoothing's dX term per row too, sum_{j != y_i} N'(c_ij) W_hat_j (its weights depend on
+    the row's hard columns), so it counts as K = 2 there."""
+    return subcenters if negatives == "none" else max(subcenters, 2)
+
+
 def aux_layout(B: int, D: int, has_o: bool, has_pc: bool, has_wsum: bool, subcenters: int = 1):
     """aux is one fp32 vector: [B x NSTAT statistics | B x D O' (has_o) | the smoothing term (has_wsum):
     D (K = 1) or B x D (K > 1), see wsum_numel], zero-padded to a multiple of 8, plus `code` (0..7) more
@@ -63,10 +70,11 @@ def forward_plan(smoothing: bool, need_x: bool, need_alpha: bool):
     return need_x, need_alpha, need_x and smoothing
 
 
-def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-             margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-             need_alpha):
+def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+             margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x, need_weight,
+             need_bias, need_alpha):
     """An empty tensor shaped like the aux forward() returns (the fake kernel's aux)."""
     B, D = x.shape
-    numel = aux_layout(B, D, *forward_plan(label_smoothing is not None, need_x, need_alpha), subcenters)[0]
+    numel = aux_layout(B, D, *forward_plan(label_smoothing is not None, need_x, need_alpha),
+                       layout_k(subcenters, negatives))[0]
     return x.new_empty((numel,), dtype=torch.float32)

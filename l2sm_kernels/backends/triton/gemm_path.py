@@ -51,6 +51,7 @@ from .common import _identity
 from .config import Config, gemm_chunk_classes, gemm_splits, num_sms
 from .loss_backward import row_values
 from .loss_forward import combine
+from .margin import NEGATIVES_CODES, negative_rows
 from .row_kernels import chunk_dz, chunk_stats, normalize_backward, normalize_rows
 
 # aten::mm.dtype (bf16 / fp16 operands, fp32 output: cuBLAS's fp32 epilogue) where this torch has it (CUDA);
@@ -191,9 +192,21 @@ def _chunk_weights(w_c, buf, cdt, normalize_weight, eps, launch):
     return normalize_rows(w_c, out, eps, normalize_weight, launch)
 
 
-def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-            need_alpha, *, launch=_identity, config: Config):
+def _negatives(x, weight, target, margins, negatives_table, normalize_weight, margin_kind, margin_detached, K,
+               ignore_index, eps, negatives):
+    """(code, (B, 2) fp32 [threshold, t] rows or None) of the non-target transform for the row kernels: the
+    fused kernels' rows (margin.negative_rows: the row's margined target cosine from one fp64 dot where the
+    table's threshold is NaN)."""
+    neg = NEGATIVES_CODES[negatives]
+    if not neg:
+        return 0, None
+    return neg, negative_rows(x, weight, target, margins, negatives_table, normalize_weight, margin_kind,
+                              margin_detached, K, ignore_index, eps)
+
+
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x, need_weight,
+            need_bias, need_alpha, *, launch=_identity, config: Config):
     """-> (loss (B,), lse (B,), aux) fp32 (contract.py's argument order), aux = [statistics | kept chunks]
     (max_logits_bytes: checked by options.check_max_logits_bytes before the op)."""
     B, D = x.shape
@@ -210,6 +223,8 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
     if B == 0:
         return loss, lse, aux
 
+    neg, neg_rows = _negatives(x, weight, target, margins, negatives_table, normalize_weight, margin_kind,
+                               margin_detached, K, ignore_index, eps, negatives)
     x_hat = normalize_rows(x, torch.empty((B, D), device=dev, dtype=cdt), eps, True, launch)
     ws = torch.empty((gemm_splits(B, config, num_sms(dev)), B, NPART), device=dev, dtype=torch.float32)
     scratch = torch.empty((B * n * K,), device=dev, dtype=cdt) if kept < len(bounds) else None
@@ -225,15 +240,15 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
         _mm_into(s, x_hat, w_hat.T)
         chunk_stats(s, bias, alpha, target, ws, C=C, c0=c0, n_cols=m, ignore_index=ignore_index, subcenters=K,
                     first=i == 0, block_rows=config.block_rows, block_cols=config.block_cols,
-                    num_warps=config.num_warps, launch=launch)
+                    num_warps=config.num_warps, launch=launch, neg_rows=neg_rows, neg=neg)
     combine(ws, ws.shape[0], x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
             margin_detached, K, ignore_index, eps, loss, lse, aux, False, True, 0, ws, launch)
     return loss, lse, aux
 
 
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
-             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config):
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, lse, aux,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes,
+             need_x, need_weight, need_bias, need_alpha, *, launch=_identity, config: Config):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed. What the
     forward kept is read from aux's size (max_logits_bytes is not needed here)."""
     B, D = x.shape
@@ -260,6 +275,8 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
                           normalize_weight, margin_kind, margin_detached, K, ignore_index, eps, False, need_alpha,
                           dx, aux, 0, launch)
     if need_x or need_weight or need_bias:
+        neg, neg_rows = _negatives(x, weight, target, margins, negatives_table, normalize_weight, margin_kind,
+                                   margin_detached, K, ignore_index, eps, negatives)
         x_hat = normalize_rows(x, torch.empty((B, D), device=dev, dtype=cdt), eps, True, launch)
         dxh = torch.zeros((B, D), device=dev, dtype=torch.float32) if need_x else None
         g_buf = torch.empty((B * n * K,), device=dev, dtype=cdt)
@@ -280,7 +297,8 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
                 s = g
             chunk_dz(s, g, bias, alpha, target, rowv, db if need_bias else None, C=C, c0=c0, n_cols=m,
                      ignore_index=ignore_index, subcenters=K, block_rows=config.block_rows,
-                     block_cols=config.block_cols, num_warps=config.num_warps, launch=launch)
+                     block_cols=config.block_cols, num_warps=config.num_warps, launch=launch, neg_rows=neg_rows,
+                     neg=neg)
             if need_x:  # dX_hat += G_c W_hat_c, accumulated in fp32
                 if cdt == torch.float32:
                     dxh.addmm_(g, w_hat)

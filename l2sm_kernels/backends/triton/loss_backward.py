@@ -9,12 +9,12 @@ import triton
 import triton.language as tl
 
 from .aux_layout import (_NROWV, _NSTAT, NROWV, RV_DCY, RV_DZY, RV_INVNX, RV_LSE2, RV_RS, RV_WIN, RV_WP, RV_WTS,
-                         ST_CY, ST_LSE2, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_flags, aux_layout)
+                         ST_CY, ST_LSE2, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_flags, aux_layout, layout_k)
 from .common import (_LOG2E, INTERPRETED, _didx, _identity, _mma, _operand, _out, _prefetch_l1, _subcenter_max,
                      _through_scratch2d, wide_d)
 from .config import P_TORCH, Config, dw_config, dw_programs, num_sms, on_gpu, row_tiles, tile_meta, tma_descriptor
 from .loss_forward import forward
-from .margin import _margin, _row_preamble, _target_info, margin_args
+from .margin import NEGATIVES_CODES, _margin, _negative, _row_preamble, _target_info, margin_args, negative_rows
 from .norms import _row_norms, inv_norms
 
 
@@ -31,6 +31,7 @@ def _bwd_rows_kernel(
     NORM_W: tl.constexpr, MARGIN: tl.constexpr, DETACHED: tl.constexpr, SMOOTH: tl.constexpr, SUBC: tl.constexpr,
     NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr, EMU: tl.constexpr, D64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWSUM: tl.constexpr,  # the smoothing term is the forward's per-row sum (K > 1 or a non-target transform)
 ):
     """Per row: the upstream weights, the target column's dz, dx (from O'), and d alpha's row term."""
     rows, rmask, valid, has_t, bad, ty, alpha = _row_preamble(tgt_ptr, alpha_ptr, B, C, ignore_index, stride_t,
@@ -93,7 +94,7 @@ def _bwd_rows_kernel(
         # W_hat_y's coefficient gains w_t s/C); K > 1, the forward's per-row sum over the winners
         co = alpha * w_p
         cy = tl.where(has_t, dc_y, 0.0)
-        if SMOOTH and SUBC == 1:
+        if SMOOTH and not ROWSUM:
             cy += tl.where(has_t, alpha * wts, 0.0)
         if NORM_W:
             w_norm = _row_norms(w_ptr + wy * stride_wc, has_t, D, stride_wd, D64, BLOCK_D)
@@ -117,7 +118,7 @@ def _bwd_rows_kernel(
                              mask=has_t[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
                 g = co[:, None] * o + cy[:, None] * wr
                 if SMOOTH:
-                    if SUBC == 1:
+                    if not ROWSUM:
                         g += cs[:, None] * tl.load(wsum_ptr + d, mask=d < D, other=0.0)[None, :]
                     else:
                         g += cs[:, None] * tl.load(wsum_ptr + rows[:, None] * D + d[None, :], mask=dm, other=0.0)
@@ -131,6 +132,7 @@ def _bwd_rows_kernel(
 @triton.jit
 def _bwd_dw_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, tgt_ptr, rowv_ptr, inv_nw_ptr,  # inputs (inv_nw: K > 1 only)
+    neg_ptr,  # the non-target transform's (B, 2) fp32 [threshold, t] per row (NEG > 0); else unused
     x_desc,  # TMA: x's tensor descriptor (BLOCK_B x BLOCK_K blocks); else unused
     dw_ptr, db_ptr,  # outputs (dW contiguous (C K, D) in W's dtype, db in the bias dtype)
     scr_p_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of the dW product's operand (BLOCK_C x BLOCK_B)
@@ -143,6 +145,7 @@ def _bwd_dw_kernel(
     BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
     TMA: tl.constexpr, D64: tl.constexpr,
+    NEG: tl.constexpr,  # the non-target transform: 0 none, 1 mv, 2 curricular, 3 filter (margin._negative)
 ):
     """Persistent over blocks (pid, pid + programs, ...), one D chunk per grid column. For each class
     block: walk every row block, recompute S, form dz (the target entry from the per-row value),
@@ -235,7 +238,13 @@ def _bwd_dw_kernel(
                 c = s  # cs: the cosine times |x_i|
                 if NORM_W:
                     c = c * inv_nw[None, :]
-                z = c * rs[:, None]
+                if NEG > 0:  # g = N(cosine): with the row factor; u below carries N'(c)
+                    n_thr = tl.load(neg_ptr + rows * 2, mask=rmask, other=float("inf"))
+                    n_t = tl.load(neg_ptr + rows * 2 + 1, mask=rmask, other=0.0)
+                    g_n, slope = _negative(c * inv_nx[:, None], n_thr, n_t, NEG)
+                    z = g_n * a2
+                else:
+                    z = c * rs[:, None]
             else:
                 # the class cosine is the maximum over the K sub-centers; mine: sub-center kk is the winner
                 c = tl.full([BLOCK_B, BLOCK_C], float("-inf"), tl.float32)
@@ -259,7 +268,13 @@ def _bwd_dw_kernel(
                     if NORM_W:
                         c_k = c_k * tl.load(inv_nw_ptr + cols * SUBC + k, mask=cmask, other=0.0)[None, :]
                     c, mine = _subcenter_max(c, mine, c_k, kk == k)
-                z = c * a2
+                if NEG > 0:
+                    n_thr = tl.load(neg_ptr + rows * 2, mask=rmask, other=float("inf"))
+                    n_t = tl.load(neg_ptr + rows * 2 + 1, mask=rmask, other=0.0)
+                    g_n, slope = _negative(c, n_thr, n_t, NEG)
+                    z = g_n * a2
+                else:
+                    z = c * a2
             if HAS_BIAS:
                 z += bias[None, :]
             p = tl.exp2(z - lse2[:, None])
@@ -273,13 +288,19 @@ def _bwd_dw_kernel(
                 # dloss/dc_ij = alpha dz_ij, times f'(c_iy) on the target column (dc_y);
                 # dW_hat_j += sum_i dc_ij x_hat_i = sum_i u_ij x_i with u_ij = dc_ij / |x_i|: raw x rows
                 if SUBC == 1:
-                    u = tl.where(is_t, (dc_y * inv_nx)[:, None], dz * ra[:, None])
+                    dzs = dz
+                    if NEG > 0:
+                        dzs = dz * slope
+                    u = tl.where(is_t, (dc_y * inv_nx)[:, None], dzs * ra[:, None])
                     u = tl.where(rmask[:, None], u, 0.0)
                     if NORM_W and not (PROJ_TILE or PROJ_ROW):
                         # w_hat_j . dw_hat_j = sum_i dc_ij c_ij = sum_i u_ij cs_ij, when D is split over programs
                         proj += tl.sum(u * c, 0)
                 else:
-                    dc = tl.where(is_t, dc_y[:, None], alpha * dz)
+                    dzs = dz
+                    if NEG > 0:
+                        dzs = dz * slope
+                    dc = tl.where(is_t, dc_y[:, None], alpha * dzs)
                     dc = tl.where(rmask[:, None], dc, 0.0)
                     # only where sub-center kk won reaches this block's rows; the target column's
                     # winner is the forward's (exact dots), the others' the recomputed products'
@@ -332,9 +353,11 @@ def _bwd_dw_kernel(
 
 def row_values(grad_loss, grad_lse, x, weight, target, alpha, margins, label_smoothing, aux, normalize_weight,
                margin_kind, margin_detached, K, ignore_index, eps, need_x, need_alpha, dx, wsum, o_off,
-               launch=_identity):
+               launch=_identity, rowsum=None):
     """_bwd_rows_kernel: -> (rowv (B, NROWV), da (B,) or empty); dx from O' when need_x (the fused path; the
-    GEMM path passes need_x=False and forms dX from its GEMMs). Shared by both backward paths."""
+    GEMM path passes need_x=False and forms dX from its GEMMs). Shared by both backward paths. rowsum: label
+    smoothing's dX term is the forward's per-row sum (aux_layout.layout_k > 1: sub-centers or a non-target
+    transform); None: K > 1."""
     B, D = x.shape
     C = weight.shape[0] // K
     dev = x.device
@@ -350,7 +373,7 @@ def row_values(grad_loss, grad_lse, x, weight, target, alpha, margins, label_smo
         stride_gl=grad_loss.stride(0), stride_gs=grad_lse.stride(0), stride_xb=x.stride(0), stride_xd=x.stride(1),
         stride_wc=weight.stride(0), stride_wd=weight.stride(1), stride_t=target.stride(0), aux_o_off=o_off,
         NORM_W=normalize_weight, SMOOTH=smooth, SUBC=K, NEED_X=need_x, NEED_ALPHA=need_alpha,
-        EMU=INTERPRETED, D64=wide_d(D, x, weight), BLOCK_R=BR, BLOCK_D=BD,
+        EMU=INTERPRETED, D64=wide_d(D, x, weight), BLOCK_R=BR, BLOCK_D=BD, ROWSUM=(K > 1) if rowsum is None else rowsum,
         **margin_args(margins, margin_kind, margin_detached, B, rowv))
     return rowv, da
 
@@ -365,9 +388,9 @@ def row_values(grad_loss, grad_lse, x, weight, target, alpha, margins, label_smo
 PROJ_TILE_MAX_D = 128
 
 
-def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x,
-             need_weight, need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
+def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, lse, aux,
+             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes,
+             need_x, need_weight, need_bias, need_alpha, *, launch=_identity, config: Config | None = None,
              fwd_config: Config | None = None):
     """-> (dx, dW, db, dalpha), each in its input's dtype; empty tensors for what is not needed
     (contract.py's argument order). A config with gemm=True (the default on a GPU) runs the GEMM path's
@@ -379,9 +402,10 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
     cfg = config or dw_config(D, x.dtype, weight.dtype, on_gpu(dev), C=C)
     if cfg.gemm:
         from .gemm_path import backward as gemm_backward
-        return gemm_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-                             normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps,
-                             max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=launch, config=cfg)
+        return gemm_backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing,
+                             negatives_table, lse, aux, normalize_weight, margin_kind, margin_detached, subcenters,
+                             ignore_index, eps, negatives, max_logits_bytes, need_x, need_weight, need_bias, need_alpha,
+                             launch=launch, config=cfg)
     smooth = label_smoothing is not None
     need_bias = need_bias and bias is not None
     bdt = bias.dtype if bias is not None else x.dtype
@@ -400,22 +424,24 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         dalpha = torch.zeros((), device=dev, dtype=alpha.dtype) if need_alpha else alpha.new_empty((0,))
         return dx, dw, db, dalpha
 
-    has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
+    LK = layout_k(K, negatives)
+    neg = NEGATIVES_CODES[negatives]
+    has_o, has_pc, has_ws = aux_flags(B, D, aux, LK)
     if (need_x and not (has_o and (has_ws or not smooth))) or (need_alpha and not has_pc):
         # the forward ran without these hints: rerun it to get O' (and the smoothing term) / PC (the op
         # contract allows it). Before the gradients are allocated: its split partials and scratch are freed
         # when it returns, so they never coexist with dW
-        _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, K, ignore_index, eps, max_logits_bytes, need_x, False, False, need_alpha,
-                            launch=launch, config=fwd_config)
-        has_o, has_pc, has_ws = aux_flags(B, D, aux, K)
+        _, _, aux = forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,
+                            normalize_weight, margin_kind, margin_detached, K, ignore_index, eps, negatives,
+                            max_logits_bytes, need_x, False, False, need_alpha, launch=launch, config=fwd_config)
+        has_o, has_pc, has_ws = aux_flags(B, D, aux, LK)
     dx, dw, db = outputs()
-    _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
+    _, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, LK)
     wsum = aux[ws_off:] if (need_x and smooth) else aux  # (a placeholder pointer when SMOOTH is off)
 
     rowv, da = row_values(grad_loss, grad_lse, x, weight, target, alpha, margins, label_smoothing, aux,
                           normalize_weight, margin_kind, margin_detached, K, ignore_index, eps, need_x, need_alpha,
-                          dx, wsum, o_off, launch)
+                          dx, wsum, o_off, launch, rowsum=LK > 1)
     d64 = wide_d(D, x, weight)
 
     if need_weight or need_bias:
@@ -428,16 +454,18 @@ def backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label
         scr_p = torch.empty((2 * n_prog, cfg.block_rows * cfg.block_cols), device=dev, dtype=P_TORCH[meta["P_DT"]])
         # K > 1 with normalize_weight: every sub-center's 1/|W| for the recomputed cosines (C K floats)
         inv_nw = inv_norms(weight, eps, launch) if (normalize_weight and K > 1) else rowv
+        neg_rows = (negative_rows(x, weight, target, margins, negatives_table, normalize_weight, margin_kind,
+                                  margin_detached, K, ignore_index, eps) if neg else rowv)
         launch(_bwd_dw_kernel)[(programs, n_d)](
             x_ptr=x, w_ptr=weight, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target,
-            rowv_ptr=rowv, inv_nw_ptr=inv_nw, x_desc=tma_descriptor(x, meta, "BLOCK_B"),
+            rowv_ptr=rowv, inv_nw_ptr=inv_nw, neg_ptr=neg_rows, x_desc=tma_descriptor(x, meta, "BLOCK_B"),
             dw_ptr=dw if need_weight else rowv,
             db_ptr=db if need_bias else rowv, scr_p_ptr=scr_p, B=B, C=C, D=D, ignore_index=ignore_index, eps=eps,
             n_blocks=n_blocks, n_sub=n_sub,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0),
             HAS_BIAS=bias is not None, NORM_W=normalize_weight, NEED_W=need_weight, NEED_B=need_bias, SUBC=K,
-            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, PROJ_ROW=n_d == 1, D64=d64, **meta)
+            PROJ_TILE=n_d == 1 and meta["BLOCK_DO"] <= PROJ_TILE_MAX_D, PROJ_ROW=n_d == 1, D64=d64, NEG=neg, **meta)
 
     dalpha = da.sum().to(alpha.dtype) if need_alpha else alpha.new_empty((0,))
     return dx, dw, db, dalpha

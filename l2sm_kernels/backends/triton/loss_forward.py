@@ -8,18 +8,19 @@ import triton
 import triton.language as tl
 
 from .aux_layout import (_NPART, _NSTAT, NPART, ST_CY, ST_LSE2, ST_PC, ST_PY, ST_Q, ST_SC, ST_WIN, aux_layout,
-                         forward_plan)
+                         forward_plan, layout_k)
 from .common import (_LN2, _LOG2E, _didx, _identity, _log1p, _mma, _operand, _prefetch_l1, _subcenter_max,
                      _through_scratch, wide_d)
 from .config import (P_TORCH, Config, d_chunks, forward_config, num_sms, num_splits, on_gpu, row_tiles, tile_meta,
                      tma_descriptor)
-from .margin import _margin, _row_preamble, _target_info, margin_args
+from .margin import NEGATIVES_CODES, _margin, _negative, _row_preamble, _target_info, margin_args, negative_rows
 from .norms import column_sum, inv_norms
 
 
 @triton.jit
 def _fwd_split_kernel(
     x_ptr, w_ptr, b_ptr, alpha_ptr, inv_nx_ptr, inv_nw_ptr, tgt_ptr, ws_ptr,  # pointers
+    neg_ptr,  # the non-target transform's (B, 2) fp32 [threshold, t] per row (NEG > 0); else unused
     w_desc,  # TMA: W's tensor descriptor (BLOCK_C x BLOCK_K blocks); else unused
     scr_p_ptr, scr_s_ptr,  # per-program scratch (CHAIN_BREAK): 2 slots of p (BLOCK_B x BLOCK_C), of scale
     B, C, D, ignore_index, cols_per_split,  # sizes (C classes, C x SUBC rows of W); target rule; classes of one split
@@ -28,6 +29,7 @@ def _fwd_split_kernel(
     HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr,
     ACC_O: tl.constexpr, ACC_PC: tl.constexpr, ACC_SC: tl.constexpr,  # what to accumulate besides (max, sum)
     SUBC: tl.constexpr, ONES: tl.constexpr,  # sub-centers per class; ONES: weight 1 instead of p (see below)
+    NEG: tl.constexpr,  # the non-target transform: 0 none, 1 mv, 2 curricular, 3 filter (margin._negative)
     S_DT: tl.constexpr, S_TF32: tl.constexpr, P_DT: tl.constexpr, P_TF32: tl.constexpr, EMU: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
     SINGLE_K: tl.constexpr, REUSE_TILE: tl.constexpr, CHAIN_BREAK: tl.constexpr, PREFETCH: tl.constexpr,
@@ -41,7 +43,12 @@ def _fwd_split_kernel(
     the class cosines, and O' = sum_k (p masked to the columns k won) @ W_hat_k: K products again, W_k
     reloaded (a tile of all of D per sub-center cannot stay on chip). ONES (only with K > 1, label
     smoothing and the dX hint): no softmax, weight 1 on every non-target column, so O' becomes
-    sum_{j != y_i} W_hat_{j, win(i, j)}, label smoothing's dX term (no longer one column sum)."""
+    sum_{j != y_i} W_hat_{j, win(i, j)}, label smoothing's dX term (no longer one column sum).
+
+    The non-target transform (NEG > 0): the cosine c (with its row factor 1/|x_i|, as for K > 1)
+    becomes g = N(c) on the row's hard columns (c > its threshold) before the scale; PC and SC sum g
+    (d alpha's and the smoothed loss's terms), O' weighs W_hat_j by p_ij N'(c_ij) (dloss/dc_ij), and
+    ONES (with label smoothing and the dX hint, for any K) by N'(c_ij) alone."""
     pid_b = tl.program_id(0).to(tl.int64)  # int64 before any product with a stride
     pid_s = tl.program_id(1).to(tl.int64)
     pid_d = tl.program_id(2)
@@ -60,6 +67,9 @@ def _fwd_split_kernel(
     rs = (alpha.to(tl.float64) * _LOG2E * inv_nx.to(tl.float64)).to(tl.float32)
     c_lo = pid_s * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, C)
+    if NEG > 0:
+        n_thr = tl.load(neg_ptr + rows * 2, mask=rmask, other=float("inf"))
+        n_t = tl.load(neg_ptr + rows * 2 + 1, mask=rmask, other=0.0)
 
     dk = _didx(tl.arange(0, BLOCK_K), D64)
     do = _didx(pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO), D64)
@@ -129,15 +139,22 @@ def _fwd_split_kernel(
                     c, win = _subcenter_max(c, win, c_k, k)
                 else:
                     c, _no_win = _subcenter_max(c, c, c_k, k)
+        if NEG > 0:  # g = N(c) of the true cosine (K = 1: with its row factor); slope N'(c) for O'
+            if SUBC == 1:
+                c = c * inv_nx[:, None]
+            c, slope = _negative(c, n_thr, n_t, NEG)
         if ONES:
             keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
-            p = tl.where(keep, 1.0, 0.0)
+            if NEG > 0:
+                p = tl.where(keep, slope, 0.0)
+            else:
+                p = tl.where(keep, 1.0, 0.0)
             scale = tl.full([BLOCK_B], 1.0, tl.float32)
         else:
             keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
             if ACC_SC and not ACC_O:  # the lse-only tiles: before z, so c's registers are free once z is
                 sc += tl.sum(tl.where(keep, c, 0.0), 1)  # formed (after it, 688 B spilled per class tile)
-            if SUBC == 1:
+            if SUBC == 1 and NEG == 0:
                 z = c * rs[:, None]
             else:
                 z = c * a2
@@ -155,6 +172,8 @@ def _fwd_split_kernel(
                 sc += tl.sum(tl.where(keep, c, 0.0), 1)
             m = m_new
         if ACC_O:
+            if NEG > 0 and not ONES:  # dloss/dc_ij carries N'(c_ij)
+                p = p * slope
             if SUBC == 1:
                 pw = p
                 if NORM_W:
@@ -189,7 +208,7 @@ def _fwd_split_kernel(
                     o = _mma(pw, wo, o, P_DT, P_TF32, EMU)
         it += 1
 
-    if SUBC == 1:  # the row factor of c_ij = cs_ij / |x_i|
+    if SUBC == 1 and NEG == 0:  # the row factor of c_ij = cs_ij / |x_i| (NEG: already in g)
         pc = pc * inv_nx
         sc = sc * inv_nx
     base = ws_ptr + pid_s * ws_stride_s + rows * ws_stride_b
@@ -360,9 +379,9 @@ def _fwd_combine_kernel(
         tl.store(aux_ptr + aux_o_off + rows[:, None] * D + d[None, :], acc, mask=dm)
 
 
-def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-            need_alpha, *, launch=_identity, config: Config | None = None, splits: int | None = None):
+def forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight, margin_kind,
+            margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x, need_weight,
+            need_bias, need_alpha, *, launch=_identity, config: Config | None = None, splits: int | None = None):
     """-> (loss (B,), lse (B,), aux) fp32, the op's forward (contract.py's argument order). launch wraps
     each kernel (torch.library.wrap_triton inside the op); config / splits override the tile sizes and
     the class splits (tests). A config with gemm=True (the default on a GPU, config.default_path) runs
@@ -377,10 +396,10 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
     cfg = config or forward_config(D, x.dtype, weight.dtype, has_o, on_gpu(dev), C=C, subcenters=K)
     if cfg.gemm:
         from .gemm_path import forward as gemm_forward
-        return gemm_forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                            margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
-                            need_bias, need_alpha, launch=launch, config=cfg)
-    numel, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, K)
+        return gemm_forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,
+                            normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives,
+                            max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=launch, config=cfg)
+    numel, o_off, ws_off = aux_layout(B, D, has_o, has_pc, has_ws, layout_k(K, negatives))
     loss = torch.empty((B,), device=dev, dtype=torch.float32)
     lse = torch.empty((B,), device=dev, dtype=torch.float32)
     aux = torch.zeros((numel,), device=dev, dtype=torch.float32)
@@ -392,6 +411,9 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
     d64 = wide_d(D, x, weight)
     b_arg = bias if bias is not None else inv_nx  # a placeholder pointer when there is no bias
     stride_b = bias.stride(0) if bias is not None else 0
+    neg = NEGATIVES_CODES[negatives]
+    neg_rows = (negative_rows(x, weight, target, margins, negatives_table, normalize_weight, margin_kind,
+                              margin_detached, K, ignore_index, eps) if neg else inv_nx)
 
     def split_pass(acc_o: bool, acc_pc: bool, acc_sc: bool, ones: bool):
         """_fwd_split_kernel over every class; -> (its partials (n_splits, B, NPART [+ D]), n_splits)."""
@@ -409,15 +431,16 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
         scr_s = torch.empty((2 * n_prog, cfg.block_rows), device=dev, dtype=torch.float32)
         launch(_fwd_split_kernel)[grid](
             x_ptr=x, w_ptr=weight, b_ptr=b_arg, alpha_ptr=alpha, inv_nx_ptr=inv_nx, inv_nw_ptr=inv_nw,
-            tgt_ptr=target, ws_ptr=ws, w_desc=tma_descriptor(weight, meta, "BLOCK_C"), scr_p_ptr=scr_p, scr_s_ptr=scr_s,
+            tgt_ptr=target, ws_ptr=ws, neg_ptr=neg_rows, w_desc=tma_descriptor(weight, meta, "BLOCK_C"),
+            scr_p_ptr=scr_p, scr_s_ptr=scr_s,
             B=B, C=C, D=D, ignore_index=ignore_index, cols_per_split=cols_per_split,
             stride_xb=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
             stride_b=stride_b, stride_t=target.stride(0), ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1),
             HAS_BIAS=bias is not None, NORM_W=normalize_weight, ACC_O=acc_o, ACC_PC=acc_pc, ACC_SC=acc_sc,
-            SUBC=K, ONES=ones, D64=d64, **meta)
+            SUBC=K, ONES=ones, NEG=neg, D64=d64, **meta)
         return ws, n_split
 
-    if has_ws and K > 1:
+    if has_ws and layout_k(K, negatives) > 1:
         # label smoothing's dX term with sub-centers, sum_{j != y_i} W_hat_{j, win(i, j)} per row (B x D in
         # aux): the split kernel with weight 1 instead of p, its partials summed over the splits (torch's
         # fixed-order reduction). One extra pass (2 GEMM-equivalents), only in this combination; it runs
@@ -429,7 +452,7 @@ def forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_
 
     combine(ws, n_split, x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
             margin_detached, K, ignore_index, eps, loss, lse, aux, has_o, has_pc, o_off, inv_nx, launch)
-    if has_ws and K == 1:
+    if has_ws and layout_k(K, negatives) == 1:
         aux[ws_off:ws_off + D] = column_sum(weight, inv_nw if normalize_weight else None, launch)
     return loss, lse, aux
 

@@ -3,6 +3,7 @@ the per-row preamble both per-row kernels share, and the host-side checks and la
 margin table and the label smoothing."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -106,3 +107,68 @@ def check_margin_inputs(x, margins, label_smoothing, margin_kind: str) -> None:
         raise ValueError(f"label_smoothing must be a 0-d floating tensor on {x.device}, got "
                          f"{label_smoothing.dtype} of shape {tuple(label_smoothing.shape)} on {label_smoothing.device}")
 
+
+
+NEGATIVES_CODES = {"none": 0, "mv": 1, "curricular": 2, "filter": 3}
+
+
+def check_negatives_inputs(x, negatives_table, negatives: str) -> None:
+    """The non-target transform's table (margins.negatives_table) as the op takes it, else an error
+    naming the argument. Only metadata is read (no host synchronization)."""
+    B = x.shape[0]
+    if negatives not in NEGATIVES_CODES:
+        raise ValueError(f"negatives must be one of {tuple(NEGATIVES_CODES)}, got {negatives!r}")
+    if negatives == "none":
+        return
+    if negatives_table is None:
+        raise ValueError(f"negatives={negatives!r} needs the negatives table, got None")
+    if (negatives_table.dim() != 2 or negatives_table.shape[1] != 2 or negatives_table.shape[0] not in (1, B)
+            or not negatives_table.is_floating_point() or negatives_table.device != x.device):
+        raise ValueError(f"negatives_table must be the floating (1, 2) or ({B}, 2) table of margins.negatives_table "
+                         f"on {x.device}, got {negatives_table.dtype} of shape {tuple(negatives_table.shape)} on "
+                         f"{negatives_table.device}")
+
+
+@triton.jit
+def _negative(c, thr, t, NEG: tl.constexpr):
+    """The non-target transform of cosines c (BLOCK_B x BLOCK_C) with per-row thresholds thr and t
+    (docs/design.md, "The non-target transforms"): (N(c), N'(c)); hard = c > thr (the mask is a
+    constant, t has no gradient): mv t c + t - 1 (slope t), curricular c (t + c) (t + 2c), filter 0 (0)."""
+    hard = c > thr[:, None]
+    if NEG == 1:
+        v = t[:, None] * c + t[:, None] - 1.0
+        s = tl.zeros_like(c) + t[:, None]
+    elif NEG == 2:
+        v = c * (t[:, None] + c)
+        s = t[:, None] + 2.0 * c
+    else:
+        v = tl.zeros_like(c)
+        s = tl.zeros_like(c)
+    return tl.where(hard, v, c), tl.where(hard, s, 1.0)
+
+
+def negative_rows(x, weight, target, margins, negatives_table, normalize_weight: bool, margin_kind: str,
+                  margin_detached: bool, K: int, ignore_index: int, eps: float):
+    """(B, 2) fp32 [threshold, t] per row for the kernels: the table's threshold, or where it is NaN the
+    row's margined target cosine f(c_iy) (c_iy from one fp64 dot per row, as the combine kernel forms
+    it, the maximum over the K sub-centers), +inf on rows without a valid target. torch ops on B rows
+    (no host synchronization)."""
+    from ..eager import margin_value_and_slope
+
+    B, D = x.shape
+    C = weight.shape[0] // K
+    tab = negatives_table.to(torch.float32)
+    t, thr = tab[:, 0].expand(B), tab[:, 1].expand(B)
+    valid = (target != ignore_index) & (target >= 0) & (target < C)
+    col = torch.where(valid, target, torch.zeros_like(target))
+    xd = x.double()
+    xn = torch.linalg.vector_norm(xd, dim=1).clamp_min(eps)
+    idx = (col[:, None] * K + torch.arange(K, device=x.device)[None, :]).reshape(-1)
+    w = weight.index_select(0, idx).double().view(B, K, D)
+    dot = (w * xd[:, None, :]).sum(-1) / xn[:, None]
+    if normalize_weight:
+        dot = dot / torch.linalg.vector_norm(w, dim=-1).clamp_min(eps)
+    c = dot.max(dim=1).values.to(torch.float32)
+    f, _ = margin_value_and_slope(c, margin_kind, margins, margin_detached)
+    own = torch.where(valid, f, torch.full_like(f, float("inf")))
+    return torch.stack([torch.where(torch.isnan(thr), own, thr), t], dim=1).contiguous()

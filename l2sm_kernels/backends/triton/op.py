@@ -61,11 +61,11 @@ def load():
     from .gemm_path import aux_numel as gemm_aux_numel
     from .loss_backward import backward
     from .loss_forward import forward
-    from .margin import check_margin_inputs
+    from .margin import check_margin_inputs, check_negatives_inputs
 
-    def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                 margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-                 need_alpha):
+    def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight,
+                 margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x,
+                 need_weight, need_bias, need_alpha):
         """The fake kernel's aux: the fused forward's layout, or the GEMM path's (the path the forward takes)."""
         D = x.shape[1]
         cfg = forward_config(D, x.dtype, weight.dtype, need_x, on_gpu(x.device), C=weight.shape[0] // subcenters,
@@ -73,35 +73,38 @@ def load():
         if cfg.gemm:
             numel = gemm_aux_numel(x, weight, subcenters, need_x, need_weight, need_bias, cfg, max_logits_bytes)
             return x.new_empty((numel,), dtype=torch.float32)
-        return fused_aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                              margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
-                              need_bias, need_alpha)
+        return fused_aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,
+                              normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps, negatives,
+                              max_logits_bytes, need_x, need_weight, need_bias, need_alpha)
 
     def triton_forward(
         x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor,
         bias: Optional[torch.Tensor], margins: Optional[torch.Tensor], label_smoothing: Optional[torch.Tensor],
-        normalize_weight: bool, margin_kind: str, margin_detached: bool, subcenters: int, ignore_index: int,
-        eps: float, max_logits_bytes: Optional[int], need_x: bool, need_weight: bool, need_bias: bool,
-        need_alpha: bool,
+        negatives_table: Optional[torch.Tensor], normalize_weight: bool, margin_kind: str, margin_detached: bool,
+        subcenters: int, ignore_index: int, eps: float, negatives: str, max_logits_bytes: Optional[int],
+        need_x: bool, need_weight: bool, need_bias: bool, need_alpha: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check(x, weight, bias, INTERPRETED)
         check_margin_inputs(x, margins, label_smoothing, margin_kind)
-        return forward(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-                       margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight,
-                       need_bias, need_alpha, launch=wrap_triton)
+        check_negatives_inputs(x, negatives_table, negatives)
+        return forward(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight,
+                       margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes,
+                       need_x, need_weight, need_bias, need_alpha, launch=wrap_triton)
 
     def triton_backward(
         grad_loss: torch.Tensor, grad_lse: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         target: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor], margins: Optional[torch.Tensor],
-        label_smoothing: Optional[torch.Tensor], lse: torch.Tensor, aux: torch.Tensor, normalize_weight: bool,
-        margin_kind: str, margin_detached: bool, subcenters: int, ignore_index: int, eps: float,
-        max_logits_bytes: Optional[int], need_x: bool, need_weight: bool, need_bias: bool, need_alpha: bool,
+        label_smoothing: Optional[torch.Tensor], negatives_table: Optional[torch.Tensor], lse: torch.Tensor,
+        aux: torch.Tensor, normalize_weight: bool, margin_kind: str, margin_detached: bool, subcenters: int,
+        ignore_index: int, eps: float, negatives: str, max_logits_bytes: Optional[int], need_x: bool,
+        need_weight: bool, need_bias: bool, need_alpha: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _check(x, weight, bias, INTERPRETED)
         check_margin_inputs(x, margins, label_smoothing, margin_kind)
-        return backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, lse, aux,
-                        normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps,
-                        max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=wrap_triton)
+        check_negatives_inputs(x, negatives_table, negatives)
+        return backward(grad_loss, grad_lse, x, weight, target, alpha, bias, margins, label_smoothing, negatives_table,
+                        lse, aux, normalize_weight, margin_kind, margin_detached, subcenters, ignore_index, eps,
+                        negatives, max_logits_bytes, need_x, need_weight, need_bias, need_alpha, launch=wrap_triton)
 
     # triton_op infers the schema from the annotations (torch 2.11 - 2.13 accept schema= and ignore
     # it); check that the inference gives the shared one, so the two cannot drift apart silently.

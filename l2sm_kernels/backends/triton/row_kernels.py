@@ -9,10 +9,11 @@
   _normalize_rows_kernel      v_hat = v / max(|v|, eps) cast to the products' dtype (x once, W per chunk)
   _normalize_backward_kernel  dv = (g - v_hat (v_hat . g)) / max(|v|, eps) (g / eps below eps), cast
 
-Every option the row kernels apply lives in two device functions: _class_cosines (sub-centers: the maximum
-and its winner) and _nontarget_z2 (alpha, bias: the non-target logit in log2 units). A new transform of the
-non-target logits goes into _nontarget_z2 (both passes read it); the target column is the combine's and the
-rows kernel's (loss_forward.py / loss_backward.py), shared with the fused path.
+Every option the row kernels apply lives in three device functions: _class_cosines (sub-centers: the maximum
+and its winner), _nontarget_cos (the non-target transform negatives: g = N(c) and N'(c) on the row's hard
+columns, margin._negative, as the fused kernels) and _nontarget_z2 (alpha, bias: the non-target logit in log2
+units). A new transform of the non-target logits goes into those (both passes read them); the target column
+is the combine's and the rows kernel's (loss_forward.py / loss_backward.py), shared with the fused path.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import triton.language as tl
 from .aux_layout import _NROWV, RV_DCY, RV_DZY, RV_LSE2, RV_WIN, RV_WP, RV_WTS
 from .common import _LOG2E, INTERPRETED, _didx, _identity, _out, _subcenter_max, wide_d
 from .config import _pow2
-from .margin import _target_info
+from .margin import _negative, _target_info
 from .norms import _row_norms
 
 
@@ -43,6 +44,19 @@ def _class_cosines(s_ptr, rows, rmask, cols, cmask, stride_sr, SUBC: tl.constexp
 
 
 @triton.jit
+def _nontarget_cos(c, neg_ptr, rows, rmask, NEG: tl.constexpr):
+    """The non-target transform of class cosines c (rows x classes): (g, dg/dc) = (N(c), N'(c)) on each row's
+    hard columns (c > its threshold), (c, 1) elsewhere and when NEG == 0 (none). neg_ptr: the (B, 2) fp32
+    [threshold, t] rows of margin.negative_rows; masked rows get threshold +inf (no hard column). The target
+    column is transformed too and then dropped by the caller (its logit is the combine's)."""
+    if NEG > 0:
+        thr = tl.load(neg_ptr + rows * 2, mask=rmask, other=float("inf"))
+        t = tl.load(neg_ptr + rows * 2 + 1, mask=rmask, other=0.0)
+        return _negative(c, thr, t, NEG)
+    return c, tl.full(c.shape, 1.0, tl.float32)
+
+
+@triton.jit
 def _nontarget_z2(c, gcols, cmask, b_ptr, stride_b, a2, HAS_BIAS: tl.constexpr):
     """A non-target logit in log2 units, z2 = log2(e) (alpha c + b) = c a2 + log2(e) b, a2 = alpha log2(e)
     rounded once (the fused kernels' K > 1 form; gcols: the global class indices). Both passes compute the
@@ -56,15 +70,19 @@ def _nontarget_z2(c, gcols, cmask, b_ptr, stride_b, a2, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _chunk_stats_kernel(
     s_ptr, b_ptr, alpha_ptr, tgt_ptr, ws_ptr,  # pointers: chunk cosines (B, n K), bias, alpha, target, partials
+    neg_ptr,  # the non-target transform's (B, 2) fp32 [threshold, t] per row (NEG > 0); else unused
     B, C, c0, n_cols, cols_per_split, ignore_index,  # sizes: the chunk is classes [c0, c0 + n_cols)
     stride_sr, stride_b, stride_t, ws_stride_s, ws_stride_b,  # strides
     HAS_BIAS: tl.constexpr, SUBC: tl.constexpr, FIRST: tl.constexpr,
+    NEG: tl.constexpr,  # the non-target transform: 0 none, 1 mv, 2 curricular, 3 filter (margin._negative)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One (row block, column split) of a chunk: the online logsumexp over the split's non-target classes,
     PC = sum p c and SC = sum c, continued from the split's running partials of the earlier chunks (FIRST:
     the first chunk starts them) and stored back: the split kernel's partials (max in log2 units, the others
-    relative to it), so _fwd_combine_kernel merges the S splits as it merges the fused path's."""
+    relative to it), so _fwd_combine_kernel merges the S splits as it merges the fused path's. With a
+    non-target transform, PC and SC sum g = N(c) (d alpha's and the smoothed loss's terms), as the fused
+    split kernel's."""
     pid_r = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -91,6 +109,7 @@ def _chunk_stats_kernel(
         cols = j0 + tl.arange(0, BLOCK_C)
         cmask = cols < hi
         c, _win = _class_cosines(s_ptr, rows, rmask, cols, cmask, stride_sr, SUBC)
+        c, _slope = _nontarget_cos(c, neg_ptr, rows, rmask, NEG)
         keep = cmask[None, :] & (cols[None, :] != tcol[:, None])
         sc += tl.sum(tl.where(keep, c, 0.0), 1)
         z = _nontarget_z2(c, c0 + cols, cmask, b_ptr, stride_b, a2, HAS_BIAS)
@@ -111,16 +130,18 @@ def _chunk_stats_kernel(
 @triton.jit
 def _chunk_dz_kernel(
     s_ptr, g_ptr, b_ptr, alpha_ptr, tgt_ptr, rowv_ptr, db_ptr,  # chunk cosines in, dloss/dc out (may alias)
+    neg_ptr,  # the non-target transform's (B, 2) fp32 [threshold, t] per row (NEG > 0); else unused
     B, C, c0, n_cols, ignore_index,  # sizes: the chunk is classes [c0, c0 + n_cols)
     stride_sr, stride_gr, stride_b, stride_t,  # strides
-    HAS_BIAS: tl.constexpr, NEED_B: tl.constexpr, SUBC: tl.constexpr, EMU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_B: tl.constexpr, SUBC: tl.constexpr, NEG: tl.constexpr, EMU: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One block of the chunk's classes, walking every row block (so db is one fixed-order column sum):
     p = exp2(z2 - lse2), dz = w_p p - w_t s/C off the target column and the rows kernel's dz_iy on it,
     then dloss/dc = alpha dz (dc_iy = alpha dz_iy f'(c_iy) on the target column) written to g at the
     winning sub-center (0 at the others; the target column's winner is the forward's). A program reads
-    all K columns of its classes before writing them, so g may be the chunk buffer itself."""
+    all K columns of its classes before writing them, so g may be the chunk buffer itself. With a
+    non-target transform the logit is alpha N(c) + b and dloss/dc = alpha dz N'(c) off the target column."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < n_cols
     alpha = tl.load(alpha_ptr).to(tl.float32)
@@ -139,6 +160,7 @@ def _chunk_dz_kernel(
         _, has_t, _ = _target_info(t, ignore_index, C)
         t_rel = tl.where(has_t & (t >= c0) & (t < c0 + n_cols), t - c0, -1)
         c, win = _class_cosines(s_ptr, rows, rmask, cols, cmask, stride_sr, SUBC)
+        c, slope = _nontarget_cos(c, neg_ptr, rows, rmask, NEG)
         z = _nontarget_z2(c, c0 + cols, cmask, b_ptr, stride_b, a2, HAS_BIAS)
         p = tl.exp2(z - lse2[:, None])
         is_t = cols[None, :] == t_rel[:, None]
@@ -147,7 +169,10 @@ def _chunk_dz_kernel(
         dz = tl.where(live, dz, 0.0)
         if NEED_B:
             db += tl.sum(dz, 0)
-        dc = tl.where(is_t, dc_y[:, None], alpha * dz)
+        if NEG > 0:  # dz/dc_ij = alpha N'(c_ij) off the target column
+            dc = tl.where(is_t, dc_y[:, None], alpha * dz * slope)
+        else:
+            dc = tl.where(is_t, dc_y[:, None], alpha * dz)
         dc = tl.where(live, dc, 0.0)
         out = g_ptr + rows[:, None] * stride_gr
         if SUBC == 1:
@@ -246,21 +271,23 @@ def normalize_backward(v: torch.Tensor, g: torch.Tensor, out: torch.Tensor, eps:
 
 
 def chunk_stats(s, bias, alpha, target, ws, *, C, c0, n_cols, ignore_index, subcenters, first, block_rows,
-                block_cols, num_warps=4, launch=_identity):
-    """_chunk_stats_kernel over a chunk (s: (B, n_cols K) cosines) into the (S, B, NPART) partials."""
+                block_cols, num_warps=4, launch=_identity, neg_rows=None, neg=0):
+    """_chunk_stats_kernel over a chunk (s: (B, n_cols K) cosines) into the (S, B, NPART) partials. neg: the
+    non-target transform's code (margin.NEGATIVES_CODES), neg_rows its (B, 2) rows (margin.negative_rows)."""
     n_split = ws.shape[0]
     B = s.shape[0]
     cols_per_split = block_cols * triton.cdiv(triton.cdiv(n_cols, block_cols), n_split)
     launch(_chunk_stats_kernel)[(triton.cdiv(B, block_rows), n_split)](
         s_ptr=s, b_ptr=bias if bias is not None else ws, alpha_ptr=alpha, tgt_ptr=target, ws_ptr=ws,
+        neg_ptr=neg_rows if neg else ws,
         B=B, C=C, c0=c0, n_cols=n_cols, cols_per_split=cols_per_split, ignore_index=ignore_index,
         stride_sr=s.stride(0), stride_b=bias.stride(0) if bias is not None else 0, stride_t=target.stride(0),
         ws_stride_s=ws.stride(0), ws_stride_b=ws.stride(1), HAS_BIAS=bias is not None, SUBC=subcenters,
-        FIRST=first, BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=num_warps)
+        FIRST=first, NEG=neg, BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=num_warps)
 
 
 def chunk_dz(s, g, bias, alpha, target, rowv, db, *, C, c0, n_cols, ignore_index, subcenters, block_rows,
-             block_cols, num_warps=4, launch=_identity):
+             block_cols, num_warps=4, launch=_identity, neg_rows=None, neg=0):
     """_chunk_dz_kernel over a chunk: g (B, n_cols K) = dloss/dc from the cosines s (g may be s); db's
     entries [c0, c0 + n_cols) when db is given. Its grid is the chunk's class blocks only (each walks every
     row), so the class block is a quarter of block_cols: 512 programs for a 32768-class chunk at 256."""
@@ -268,7 +295,8 @@ def chunk_dz(s, g, bias, alpha, target, rowv, db, *, C, c0, n_cols, ignore_index
     B = s.shape[0]
     launch(_chunk_dz_kernel)[(triton.cdiv(n_cols, block_cols),)](
         s_ptr=s, g_ptr=g, b_ptr=bias if bias is not None else rowv, alpha_ptr=alpha, tgt_ptr=target, rowv_ptr=rowv,
-        db_ptr=db if db is not None else rowv, B=B, C=C, c0=c0, n_cols=n_cols, ignore_index=ignore_index,
+        db_ptr=db if db is not None else rowv, neg_ptr=neg_rows if neg else rowv,
+        B=B, C=C, c0=c0, n_cols=n_cols, ignore_index=ignore_index,
         stride_sr=s.stride(0), stride_gr=g.stride(0), stride_b=bias.stride(0) if bias is not None else 0,
-        stride_t=target.stride(0), HAS_BIAS=bias is not None, NEED_B=db is not None, SUBC=subcenters,
+        stride_t=target.stride(0), HAS_BIAS=bias is not None, NEED_B=db is not None, SUBC=subcenters, NEG=neg,
         EMU=INTERPRETED, BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=num_warps)
