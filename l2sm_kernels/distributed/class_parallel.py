@@ -183,8 +183,9 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
             weight_shard / bias_shard get a zero gradient, and the loss is the loss over the sampled
             classes (label smoothing averages over them).
         generator: the torch.Generator of the sampling (this rank's RNG when None).
-        Other options: as l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
-            subcenters, margin_grad, label smoothing).
+
+    The other options are those of l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
+    subcenters, margin_grad, label smoothing).
 
     Returns: the loss of the global batch, identical on every rank (reduction "mean" averages over the
         non-ignored rows of all ranks; "none" gives the B_g rows in rank order). Gradients of
