@@ -124,6 +124,8 @@ setup(
         "verification": ["pillow"],
         # benchmarks/sweep_cosine_topk.py's optional anchors (faiss-cpu is a 30 MB wheel: not in requirements.txt)
         "bench": ["faiss-cpu", "scikit-learn"],
+        # the manual and its API reference: `mkdocs build --strict` (mkdocs.yml; CI builds it)
+        "docs": ["mkdocs==1.6.1", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

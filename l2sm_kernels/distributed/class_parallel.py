@@ -222,11 +222,12 @@ def class_parallel_l2_softmax_loss(features, weight_shard, target, class_start, 
             "features": summed in the features' dtype (half the bytes for bf16 / fp16), each rank's
             contribution accumulated in fp32 and rounded once, the partial sums in that dtype
             (docs/class_parallel.md, "Options").
-        Other options: as l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
-            subcenters, margin_grad, label smoothing, max_logits_bytes: this rank's budget for its
-            shard's logits of the global batch; the non-target transform negatives / negatives_t:
-            "mv" and "curricular" need each row's margined target cosine on every shard, one more
-            all-reduce of B_g values, see _negative_thresholds).
+
+    The other options are those of l2_softmax_loss (margins, per-row (B,) margins of this rank's rows,
+    subcenters, margin_grad, label smoothing; max_logits_bytes: this rank's budget for its shard's logits
+    of the global batch; the non-target transform negatives / negatives_t: "mv" and "curricular" need
+    each row's margined target cosine on every shard, one more all-reduce of B_g values, see
+    _negative_thresholds).
 
     Returns: the loss of the global batch, identical on every rank (reduction "mean" averages over the
         non-ignored rows of all ranks; "none" gives the B_g rows in rank order). Gradients of
