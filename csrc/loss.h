@@ -12,7 +12,8 @@
 // once, common.h: Margins), margin_kind ("none" | "additive" | "angular": which part of it applies),
 // margin_detached (f' taken as 1), the label smoothing (None or a 0-d CPU tensor, read on the host),
 // the non-target transform (negatives "none" | "mv" | "curricular" | "filter" and its (R, 2) float64
-// table [t, threshold], common.h: Negatives), K = subcenters (class j's cosine is the max over W's rows [jK, jK + K), ties to the lowest; its
+// table [t, threshold], common.h: Negatives),
+// K = subcenters (class j's cosine is the max over W's rows [jK, jK + K), ties to the lowest; its
 // gradient goes to that winner only).
 //
 // How: the classes are walked in chunks of `cc` classes (cc K contiguous rows of W). For each

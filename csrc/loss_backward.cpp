@@ -377,7 +377,8 @@ void backward_chunk(const BackwardCall<T>& k, WorkerBuffers<T>& wb, int64_t c0, 
   std::fill(dap, dap + cc, 0.0);
   const RowWeights<T>& r = *k.rows;
   BwdArgs<T> a{Lv.data_ptr<T>(), k.x_hat.size(0), cc, c0, k.K, wb.buf.inv_wn.template data_ptr<T>(),
-               wb.buf.bbuf.template data_ptr<T>(), k.alpha, k.tcol, k.c_t, k.win, k.margins, k.neg, k.lse, k.q, r.w_p.data(),
+               wb.buf.bbuf.template data_ptr<T>(), k.alpha, k.tcol, k.c_t, k.win, k.margins, k.neg, k.lse, k.q,
+               r.w_p.data(),
                r.w_k.data(), r.w_t.data(), r.g_lse.data(), r.w_ts.data(), dbp, dap};
   const bool need_dc = k.need_x || k.need_weight;
   at::parallel_for(0, cc, 256, [&](int64_t j0, int64_t j1) {

@@ -3,7 +3,8 @@
 // Per chunk: the BLAS product gives the chunk's products x_hat . W_r (B x cc K), then the epilogue
 // (forward_rows) turns each row's segment into the cc class logits z = alpha g + b in place (g: the
 // class cosine, the maximum over its K sub-centers, through the non-target transform N when one is
-// set (common.h, Negatives: its per-row threshold is known before the walk); on the target column f(c) of the target's cosine
+// set (common.h, Negatives: its per-row threshold is known before the walk); on the target column
+// f(c) of the target's cosine
 // computed in double beforehand, common.h: target_cosines) and folds them into
 // per-row statistics of the worker: an online logsumexp of the NON-target logits (running max of
 // all logits, rescaled sum of the non-target exponentials in double), the sum of the logits (label

@@ -4,7 +4,8 @@ memory dial max_logits_bytes lets it keep; docs/memory_dial.md).
 
 What a user imports lives here: l2_softmax_loss (loss.py), L2SoftmaxLoss (loss_module.py), the
 face-recognition heads (heads.py: ArcFace, CosFace, combined, AdaFace, MagFace, ElasticFace,
-CurricularFace, MV-Softmax), L2SMOptions (options.py), the float64 reference (reference.py), available_backends. The backends are in
+CurricularFace, MV-Softmax), L2SMOptions (options.py), the float64 reference (reference.py), available_backends.
+The backends are in
 l2sm_kernels.backends, class-parallel training in l2sm_kernels.distributed, the helpers tests and
 benchmarks share in l2sm_kernels.testing. l2sm_kernels.cpu is the cpu backend's module
 (l2sm_kernels.backends.cpu: its workspace knobs).

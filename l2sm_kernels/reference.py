@@ -83,7 +83,8 @@ def non_target_transform(cos: torch.Tensor, target_col: torch.Tensor, has_target
     t = t.detach() if isinstance(t, torch.Tensor) else t
     c = cos.detach()
     if kind == "filter":
-        thr = torch.full_like(c[:, 0], float(t)) if not isinstance(t, torch.Tensor) else t.to(c.dtype).expand(c.shape[0])
+        thr = (t.to(c.dtype).expand(c.shape[0]) if isinstance(t, torch.Tensor)
+               else torch.full_like(c[:, 0], float(t)))
     else:
         thr = torch.where(has_target, f_t.detach(), torch.full_like(f_t, math.inf))
     cols = torch.arange(c.shape[1], device=c.device)

@@ -3,7 +3,8 @@
     l2sm::{backend}_forward(x, weight, target, alpha, bias?, margins?, label_smoothing?, negatives_table?,
                             <options>, <needs>) -> (loss, lse, aux)
     l2sm::{backend}_backward(grad_loss, grad_lse, x, weight, target, alpha, bias?, margins?, label_smoothing?,
-                             negatives_table?, lse, aux, <options>, <needs>) -> (grad_x, grad_weight, grad_bias, grad_alpha)
+                             negatives_table?, lse, aux, <options>, <needs>)
+        -> (grad_x, grad_weight, grad_bias, grad_alpha)
 
 Contract every implementation honours (docs/design.md, "The operation"):
 - x (B, D), weight (C K, D) (K = subcenters: rows [jK, jK + K) are class j's sub-centers; class j's
@@ -61,8 +62,8 @@ NAMESPACE = "l2sm"
 _OPTS = ("bool normalize_weight, str margin_kind, bool margin_detached, int subcenters, int ignore_index, float eps, "
          "str negatives, int? max_logits_bytes")
 _NEEDS = "bool need_x, bool need_weight, bool need_bias, bool need_alpha"
-_INPUTS = ("Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, Tensor? label_smoothing, "
-           "Tensor? negatives_table")
+_INPUTS = ("Tensor x, Tensor weight, Tensor target, Tensor alpha, Tensor? bias, Tensor? margins, "
+           "Tensor? label_smoothing, Tensor? negatives_table")
 FORWARD_SCHEMA = f"({_INPUTS}, {_OPTS}, {_NEEDS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (
     f"(Tensor grad_loss, Tensor grad_lse, {_INPUTS}, Tensor lse, Tensor aux, {_OPTS}, {_NEEDS}) "

@@ -454,8 +454,11 @@ class ClassParallelCurricularFaceLoss(ClassParallelL2SoftmaxLoss):
         y = _gather_rows(target.long(), sizes, self.group)
         local = y - self.class_start
         own = (y != self.options.ignore_index) & (local >= 0) & (local < self.num_local)
-        c = (target_cosines(x, self.weight, torch.where(own, local, torch.zeros_like(local)), self.options.subcenters,
-                            self.options.eps, own) if self.num_local > 0 else x.new_zeros(x.shape[0], dtype=torch.float32))
+        if self.num_local > 0:
+            c = target_cosines(x, self.weight, torch.where(own, local, torch.zeros_like(local)),
+                               self.options.subcenters, self.options.eps, own)
+        else:
+            c = x.new_zeros(x.shape[0], dtype=torch.float32)
         stats = torch.stack([c.double().sum(), own.sum().double()])
         dist.all_reduce(stats, group=self.group)
         mean = torch.where(stats[1] > 0, stats[0] / stats[1].clamp_min(1), self.t.double())
