@@ -104,18 +104,8 @@ def loss_options(spec: dict) -> dict:
     kw = dict(normalize_weight=True, margin_type="combined", margin=(1.0, spec["m2"], spec["m3"]),
               margin_grad="detached", margin_fallback=False)
     if spec["threshold"] > 0:
-        if "negatives" not in L2SMOptions.__dataclass_fields__:
-            raise NotImplementedError("interclass_filtering_threshold > 0 needs the op's negatives='filter' "
-                                      "option, which this version of l2sm_kernels does not have")
         kw.update(negatives="filter", negatives_t=spec["threshold"])
     return kw
-
-
-def _class_parallel_takes(name: str) -> bool:
-    import inspect
-
-    from ..distributed.class_parallel import _class_parallel
-    return name in inspect.signature(_class_parallel).parameters
 
 
 class CombinedMarginLoss(nn.Module):
@@ -192,16 +182,20 @@ class PartialFC_V2(nn.Module):  # noqa: N801 - their name
     every rank's B when they differ (the same list on every rank); equal batch sizes may change from
     step to step. After a sampled step, `weight_index` holds the sampled local class indices.
 
-    Keyword-only extras: group, backend ("auto", "eager", "cpu", "triton"), device.
+    Keyword-only extras: group, backend ("auto", "eager", "cpu", "triton"), device, max_logits_bytes (the
+    memory dial: the most bytes of this rank's logits kept between forward and backward; None: the
+    backend's default, 0: none, docs/memory_dial.md).
     """
 
     _version = 2
 
     def __init__(self, margin_loss, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
-                 fp16: bool = False, *, group=None, backend: str = "auto", device=None):
+                 fp16: bool = False, *, group=None, backend: str = "auto", device=None, max_logits_bytes=None):
         super().__init__()
         self.spec = margin_spec(margin_loss)
         self.options = loss_options(self.spec)
+        if max_logits_bytes is not None:
+            self.options["max_logits_bytes"] = max_logits_bytes
         self.margin_softmax = margin_loss
         self.embedding_size = check_int("embedding_size", embedding_size, 1)
         num_classes = check_int("num_classes", num_classes, 1)
@@ -211,10 +205,6 @@ class PartialFC_V2(nn.Module):  # noqa: N801 - their name
             raise TypeError(f"fp16 must be a bool, got {fp16!r}")
         self.sample_rate, self.fp16, self.backend = float(sample_rate), fp16, backend
         self.distributed = dist.is_available() and dist.is_initialized()
-        if self.distributed and "negatives" in self.options and not _class_parallel_takes("negatives"):
-            raise NotImplementedError("interclass_filtering_threshold > 0 with torch.distributed needs the "
-                                      "class-parallel loss's negatives option, which this version of l2sm_kernels "
-                                      "does not have (one process, without torch.distributed, has it)")
         self.group = group
         if self.distributed:
             self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
