@@ -553,7 +553,7 @@ def report(res) -> str:
                 out.append(f"      {f[:160]}")
     for name, why in res.get("missing", {}).items():
         out.append(f"   absent: {name}: {why[:150]}")
-    # last: the summary the README shows
+    # last: the summary docs/benchmarks.md shows
     keys = list(runs)
     names = [n for n in ANCHOR_ORDER if any(n in runs[k] for k in keys)]
     for n in [n for k in keys for n in runs[k] if n.startswith("triton:")] + list(res.get("missing", {})):

@@ -309,7 +309,7 @@ def main(argv=None):
     ok = int(bad.item()) == 0
     if rank == 0:
         print("all checks passed" if ok else f"{int(bad.item())} check(s) failed", flush=True)
-    # the clean exit order (README, "A clean exit"): barrier, collect, destroy before the interpreter exits
+    # the clean exit order (docs/class_parallel.md, "A clean exit"): barrier, collect, destroy before the interpreter exits
     dist.barrier()  # nobody tears the group down while a peer still talks to it
     gc.collect()
     dist.destroy_process_group()

@@ -221,7 +221,7 @@ def fused_backends(device_type: str) -> dict[str, str]:
 # torch_lce's options. batch_chunk_size fixed at 64 rows (chunking_method=None), not the shipped default
 # (chunking_method="auto"): "auto" sizes a chunk as next_pow2(B / ceil(C / D)) / 2 rows, which at
 # face-recognition shapes (B <= D, C >> D) is one or two rows: at B=256, D=512, C=65536, float32 on the
-# 2-core CPU of the README's tables, forward + backward took 19.5 to 54.4 s a step with "auto" (1-row
+# 2-core CPU of docs/benchmarks.md's tables, forward + backward took 19.5 to 54.4 s a step with "auto" (1-row
 # chunks), 0.90 s with 64-row chunks and 0.77 s on the unchunked reference path (options=None; medians
 # of three steps, torch 2.13). torch's own note: chunking pays when B >= D.
 TORCH_LCE_OPTIONS = dict(chunking_method=None, batch_chunk_size=64)

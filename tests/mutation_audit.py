@@ -14,7 +14,7 @@ in the working tree is touched.
     python tests/mutation_audit.py --json results/mutations.json
 
 Not part of CI (it is slow). Run it when resolving an issue that touches a kernel or the op contract
-and report the survival rate (README, "For contributors").
+and report the survival rate (docs/contributing.md, "the mutation audit").
 """
 from __future__ import annotations
 

@@ -326,7 +326,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     """benchmarks/benchmark_l2_softmax_gpu.py --smoke (CPU tensors, the Triton interpreter, tiny shapes)
     runs its phases and writes the JSON and the table: floor, triton (checked, timed, its ops apart,
     forced tiles), plain, a profile per provider shape. `bash benchmarks/gpu_run.sh --smoke` is the
-    whole session's dry run (README, "On a GPU")."""
+    whole session's dry run (docs/benchmarks.md, "On a GPU")."""
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + sys.path), TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, str(root / "benchmarks" / "benchmark_l2_softmax_gpu.py"), "--smoke",

@@ -10,7 +10,7 @@ the largest value: no loosened tolerance), and again with plain torch's error in
 (l2_softmax_loss_ref(upcast=False), the baseline of docs/conventions.md) in place of the
 single-process op's, so that an error the single-process op shares cannot pass. fp16 / bf16
 features' gradient adds exactly the rounding the op boundary applies to each rank's contribution
-(l2sm_kernels/testing/rank_rounding.py). The workers exit in the order README prescribes and the
+(l2sm_kernels/testing/rank_rounding.py). The workers exit in the order docs/class_parallel.md prescribes and the
 module's teardown fails unless every worker exits with status 0.
 """
 import contextlib
@@ -82,7 +82,7 @@ def _free_port() -> int:
 def _serve(rank, world, port, tasks, results):
     """A worker process: join the gloo group, then run fn(rank, world, *args) for each task.
 
-    The exit order is the one README's "Class-parallel training" prescribes (docs/reliability.md,
+    The exit order is the one docs/class_parallel.md ("A clean exit") prescribes (docs/reliability.md,
     case 30): the tasks' objects are unreachable, every rank passes a barrier, gc.collect() frees
     DDP's reference cycles (whose C++ Reducer holds the group), and destroy_process_group() drops the
     group through its Python object before the interpreter exits."""
