@@ -544,15 +544,8 @@ def _shard_logit_sum_subcenters(forward_op, X, Xc, W, b, local, own, alpha, opts
         delta = _transformed(c0, thr, opts) - c0
         out = out + alpha.to(cdt) * torch.where(own, torch.zeros_like(delta), delta)
     if opts.margin_kind != "none":
-        K = opts.subcenters
+        c_t = _target_class_cosines(Xc, W, local, opts, cdt)
         with torch.autocast(device_type=X.device.type, enabled=False):
-            x_hat = F.normalize(Xc.to(cdt), dim=1, eps=opts.eps)
-            col = local.clamp_min(0)
-            rows = (col[:, None] * K + torch.arange(K, device=col.device)).reshape(-1)
-            w_t = W.to(cdt).index_select(0, rows).view(-1, K, W.shape[1])
-            if opts.normalize_weight:
-                w_t = F.normalize(w_t, dim=2, eps=opts.eps)
-            c_t = (w_t * x_hat[:, None, :]).sum(2).max(dim=1).values
             delta = target_margin(c_t, opts) - c_t
             out = out + alpha.to(cdt) * torch.where(own, delta, torch.zeros_like(delta))
     return out
