@@ -297,8 +297,10 @@ def test_backward_reads_the_kept_block():
     loss, lse, aux = fwd(*args, *needs)
     assert aux.numel() == 6 + R * 23
 
-    def dx(aux):
-        return bwd(torch.ones(6), torch.zeros(6), *args[:7], lse, aux, *args[7:], *needs)[0]
+    from l2sm_kernels.backends.contract import N_INPUTS
+
+    def dx(aux):  # the backward takes the forward's input tensors, then lse and aux, then the options
+        return bwd(torch.ones(6), torch.zeros(6), *args[:N_INPUTS], lse, aux, *args[N_INPUTS:], *needs)[0]
 
     good = dx(aux)
     bad = aux.clone()

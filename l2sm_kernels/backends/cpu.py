@@ -139,9 +139,9 @@ def kept_rows(batch, num_classes, subcenters, element_size, max_logits_bytes, bf
     return torch.sym_min(batch, budget // row)
 
 
-def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, normalize_weight, margin_kind,
-             margin_detached, subcenters, ignore_index, eps, max_logits_bytes, need_x, need_weight, need_bias,
-             need_alpha):
+def aux_meta(x, weight, target, alpha, bias, margins, label_smoothing, negatives_table, normalize_weight,
+             margin_kind, margin_detached, subcenters, ignore_index, eps, negatives, max_logits_bytes, need_x,
+             need_weight, need_bias, need_alpha):
     """The forward's aux: (B + R C K,) in the compute dtype: q_i = 1 - p_iy of each row, then the kept
     products of the first R rows (csrc/loss_forward.cpp), R = kept_rows(...) when a gradient is asked
     for, else 0."""
