@@ -26,7 +26,9 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("benchmark_"):
+    # a file named on the command line is collected by pytest itself: collecting it here too ran every
+    # benchmark of `python -m pytest benchmarks/benchmark_x.py` twice
+    if file_path.suffix == ".py" and file_path.name.startswith("benchmark_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
