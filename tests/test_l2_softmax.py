@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import l2sm_kernels as L
 from l2sm_kernels.backends import ops_for
+from l2sm_kernels.testing.combinations import pairwise_cover
 from l2sm_kernels.testing import assert_accurate, check_case, make_case, max_err, run, run_reference
 from l2sm_kernels.testing.accuracy import confident_case, confident_exact
 
@@ -42,17 +43,7 @@ def _all_combos():
 
 def _pairwise_combos():
     """Greedy all-pairs covering subset of _all_combos() (deterministic)."""
-    keys = list(OPTION_AXES)
-    uncovered = {(a, i, b, j) for a, b in itertools.combinations(range(len(keys)), 2)
-                 for i in range(len(OPTION_AXES[keys[a]])) for j in range(len(OPTION_AXES[keys[b]]))}
-    idx_combos = list(itertools.product(*[range(len(v)) for v in OPTION_AXES.values()]))
-    chosen = []
-    while uncovered:
-        best = max(idx_combos, key=lambda c: sum((a, c[a], b, c[b]) in uncovered
-                                                 for a, b in itertools.combinations(range(len(keys)), 2)))
-        chosen.append(best)
-        uncovered -= {(a, best[a], b, best[b]) for a, b in itertools.combinations(range(len(keys)), 2)}
-    return [{k: OPTION_AXES[k][i] for k, i in zip(keys, c)} for c in chosen]
+    return pairwise_cover(OPTION_AXES)
 
 
 ALL_COMBOS = _all_combos()

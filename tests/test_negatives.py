@@ -5,7 +5,6 @@ Every backend against the float64 reference (l2sm_kernels.reference.non_target_t
 accuracy relation, with rows where no negative is hard, where all are, and at the boundary
 c_ij == f_i made exact with representable inputs; the reference itself against the papers' formulas
 written out element by element; float64 gradcheck where the backend takes float64; bad values."""
-import itertools
 import math
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 import l2sm_kernels as L
 from l2sm_kernels.reference import l2_softmax_logits_ref
+from l2sm_kernels.testing.combinations import pairwise_cover
 from l2sm_kernels.testing import check_case, make_case
 
 from conftest import is_slow, supports_fp64
@@ -101,21 +101,7 @@ AXES = {
 }
 
 
-def _pairwise():
-    """Greedy all-pairs covering subset of the product of AXES (deterministic)."""
-    keys = list(AXES)
-    pairs = list(itertools.combinations(range(len(keys)), 2))
-    uncovered = {(a, i, b, j) for a, b in pairs for i in range(len(AXES[keys[a]])) for j in range(len(AXES[keys[b]]))}
-    combos = list(itertools.product(*[range(len(v)) for v in AXES.values()]))
-    chosen = []
-    while uncovered:
-        best = max(combos, key=lambda c: sum((a, c[a], b, c[b]) in uncovered for a, b in pairs))
-        chosen.append(best)
-        uncovered -= {(a, best[a], b, best[b]) for a, b in pairs}
-    return [{k: AXES[k][i] for k, i in zip(keys, c)} for c in chosen]
-
-
-PAIRWISE = _pairwise()
+PAIRWISE = pairwise_cover(AXES)  # greedy all-pairs covering subset (deterministic)
 
 
 def _id(c):

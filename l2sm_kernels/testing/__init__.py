@@ -1,5 +1,5 @@
 """What the tests, the benchmarks and the GPU scripts share: case builders and the accuracy relation
-(accuracy.py), the peak-memory meters (memory.py), and the class-parallel feature gradient's rounding
+(accuracy.py), the option combinations they run (combinations.py), the peak-memory meters (memory.py), and the class-parallel feature gradient's rounding
 bound (rank_rounding.py)."""
 from .accuracy import (ATOL_REL, Case, assert_accurate, check_case, loss_and_grads, make_case, max_err, run,
                        run_reference)
