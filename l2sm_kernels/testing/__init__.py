@@ -1,6 +1,6 @@
 """What the tests, the benchmarks and the GPU scripts share: case builders and the accuracy relation
-(accuracy.py), the option combinations they run (combinations.py), the peak-memory meters (memory.py), and the class-parallel feature gradient's rounding
-bound (rank_rounding.py)."""
+(accuracy.py), the option combinations they run (combinations.py), the peak-memory meters (memory.py),
+and the class-parallel feature gradient's rounding bound (rank_rounding.py)."""
 from .accuracy import (ATOL_REL, Case, assert_accurate, check_case, loss_and_grads, make_case, max_err, run,
                        run_reference)
 from .memory import allocator_peak_bytes, available_bytes, cpu_peak_bytes, cuda_peak_bytes, peak_bytes
